@@ -1,0 +1,187 @@
+"""The `proxy.toml` model: validated once at start-up, typed everywhere after.
+
+Durations ("300s", "1h30m") become seconds and sizes ("1024m", "200GiB") become
+bytes here, so no other module parses a config string.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_CONFIG_PATHS = (Path("proxy.toml"), Path("/etc/edgeproxy/proxy.toml"))
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
+_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from "300s", "1h30m", "250ms" or a bare number of seconds (as nginx takes)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(r"\d+(?:\.\d+)?", text):
+            seconds = float(text)
+        else:
+            parts = _DURATION_PART.findall(text)
+            if not parts or "".join(n + u for n, u in parts) != text:
+                raise ValueError(f"not a duration: {value!r} (use e.g. '30s', '5m', '168h')")
+            seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    else:
+        raise ValueError(f"not a duration: {value!r}")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """Bytes from "1024m" (nginx style, powers of 1024), "200GiB", "10MB" or a bare number."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str):
+        match = _SIZE.fullmatch(value.strip())
+        if not match:
+            raise ValueError(f"not a size: {value!r} (use e.g. '1024m', '200GiB')")
+        number, prefix, suffix = match.groups()
+        # "MB" is decimal; "m", "M", "MiB" are binary, as nginx and registry:2 users expect.
+        base = 1000 if suffix.lower() == "b" and prefix else 1024
+        size = int(float(number) * base ** _SIZE_POWERS[prefix.lower()])
+    else:
+        raise ValueError(f"not a size: {value!r}")
+    if size < 0:
+        raise ValueError("a size cannot be negative")
+    return size
+
+
+def parse_address(value: object) -> tuple[str, int]:
+    """("host", port) from "0.0.0.0:5000", ":5000" or "[::1]:5000"."""
+    if not isinstance(value, str):
+        raise ValueError(f"not an address: {value!r}")
+    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]*):(\d{1,5})", value.strip())
+    if not match or not 0 <= int(match.group(2)) <= 65535:
+        raise ValueError(f"not an address: {value!r} (use 'host:port', e.g. '0.0.0.0:5000')")
+    host = match.group(1).strip("[]") or "0.0.0.0"
+    return host, int(match.group(2))
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+Address = Annotated[tuple[str, int], BeforeValidator(parse_address)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UpstreamConfig(_Model):
+    """One registry the mirror pulls through."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9.\-]*(:\d+)?$")
+    url: str = Field(pattern=r"^https?://[^/\s]+/?$")
+    username: str = ""
+    password: str = Field(default="", repr=False)
+    ca: Path | None = None
+    tag_ttl: Duration = 0.0
+    connect_timeout: Duration = 10.0
+    read_timeout: Duration = 60.0
+    # Docker Hub serves one-component names ("alpine") as "library/alpine".
+    library_prefix: bool | None = None
+
+    @field_validator("ca", mode="before")
+    @classmethod
+    def _empty_ca_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def base_url(self) -> str:
+        return self.url.rstrip("/")
+
+    @property
+    def adds_library_prefix(self) -> bool:
+        return self.name == "docker.io" if self.library_prefix is None else self.library_prefix
+
+
+class MirrorConfig(_Model):
+    """The registry part: what registry:2's config.yml said."""
+
+    root: Path = Path("/var/lib/edgeproxy")
+    listen: Address | None = None
+    headers: dict[str, str] = Field(default_factory=lambda: {"X-Content-Type-Options": "nosniff"})
+    upstream: list[UpstreamConfig] = Field(min_length=1)
+
+    @field_validator("upstream")
+    @classmethod
+    def _unique_names(cls, upstreams: list[UpstreamConfig]) -> list[UpstreamConfig]:
+        names = [u.name for u in upstreams]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"upstream names must be unique; repeated: {', '.join(duplicates)}")
+        return upstreams
+
+
+class Config(_Model):
+    mirror: MirrorConfig
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the file and the key."""
+
+
+def find_config(path: Path | None) -> Path:
+    if path is not None:
+        return path
+    for candidate in DEFAULT_CONFIG_PATHS:
+        if candidate.exists():
+            return candidate
+    return DEFAULT_CONFIG_PATHS[0]
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate `path`; relative paths in it are taken from the file's folder."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(path, exc)) from exc
+    return _resolve_paths(config, path.parent)
+
+
+def _describe(path: Path, exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{path}: {key}: {message}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    def absolute(p: Path) -> Path:
+        return p if p.is_absolute() else (base / p).resolve()
+
+    upstreams = [
+        u.model_copy(update={"ca": absolute(u.ca)}) if u.ca else u for u in config.mirror.upstream
+    ]
+    mirror = config.mirror.model_copy(
+        update={"root": absolute(config.mirror.root), "upstream": upstreams}
+    )
+    return config.model_copy(update={"mirror": mirror})
+
+
+def config_from_dict(data: dict[str, Any], base: Path = Path(".")) -> Config:
+    """Build a config from a dict (tests, tools), with the same validation as a file."""
+    return _resolve_paths(Config.model_validate(data), base)

@@ -1,0 +1,275 @@
+"""The mirror's ASGI app: the pull side of the registry API, routed to the services."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from edgeproxy.config import MirrorConfig
+from edgeproxy.mirror.blobs import BlobService
+from edgeproxy.mirror.errors import RegistryError
+from edgeproxy.mirror.manifests import HIT, MISS, OCI_INDEX, ManifestService
+from edgeproxy.mirror.names import Route, Target, parse_range, parse_route, resolve_target
+from edgeproxy.mirror.storage import FilesystemStorage, Storage
+from edgeproxy.mirror.upstream import UpstreamClient, UpstreamUnavailable
+
+log = logging.getLogger("edgeproxy.mirror")
+
+API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
+BLOB_CACHE_CONTROL = "max-age=31536000"
+
+
+class MirrorApp:
+    """A pull-through cache of the upstreams in `config`, as an ASGI application."""
+
+    def __init__(self, config: MirrorConfig, storage: Storage | None = None) -> None:
+        self.config = config
+        self.storage = storage or FilesystemStorage(config.root)
+        self.manifests = ManifestService(self.storage)
+        self.blobs = BlobService(self.storage)
+        self.upstreams = {u.name: UpstreamClient(u) for u in config.upstream}
+        self._headers = [API_VERSION, *config.headers.items()]
+
+    async def aclose(self) -> None:
+        await self.blobs.aclose()
+        for upstream in self.upstreams.values():
+            await upstream.aclose()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        request = Request(scope, receive)
+        head = request.method == "HEAD"
+        try:
+            response = await self.handle(request)
+        except RegistryError as exc:
+            log.info("%s %s: %s %s", request.method, scope["path"], exc.status, exc)
+            response = exc.response(head)
+        except Exception:
+            log.exception("%s %s failed", request.method, scope["path"])
+            response = RegistryError("UNKNOWN", "internal error").response(head)
+        for name, value in self._headers:
+            response.headers.setdefault(name, value)
+        if "ns" in request.query_params:
+            response.headers["OCI-Namespace"] = request.query_params["ns"]
+        started = False
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await response(scope, receive, tracking_send)
+        except RegistryError as exc:  # a fill failed mid-body: cut the connection short
+            if not started:
+                raise
+            log.warning("%s %s: body cut short: %s", request.method, scope["path"], exc)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def handle(self, request: Request) -> Response:
+        route = parse_route(request.scope["path"])
+        if request.method not in ("GET", "HEAD"):
+            raise RegistryError(
+                "UNSUPPORTED", "this registry is a read-only mirror", headers={"Allow": "GET, HEAD"}
+            )
+        if route is None:
+            raise RegistryError("UNSUPPORTED", "not a registry API path", status=404)
+        if route.kind == "base":
+            return _json({})
+        if route.kind == "catalog":
+            names = self.storage.repositories()
+            return _paginated(request, "repositories", names, "/v2/_catalog", {})
+        target = resolve_target(
+            route.name, request.query_params.get("ns"), list(self.config.upstream)
+        )
+        upstream = self.upstreams[target.upstream.name]
+        if route.kind == "manifests":
+            return await self._manifest(request, route, target, upstream)
+        if route.kind == "blobs":
+            return await self._blob(request, route, target, upstream)
+        if route.kind == "tags":
+            return await self._tags(request, route, target, upstream)
+        return await self._referrers(request, route, target, upstream)
+
+    async def _manifest(
+        self, request: Request, route: Route, target: Target, upstream: UpstreamClient
+    ) -> Response:
+        manifest, status = await self.manifests.get(
+            upstream, target, route.reference, request.headers.get("accept")
+        )
+        headers = {
+            "Docker-Content-Digest": manifest.digest,
+            "ETag": f'"{manifest.digest}"',
+            "Content-Length": str(len(manifest.data)),
+            "Cache-Status": status,
+        }
+        if _etag_matches(request, manifest.digest):
+            del headers["Content-Length"]
+            return Response(status_code=304, headers=headers)
+        body = b"" if request.method == "HEAD" else manifest.data
+        return Response(body, headers=headers, media_type=manifest.media_type)
+
+    async def _blob(
+        self, request: Request, route: Route, target: Target, upstream: UpstreamClient
+    ) -> Response:
+        digest = route.reference
+        size = self.blobs.size(digest)
+        body: Callable[[int, int], AsyncIterator[bytes]]
+        if size is not None:
+            cache_status = HIT
+            body = functools.partial(self.blobs.read_stored, digest)
+        elif request.method == "HEAD":
+            return await self._head_cold_blob(target, upstream, digest)
+        else:
+            fill = await self.blobs.fill(upstream, target, digest)
+            size, cache_status = fill.size, MISS
+            body = functools.partial(self.blobs.read_fill, fill)
+            if size is None:  # an upstream that sent no length: stream it all, chunked
+                return StreamingResponse(
+                    self.blobs.read_fill(fill, 0, None),
+                    headers=_blob_headers(digest, cache_status, None),
+                    media_type="application/octet-stream",
+                )
+        headers = _blob_headers(digest, cache_status, size)
+        if _etag_matches(request, digest):
+            return Response(status_code=304, headers=headers)
+        span = parse_range(request.headers.get("range"), size)
+        status = 200
+        start, end = 0, size
+        if span is not None:
+            start, end = span
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+            headers["Content-Length"] = str(end - start)
+        if request.method == "HEAD":
+            return Response(status_code=status, headers=headers)
+        return StreamingResponse(
+            body(start, end),
+            status_code=status,
+            headers=headers,
+            media_type=headers["Content-Type"],
+        )
+
+    async def _head_cold_blob(
+        self, target: Target, upstream: UpstreamClient, digest: str
+    ) -> Response:
+        """Answer from the upstream's HEAD: a HEAD never downloads the blob."""
+        head = await upstream.request(
+            "HEAD", f"/v2/{target.remote_name}/blobs/{digest}", target.remote_name
+        )
+        if head.status != 200:
+            raise upstream.error(head.status, "BLOB_UNKNOWN", head.headers.get("retry-after"))
+        length = head.headers.get("content-length")
+        headers = _blob_headers(digest, MISS, int(length) if length else None)
+        return Response(status_code=200, headers=headers)
+
+    async def _tags(
+        self, request: Request, route: Route, target: Target, upstream: UpstreamClient
+    ) -> Response:
+        params = {k: v for k, v in request.query_params.items() if k in ("n", "last")}
+        path = f"/v2/{route.name}/tags/list"
+        try:
+            answer = await upstream.request(
+                "GET", f"/v2/{target.remote_name}/tags/list", target.remote_name, params=params
+            )
+        except UpstreamUnavailable as exc:
+            log.warning("tags of %s from the cache: %s", target.local_name, exc.message)
+            tags = self.storage.list_tags(target.local_name)
+            if not tags:
+                raise
+            extra = {"name": route.name}
+            response = _paginated(request, "tags", tags, path, extra)
+            response.headers["Cache-Status"] = "edgeproxy; hit; detail=stale"
+            return response
+        if answer.status != 200:
+            raise upstream.error(answer.status, "NAME_UNKNOWN", answer.headers.get("retry-after"))
+        headers = {"Cache-Status": MISS}
+        if "link" in answer.headers:  # the upstream's next page, under the name the client used
+            headers["Link"] = answer.headers["link"].replace(
+                f"/v2/{target.remote_name}/", f"/v2/{route.name}/", 1
+            )
+        return Response(answer.body, headers=headers, media_type="application/json")
+
+    async def _referrers(
+        self, request: Request, route: Route, target: Target, upstream: UpstreamClient
+    ) -> Response:
+        params = {k: v for k, v in request.query_params.items() if k == "artifactType"}
+        answer = await upstream.request(
+            "GET",
+            f"/v2/{target.remote_name}/referrers/{route.reference}",
+            target.remote_name,
+            headers={"Accept": OCI_INDEX},
+            params=params,
+        )
+        if answer.status == 200:
+            headers = {"Cache-Status": MISS}
+            if "oci-filters-applied" in answer.headers:
+                headers["OCI-Filters-Applied"] = answer.headers["oci-filters-applied"]
+            return Response(answer.body, headers=headers, media_type=OCI_INDEX)
+        if answer.status == 404:  # an upstream without the referrers API has none to give
+            empty = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+            return Response(json.dumps(empty).encode(), media_type=OCI_INDEX)
+        raise upstream.error(answer.status, "MANIFEST_UNKNOWN", answer.headers.get("retry-after"))
+
+
+def _blob_headers(digest: str, cache_status: str, size: int | None) -> dict[str, str]:
+    headers = {
+        "Docker-Content-Digest": digest,
+        "ETag": f'"{digest}"',
+        "Accept-Ranges": "bytes",
+        "Cache-Control": BLOB_CACHE_CONTROL,
+        "Cache-Status": cache_status,
+        "Content-Type": "application/octet-stream",
+    }
+    if size is not None:
+        headers["Content-Length"] = str(size)
+    return headers
+
+
+def _etag_matches(request: Request, digest: str) -> bool:
+    header = request.headers.get("if-none-match") or ""
+    return f'"{digest}"' in {tag.strip() for tag in header.split(",")}
+
+
+def _json(document: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> Response:
+    return Response(json.dumps(document).encode(), headers=headers, media_type="application/json")
+
+
+def _paginated(
+    request: Request, key: str, items: list[str], path: str, extra: dict[str, str]
+) -> Response:
+    """registry:2's `n`/`last` pagination over a sorted list, with a Link to the next page."""
+    last = request.query_params.get("last")
+    if last:
+        items = [item for item in items if item > last]
+    headers = {}
+    n_param = request.query_params.get("n")
+    if n_param is not None:
+        if not n_param.isdigit():
+            raise RegistryError("PAGINATION_NUMBER_INVALID", "n must be a number", {"n": n_param})
+        count = int(n_param)
+        if len(items) > count:
+            items = items[:count]
+            if items:
+                headers["Link"] = f'<{path}?last={items[-1]}&n={count}>; rel="next"'
+    return _json({**extra, key: items}, headers)

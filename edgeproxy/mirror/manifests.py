@@ -1,0 +1,156 @@
+"""Manifests: served byte for byte from the cache, tags revalidated with the upstream.
+
+A digest reference is immutable: once cached it never needs the upstream. A tag is trusted
+for the upstream's `tag_ttl`, then confirmed with a HEAD; when the upstream fails, the
+cached tag is served stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from edgeproxy.mirror.errors import RegistryError
+from edgeproxy.mirror.names import Target, is_digest
+from edgeproxy.mirror.storage import Storage
+from edgeproxy.mirror.upstream import UpstreamClient, UpstreamUnavailable
+
+log = logging.getLogger("edgeproxy.manifests")
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_V1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+# Asked for when the client names none, so that the upstream never converts to schema 1.
+DEFAULT_ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
+
+# RFC 9211 Cache-Status values.
+HIT = "edgeproxy; hit"
+MISS = "edgeproxy; fwd=miss"
+REVALIDATED = "edgeproxy; fwd=stale; fwd-status=200"
+STALE = "edgeproxy; hit; detail=stale"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    data: bytes
+    digest: str
+    media_type: str
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def media_type_of(data: bytes) -> str:
+    """The media type a manifest declares, or the one its shape implies (as registry:2 does)."""
+    try:
+        document = json.loads(data)
+    except ValueError as exc:
+        raise RegistryError("MANIFEST_INVALID", "manifest is not JSON") from exc
+    if not isinstance(document, dict):
+        raise RegistryError("MANIFEST_INVALID", "manifest is not a JSON object")
+    declared = document.get("mediaType")
+    if isinstance(declared, str) and declared:
+        return declared
+    if document.get("schemaVersion") == 1:
+        return DOCKER_V1_SIGNED
+    return OCI_INDEX if "manifests" in document else OCI_MANIFEST
+
+
+def acceptable(media_type: str, accept: str | None) -> bool:
+    if not accept:
+        return True
+    kinds = {part.split(";")[0].strip() for part in accept.split(",")}
+    return bool(kinds & {media_type, "*/*", "application/*"})
+
+
+class ManifestService:
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+
+    def _cached(self, target: Target, digest: str) -> Manifest | None:
+        data = self._storage.read_manifest(target.local_name, digest)
+        return Manifest(data, digest, media_type_of(data)) if data is not None else None
+
+    async def get(
+        self, upstream: UpstreamClient, target: Target, reference: str, accept: str | None
+    ) -> tuple[Manifest, str]:
+        """The manifest and the Cache-Status saying how it was obtained."""
+        if is_digest(reference):
+            cached = self._cached(target, reference)
+            if cached is not None:
+                return cached, HIT
+            return await self._fetch(upstream, target, reference, accept), MISS
+        return await self._get_tag(upstream, target, reference, accept)
+
+    async def _get_tag(
+        self, upstream: UpstreamClient, target: Target, tag: str, accept: str | None
+    ) -> tuple[Manifest, str]:
+        known = self._storage.read_tag(target.local_name, tag)
+        cached = self._cached(target, known[0]) if known else None
+        usable = cached is not None and acceptable(cached.media_type, accept)
+        if known and usable and time.time() - known[1] < target.upstream.tag_ttl:
+            assert cached is not None
+            return cached, HIT
+        try:
+            head = await upstream.request(
+                "HEAD",
+                f"/v2/{target.remote_name}/manifests/{tag}",
+                target.remote_name,
+                headers={"Accept": accept or DEFAULT_ACCEPT},
+            )
+            if head.status != 200:
+                raise upstream.error(
+                    head.status, "MANIFEST_UNKNOWN", head.headers.get("retry-after")
+                )
+            digest = head.headers.get("docker-content-digest")
+            if usable and cached is not None and digest == cached.digest:
+                self._storage.write_tag(target.local_name, tag, digest)
+                return cached, REVALIDATED
+            manifest = await self._fetch(upstream, target, digest or tag, accept)
+        except (UpstreamUnavailable, RegistryError) as exc:
+            if cached is not None and _may_serve_stale(exc):
+                log.warning("serving %s:%s stale: %s", target.local_name, tag, exc.message)
+                return cached, STALE
+            raise
+        self._storage.write_tag(target.local_name, tag, manifest.digest)
+        return manifest, MISS
+
+    async def _fetch(
+        self, upstream: UpstreamClient, target: Target, reference: str, accept: str | None
+    ) -> Manifest:
+        """GET from the upstream, verify the bytes against the digest, store."""
+        response = await upstream.request(
+            "GET",
+            f"/v2/{target.remote_name}/manifests/{reference}",
+            target.remote_name,
+            headers={"Accept": accept or DEFAULT_ACCEPT},
+        )
+        if response.status != 200:
+            raise upstream.error(
+                response.status, "MANIFEST_UNKNOWN", response.headers.get("retry-after")
+            )
+        digest = sha256_digest(response.body)
+        expected = reference if is_digest(reference) else None
+        expected = expected or response.headers.get("docker-content-digest")
+        if expected and expected != digest:
+            log.error(
+                "upstream %s sent %s for %s (digest %s): not cached",
+                upstream.name,
+                target.remote_name,
+                expected,
+                digest,
+            )
+            raise UpstreamUnavailable(upstream.name, f"manifest bytes do not match {expected}")
+        media_type = media_type_of(response.body)
+        self._storage.write_manifest(target.local_name, digest, response.body)
+        return Manifest(response.body, digest, media_type)
+
+
+def _may_serve_stale(error: RegistryError) -> bool:
+    return isinstance(error, UpstreamUnavailable) or error.code == "TOOMANYREQUESTS"

@@ -1,0 +1,148 @@
+"""Parsing of everything a client puts in a registry URL: repository names, references,
+digests, Range headers and the upstream a request is for. Pure functions; each input is
+checked here once and becomes a typed value or a RegistryError.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from edgeproxy.config import UpstreamConfig
+from edgeproxy.mirror.errors import RegistryError
+
+# The distribution reference grammar (path components only; a registry host never appears
+# in an API path).
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+_TAG = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
+_DIGEST = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
+_SHA256 = re.compile(r"sha256:[a-f0-9]{64}")
+MAX_NAME_LENGTH = 255
+
+_ROUTE = re.compile(r"/v2/(?P<name>.+)/(?P<kind>manifests|blobs|referrers)/(?P<ref>[^/]+)")
+_TAGS = re.compile(r"/v2/(?P<name>.+)/tags/list")
+
+Kind = Literal["base", "catalog", "manifests", "blobs", "tags", "referrers"]
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a /v2/ path asks for; `name` and `reference` are validated."""
+
+    kind: Kind
+    name: str = ""
+    reference: str = ""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A repository as the upstream knows it and as the cache stores it."""
+
+    upstream: UpstreamConfig
+    remote_name: str
+    local_name: str
+
+
+def parse_route(path: str) -> Route | None:
+    """The route for a decoded request path, None when it is not a registry API path."""
+    if path in ("/v2", "/v2/"):
+        return Route("base")
+    if path == "/v2/_catalog":
+        return Route("catalog")
+    if match := _TAGS.fullmatch(path):
+        return Route("tags", check_name(match["name"]))
+    if match := _ROUTE.fullmatch(path):
+        name, kind, ref = check_name(match["name"]), match["kind"], match["ref"]
+        if kind == "manifests":
+            return Route("manifests", name, check_reference(ref))
+        return Route("blobs" if kind == "blobs" else "referrers", name, check_digest(ref))
+    return None
+
+
+def check_name(name: str) -> str:
+    if len(name) > MAX_NAME_LENGTH or not _NAME.fullmatch(name):
+        raise RegistryError(
+            "NAME_INVALID", "invalid repository name", {"name": name[:MAX_NAME_LENGTH]}
+        )
+    return name
+
+
+def check_reference(reference: str) -> str:
+    """A tag or a digest."""
+    if ":" in reference:
+        return check_digest(reference)
+    if not _TAG.fullmatch(reference):
+        raise RegistryError("TAG_INVALID", "invalid tag", {"tag": reference[:128]})
+    return reference
+
+
+def check_digest(digest: str) -> str:
+    """A sha256 digest: the only algorithm registry:2's filesystem layout stores."""
+    if _SHA256.fullmatch(digest):
+        return digest
+    reason = "unsupported digest algorithm" if _DIGEST.fullmatch(digest) else "invalid digest"
+    raise RegistryError("DIGEST_INVALID", reason, {"digest": digest[:160]})
+
+
+def is_digest(reference: str) -> bool:
+    return ":" in reference
+
+
+def resolve_target(name: str, namespace: str | None, upstreams: list[UpstreamConfig]) -> Target:
+    """Pick the upstream for `name`: containerd's `?ns=`, a leading upstream name, or the
+    default (first) upstream. `ns` is only ever a lookup key, never a host to connect to."""
+    by_name = {u.name: u for u in upstreams}
+    if namespace is not None:
+        if namespace not in by_name:
+            raise RegistryError(
+                "NAME_UNKNOWN",
+                "no upstream is configured for this registry",
+                {"ns": namespace[:255]},
+            )
+        upstream, remote = by_name[namespace], name
+    else:
+        first, _, rest = name.partition("/")
+        if rest and first in by_name:
+            upstream, remote = by_name[first], rest
+        else:
+            upstream, remote = upstreams[0], name
+    if upstream.adds_library_prefix and "/" not in remote:
+        remote = f"library/{remote}"
+    local = remote if upstream is upstreams[0] else f"{upstream.name}/{remote}"
+    return Target(upstream, remote, local)
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(start, end exclusive) for a single satisfiable byte range; None to send it all.
+
+    Multiple ranges are answered with the whole body (RFC 9110 lets a server ignore Range);
+    an unsatisfiable one raises RANGE_INVALID (416).
+    """
+    if not header:
+        return None
+    unit, _, spec = header.partition("=")
+    match = re.fullmatch(r"\s*([0-9]*)-([0-9]*)\s*", spec)
+    if unit.strip().lower() != "bytes" or not match or match.group(1, 2) == ("", ""):
+        return None
+    first, last = match.group(1, 2)
+    if not first:  # a suffix range: the last N bytes
+        if int(last) == 0:
+            raise _unsatisfiable(size)
+        return max(0, size - int(last)), size
+    start = int(first)
+    if last and int(last) < start:  # syntactically invalid: ignored, as RFC 9110 says
+        return None
+    if start >= size:
+        raise _unsatisfiable(size)
+    return start, min(int(last) + 1, size) if last else size
+
+
+def _unsatisfiable(size: int) -> RegistryError:
+    return RegistryError(
+        "RANGE_INVALID",
+        "requested range not satisfiable",
+        status=416,
+        headers={"Content-Range": f"bytes */{size}"},
+    )

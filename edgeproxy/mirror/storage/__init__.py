@@ -1,0 +1,6 @@
+"""Where the cache keeps blobs, manifests and tags."""
+
+from edgeproxy.mirror.storage.base import BlobReader, PartialBlob, Storage
+from edgeproxy.mirror.storage.filesystem import FilesystemStorage
+
+__all__ = ["BlobReader", "FilesystemStorage", "PartialBlob", "Storage"]

@@ -1,0 +1,232 @@
+"""registry:2's on-disk layout, so a /var/lib/registry left by a registry:2 mirror is served
+warm, and a cache written here is readable by registry:2.
+
+    docker/registry/v2/blobs/sha256/<2 hex>/<hex>/data
+    docker/registry/v2/repositories/<name>/_layers/sha256/<hex>/link
+    docker/registry/v2/repositories/<name>/_manifests/revisions/sha256/<hex>/link
+    docker/registry/v2/repositories/<name>/_manifests/tags/<tag>/current/link
+    docker/registry/v2/repositories/<name>/_manifests/tags/<tag>/index/sha256/<hex>/link
+
+Fills in progress live beside it in edgeproxy/fills/, guarded by `flock` so that worker
+processes sharing the root fetch each blob once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+from pathlib import Path
+
+from edgeproxy.mirror.storage.base import BlobReader, PartialBlob, Storage
+
+
+class FileReader(BlobReader):
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self._fd, length, offset)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write a whole small file so that readers see the old content or the new, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read_link(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+class FilePartialBlob(PartialBlob):
+    def __init__(self, storage: FilesystemStorage, digest: str, lock_fd: int) -> None:
+        self._storage = storage
+        self._digest = digest
+        self._lock_fd = lock_fd
+        self._released = False
+        self.path = storage.fill_path(digest, "partial")
+        # A fresh inode: readers of an abandoned fill keep the old one and never see ours.
+        self.path.unlink(missing_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+    def announce(self, size: int | None) -> None:
+        if size is not None:
+            _write_atomic(self._storage.fill_path(self._digest, "size"), str(size).encode())
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    def commit(self) -> None:
+        try:
+            os.fsync(self._fd)
+            target = self._storage.blob_path(self._digest)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.path, target)
+        finally:
+            self._release()
+
+    def abort(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self._release()
+
+    def _release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        os.close(self._fd)
+        self._storage.fill_path(self._digest, "size").unlink(missing_ok=True)
+        # Unlink the lock file while still holding it; `_lock` re-checks the inode it locked.
+        self._storage.fill_path(self._digest, "lock").unlink(missing_ok=True)
+        os.close(self._lock_fd)
+
+
+class FilesystemStorage(Storage):
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._v2 = root / "docker" / "registry" / "v2"
+        self._fills = root / "edgeproxy" / "fills"
+        self._fills.mkdir(parents=True, exist_ok=True)
+        (self._v2 / "blobs").mkdir(parents=True, exist_ok=True)
+        (self._v2 / "repositories").mkdir(parents=True, exist_ok=True)
+
+    # Paths
+    def blob_path(self, digest: str) -> Path:
+        algorithm, hex_ = digest.split(":", 1)
+        return self._v2 / "blobs" / algorithm / hex_[:2] / hex_ / "data"
+
+    def fill_path(self, digest: str, suffix: str) -> Path:
+        return self._fills / f"{digest.replace(':', '-')}.{suffix}"
+
+    def _repo(self, name: str) -> Path:
+        return self._v2 / "repositories" / name
+
+    @staticmethod
+    def _digest_link(folder: Path, digest: str) -> Path:
+        algorithm, hex_ = digest.split(":", 1)
+        return folder / algorithm / hex_ / "link"
+
+    # Blobs
+    def blob_size(self, digest: str) -> int | None:
+        try:
+            return self.blob_path(digest).stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def open_blob(self, digest: str) -> BlobReader:
+        return FileReader(os.open(self.blob_path(digest), os.O_RDONLY))
+
+    def _lock(self, digest: str) -> int | None:
+        """An fd holding the fill lock for `digest`, or None when another holder has it."""
+        path = self.fill_path(digest, "lock")
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the holder before us unlinked it: lock the new file instead
+
+    def try_begin_blob(self, digest: str) -> PartialBlob | None:
+        lock_fd = self._lock(digest)
+        if lock_fd is None:
+            return None
+        try:
+            return FilePartialBlob(self, digest, lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    def partial_progress(self, digest: str) -> tuple[int, int | None] | None:
+        lock_fd = self._lock(digest)
+        if lock_fd is not None:  # nobody holds it: no fill is running
+            os.close(lock_fd)
+            return None
+        try:
+            written = self.fill_path(digest, "partial").stat().st_size
+        except FileNotFoundError:
+            written = 0
+        size = _read_link(self.fill_path(digest, "size"))
+        return written, int(size) if size and size.isdigit() else None
+
+    def open_partial(self, digest: str) -> BlobReader | None:
+        for path in (self.fill_path(digest, "partial"), self.blob_path(digest)):
+            try:
+                return FileReader(os.open(path, os.O_RDONLY))
+            except FileNotFoundError:
+                continue
+        return None
+
+    # Repositories
+    def link_blob(self, name: str, digest: str) -> None:
+        link = self._digest_link(self._repo(name) / "_layers", digest)
+        if not link.exists():
+            _write_atomic(link, digest.encode())
+
+    def read_manifest(self, name: str, digest: str) -> bytes | None:
+        revisions = self._repo(name) / "_manifests" / "revisions"
+        if _read_link(self._digest_link(revisions, digest)) != digest:
+            return None
+        try:
+            return self.blob_path(digest).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_manifest(self, name: str, digest: str, data: bytes) -> None:
+        if self.blob_size(digest) is None:
+            _write_atomic(self.blob_path(digest), data)
+        revisions = self._repo(name) / "_manifests" / "revisions"
+        _write_atomic(self._digest_link(revisions, digest), digest.encode())
+
+    def read_tag(self, name: str, tag: str) -> tuple[str, float] | None:
+        link = self._repo(name) / "_manifests" / "tags" / tag / "current" / "link"
+        try:
+            digest = link.read_text().strip()
+            return digest, link.stat().st_mtime
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def write_tag(self, name: str, tag: str, digest: str) -> None:
+        folder = self._repo(name) / "_manifests" / "tags" / tag
+        current = folder / "current" / "link"
+        if _read_link(current) == digest:
+            os.utime(current)  # the mtime says when the upstream last confirmed the tag
+            return
+        _write_atomic(self._digest_link(folder / "index", digest), digest.encode())
+        _write_atomic(current, digest.encode())
+
+    def list_tags(self, name: str) -> list[str]:
+        tags = self._repo(name) / "_manifests" / "tags"
+        try:
+            return sorted(t.name for t in tags.iterdir() if (t / "current" / "link").exists())
+        except FileNotFoundError:
+            return []
+
+    def repositories(self) -> list[str]:
+        base = self._v2 / "repositories"
+        names = []
+        for folder, dirs, _ in os.walk(base):
+            if "_manifests" in dirs:
+                names.append(os.path.relpath(folder, base))
+            dirs[:] = [d for d in dirs if not d.startswith("_")]
+        return sorted(names)

@@ -1,0 +1,220 @@
+"""The client for one upstream registry: auth challenges, tokens, and the two transports.
+
+Small requests (manifests, tags, tokens) go through httpx; blob bodies go through aiohttp,
+which streams ~3x faster than httpx here (see docs/architecture.md). Both share the auth
+state: the challenge learnt from the first 401 and the bearer tokens per repository scope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import re
+import ssl
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import certifi
+import httpx
+
+from edgeproxy.config import UpstreamConfig
+from edgeproxy.mirror.errors import RegistryError
+
+log = logging.getLogger("edgeproxy.upstream")
+
+MAX_METADATA_BODY = 4 * 1024 * 1024  # registry:2's manifest size limit
+BLOB_READ_SIZE = 1024 * 1024
+_CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
+
+
+class UpstreamUnavailable(RegistryError):
+    """The upstream could not answer: refused, timed out, or a 5xx. A cache may serve stale."""
+
+    def __init__(self, upstream: str, reason: str) -> None:
+        super().__init__("UNAVAILABLE", f"upstream {upstream} is unavailable: {reason}", status=503)
+
+
+@dataclass(frozen=True)
+class UpstreamResponse:
+    status: int
+    headers: httpx.Headers
+    body: bytes
+
+
+def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    """('bearer', {'realm': ..., 'service': ..., 'scope': ...}) from a WWW-Authenticate."""
+    scheme, _, rest = header.strip().partition(" ")
+    params = {
+        m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3)).replace(
+            '\\"', '"'
+        )
+        for m in _CHALLENGE_PARAM.finditer(rest)
+    }
+    return scheme.lower(), params
+
+
+def ssl_context(ca: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=certifi.where())
+    if ca:
+        context.load_verify_locations(cafile=ca)
+    return context
+
+
+class UpstreamClient:
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self._ssl = ssl_context(str(config.ca) if config.ca else None)
+        self._http = httpx.AsyncClient(
+            base_url=config.base_url,
+            http2=True,
+            verify=self._ssl,
+            follow_redirects=True,
+            timeout=httpx.Timeout(config.read_timeout, connect=config.connect_timeout),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+        )
+        self._blobs: aiohttp.ClientSession | None = None
+        self._challenge: tuple[str, dict[str, str]] | None = None
+        self._tokens: dict[str, tuple[str, float]] = {}  # scope -> (Authorization, expiry)
+        self._token_locks: dict[str, asyncio.Lock] = {}
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+        if self._blobs is not None:
+            await self._blobs.close()
+
+    # Auth
+    async def _authorization(self, name: str) -> dict[str, str]:
+        if self._challenge is None:
+            return {}
+        scheme, params = self._challenge
+        if scheme == "basic":
+            pair = f"{self.config.username}:{self.config.password}".encode()
+            return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
+        scope = f"repository:{name}:pull"
+        cached = self._tokens.get(scope)
+        if cached and cached[1] > time.monotonic():
+            return {"Authorization": cached[0]}
+        async with self._token_locks.setdefault(scope, asyncio.Lock()):
+            cached = self._tokens.get(scope)
+            if not cached or cached[1] <= time.monotonic():
+                cached = await self._fetch_token(params, scope)
+                self._tokens[scope] = cached
+        return {"Authorization": cached[0]}
+
+    def _learn(self, header: str | None, name: str) -> bool:
+        """Take a 401's challenge; True when retrying with new credentials can help."""
+        if not header:
+            return False
+        scheme, params = parse_challenge(header)
+        if scheme == "basic" and not self.config.username:
+            return False
+        if scheme not in ("basic", "bearer") or (scheme == "bearer" and "realm" not in params):
+            return False
+        self._challenge = (scheme, {k: v for k, v in params.items() if k != "scope"})
+        self._tokens.pop(f"repository:{name}:pull", None)
+        return True
+
+    async def _fetch_token(self, params: dict[str, str], scope: str) -> tuple[str, float]:
+        query = {"scope": scope}
+        if "service" in params:
+            query["service"] = params["service"]
+        auth = (self.config.username, self.config.password) if self.config.username else None
+        try:
+            response = await self._http.get(params["realm"], params=query, auth=auth)
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(self.name, f"token server: {type(exc).__name__}") from exc
+        if response.status_code in (401, 403):
+            raise RegistryError("DENIED", f"upstream {self.name} refused the credentials")
+        if response.status_code != 200:
+            raise UpstreamUnavailable(self.name, f"token server answered {response.status_code}")
+        try:
+            answer = response.json()
+            token = answer.get("token") or answer["access_token"]
+            lifetime = float(answer.get("expires_in") or 60)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UpstreamUnavailable(self.name, "token server sent no token") from exc
+        # Renew a little early so that a token never expires between fetch and use.
+        return f"Bearer {token}", time.monotonic() + max(lifetime * 0.9, lifetime - 30)
+
+    # Small requests
+    async def request(
+        self,
+        method: str,
+        path: str,
+        name: str,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> UpstreamResponse:
+        """One small request, authorized, its body read whole (at most 4 MiB)."""
+        for attempt in range(2):
+            auth = await self._authorization(name)
+            try:
+                async with self._http.stream(
+                    method, path, headers={**(headers or {}), **auth}, params=params
+                ) as response:
+                    challenge = response.headers.get("www-authenticate")
+                    if (
+                        response.status_code == 401
+                        and attempt == 0
+                        and self._learn(challenge, name)
+                    ):
+                        continue
+                    body = bytearray()
+                    async for chunk in response.aiter_raw():
+                        body += chunk
+                        if len(body) > MAX_METADATA_BODY:
+                            raise UpstreamUnavailable(self.name, f"{path}: body over 4 MiB")
+                    return UpstreamResponse(response.status_code, response.headers, bytes(body))
+            except httpx.HTTPError as exc:
+                log.warning("upstream %s: %s %s failed: %r", self.name, method, path, exc)
+                raise UpstreamUnavailable(self.name, type(exc).__name__) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # Blob streams
+    def _blob_session(self) -> aiohttp.ClientSession:
+        if self._blobs is None:
+            self._blobs = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=0),
+                timeout=aiohttp.ClientTimeout(
+                    sock_connect=self.config.connect_timeout,
+                    sock_read=self.config.read_timeout,
+                ),
+                auto_decompress=False,
+                read_bufsize=BLOB_READ_SIZE,
+            )
+        return self._blobs
+
+    async def open_blob(self, name: str, digest: str) -> aiohttp.ClientResponse:
+        """A started 200 response for the blob; the caller reads and releases it."""
+        url = f"{self.config.base_url}/v2/{name}/blobs/{digest}"
+        for attempt in range(2):
+            auth = await self._authorization(name)
+            try:
+                response = await self._blob_session().get(url, headers=auth)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("upstream %s: GET blob %s failed: %r", self.name, digest, exc)
+                raise UpstreamUnavailable(self.name, type(exc).__name__) from exc
+            if response.status == 200:
+                return response
+            response.release()
+            challenge = response.headers.get("WWW-Authenticate")
+            if response.status == 401 and attempt == 0 and self._learn(challenge, name):
+                continue
+            raise self.error(response.status, "BLOB_UNKNOWN", response.headers.get("Retry-After"))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def error(self, status: int, not_found: str, retry_after: str | None = None) -> RegistryError:
+        """The registry error a client sees for an upstream's non-success status."""
+        if status == 404:
+            return RegistryError(not_found, f"not found at upstream {self.name}")
+        if status in (401, 403):
+            return RegistryError("DENIED", f"upstream {self.name} denied access")
+        if status == 429:
+            headers = {"Retry-After": retry_after} if retry_after else {}
+            return RegistryError(
+                "TOOMANYREQUESTS", f"upstream {self.name} is rate limiting", headers=headers
+            )
+        return UpstreamUnavailable(self.name, f"answered {status}")

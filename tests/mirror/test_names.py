@@ -1,0 +1,87 @@
+import pytest
+
+from edgeproxy.config import UpstreamConfig
+from edgeproxy.mirror.errors import RegistryError
+from edgeproxy.mirror.names import Route, parse_range, parse_route, resolve_target
+
+DIGEST = "sha256:" + "a" * 64
+HUB = UpstreamConfig(name="docker.io", url="https://registry-1.docker.io")
+GHCR = UpstreamConfig(name="ghcr.io", url="https://ghcr.io")
+
+
+def test_routes() -> None:
+    assert parse_route("/v2/") == Route("base")
+    assert parse_route("/v2/_catalog") == Route("catalog")
+    assert parse_route("/v2/library/alpine/manifests/3.19") == Route(
+        "manifests", "library/alpine", "3.19"
+    )
+    assert parse_route(f"/v2/a/b/c/blobs/{DIGEST}") == Route("blobs", "a/b/c", DIGEST)
+    assert parse_route("/v2/x/tags/list") == Route("tags", "x")
+    assert parse_route(f"/v2/x/referrers/{DIGEST}") == Route("referrers", "x", DIGEST)
+    # A repository may itself be called "manifests": the last one is the route's.
+    assert parse_route("/v2/manifests/manifests/latest") == Route(
+        "manifests", "manifests", "latest"
+    )
+    assert parse_route("/v2/x/blobs/uploads/") is None
+    assert parse_route("/other") is None
+
+
+@pytest.mark.parametrize(
+    ("path", "code"),
+    [
+        ("/v2/../etc/manifests/latest", "NAME_INVALID"),
+        ("/v2/Upper/manifests/latest", "NAME_INVALID"),
+        ("/v2/a//b/manifests/latest", "NAME_INVALID"),
+        ("/v2/a\x00b/manifests/latest", "NAME_INVALID"),
+        ("/v2/" + "a" * 256 + "/manifests/latest", "NAME_INVALID"),
+        ("/v2/a/manifests/.hidden", "TAG_INVALID"),
+        ("/v2/a/blobs/sha256:zz", "DIGEST_INVALID"),
+        ("/v2/a/blobs/md5:" + "a" * 32, "DIGEST_INVALID"),
+        ("/v2/a/blobs/sha512:" + "a" * 128, "DIGEST_INVALID"),
+        ("/v2/a/manifests/sha256:" + "A" * 64, "DIGEST_INVALID"),
+    ],
+)
+def test_bad_paths(path: str, code: str) -> None:
+    with pytest.raises(RegistryError) as caught:
+        parse_route(path)
+    assert caught.value.code == code
+    assert caught.value.status == 400
+
+
+def test_upstream_selection() -> None:
+    upstreams = [HUB, GHCR]
+    default = resolve_target("alpine", None, upstreams)
+    assert (default.upstream, default.remote_name, default.local_name) == (
+        HUB,
+        "library/alpine",
+        "library/alpine",
+    )
+    by_ns = resolve_target("owner/app", "ghcr.io", upstreams)
+    assert (by_ns.upstream, by_ns.remote_name, by_ns.local_name) == (
+        GHCR,
+        "owner/app",
+        "ghcr.io/owner/app",
+    )
+    by_prefix = resolve_target("ghcr.io/owner/app", None, upstreams)
+    assert by_prefix == by_ns
+    assert resolve_target("x", "docker.io", upstreams).remote_name == "library/x"
+    with pytest.raises(RegistryError) as caught:
+        resolve_target("x", "evil.example.com", upstreams)
+    assert caught.value.status == 404
+
+
+def test_ranges() -> None:
+    assert parse_range(None, 100) is None
+    assert parse_range("bytes=10-19", 100) == (10, 20)
+    assert parse_range("bytes=90-", 100) == (90, 100)
+    assert parse_range("bytes=90-1000", 100) == (90, 100)
+    assert parse_range("bytes=-10", 100) == (90, 100)
+    assert parse_range("bytes=-1000", 100) == (0, 100)
+    assert parse_range("bytes=0-1,5-6", 100) is None  # multiple ranges: the whole body
+    assert parse_range("bytes=20-10", 100) is None
+    assert parse_range("items=0-1", 100) is None
+    for unsatisfiable in ("bytes=100-", "bytes=-0"):
+        with pytest.raises(RegistryError) as caught:
+            parse_range(unsatisfiable, 100)
+        assert caught.value.status == 416
+        assert caught.value.headers["Content-Range"] == "bytes */100"

@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+
+from edgeproxy.cli import main
+from edgeproxy.config import ConfigError, load_config, parse_address, parse_duration, parse_size
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("0s", 0), ("300s", 300), ("300", 300), ("1h30m", 5400), ("250ms", 0.25), ("168h", 604800)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("1024m", 1 << 30), ("200GiB", 200 << 30), ("10MB", 10_000_000), ("32k", 32768), (7, 7)],
+)
+def test_sizes(text: str | int, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("bad", ["5 minutes", "-1s", "s", ""])
+def test_bad_durations(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+def test_addresses() -> None:
+    assert parse_address("0.0.0.0:5000") == ("0.0.0.0", 5000)
+    assert parse_address(":80") == ("0.0.0.0", 80)
+    assert parse_address("[::1]:443") == ("::1", 443)
+    with pytest.raises(ValueError):
+        parse_address("localhost")
+
+
+def test_shipped_config_is_valid() -> None:
+    config = load_config(ROOT / "proxy.toml")
+    assert config.mirror.upstream[0].name == "docker.io"
+    assert config.mirror.upstream[0].adds_library_prefix
+    assert config.mirror.root.is_absolute()
+
+
+def test_errors_name_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text(
+        '[mirror]\nlisten = "nowhere"\n[[mirror.upstream]]\nname = "x"\n'
+        'url = "http://127.0.0.1:1"\ntag_ttl = "soon"\nbogus = 1\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert f"{path}: mirror.listen: not an address" in message
+    assert f"{path}: mirror.upstream.0.tag_ttl: not a duration" in message
+    assert f"{path}: mirror.upstream.0.bogus: unknown key" in message
+
+
+def test_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--config", str(ROOT / "proxy.toml")]) == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[mirror]\n")
+    assert main(["check", "--config", str(bad)]) == 1
+    assert "mirror.upstream: Field required" in capsys.readouterr().err
