@@ -1,0 +1,149 @@
+"""An in-process registry that misbehaves on purpose: for fault injection only.
+
+It speaks just enough HTTP/1.1 by hand (one request per connection) to cut a body in the
+middle, stall, or send wrong bytes, which a well-behaved server library will not do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from tests.support.ports import free_port, wait_for_port
+
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class FakeUpstream:
+    """Blobs and manifests by digest, tags by name; `faults` maps a path suffix to a fault:
+    "cut" (half the body, then close), "wrong" (other bytes, same length), "stall" (headers,
+    part of the body, then silence), or an HTTP status such as 500 or 429."""
+
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    manifests: dict[str, bytes] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    faults: dict[str, str | int] = field(default_factory=dict)
+    requests: Counter[str] = field(default_factory=Counter)
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def add_blob(self, data: bytes) -> str:
+        digest = digest_of(data)
+        self.blobs[digest] = data
+        return digest
+
+    def add_manifest(self, tag: str, layers: list[str]) -> str:
+        document = {
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_TYPE,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": layers[0],
+                "size": len(self.blobs[layers[0]]),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": d,
+                    "size": len(self.blobs[d]),
+                }
+                for d in layers
+            ],
+        }
+        data = json.dumps(document).encode()
+        digest = digest_of(data)
+        self.manifests[digest] = data
+        self.tags[tag] = digest
+        return digest
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
+            path = target.split("?", 1)[0]
+            self.requests[f"{method} {path}"] += 1
+            await self._respond(writer, method, path)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def _respond(self, writer: asyncio.StreamWriter, method: str, path: str) -> None:
+        fault = next((f for suffix, f in self.faults.items() if path.endswith(suffix)), None)
+        if isinstance(fault, int):
+            headers = {"Retry-After": "7"} if fault == 429 else {}
+            return self._send(writer, fault, b'{"errors":[]}', headers, method)
+        kind, _, ref = path.rpartition("/")
+        body: bytes | None = None
+        headers: dict[str, str] = {}
+        if path == "/v2/":
+            body = b"{}"
+        elif kind.endswith("/manifests"):
+            digest = self.tags.get(ref, ref)
+            body = self.manifests.get(digest)
+            headers = {"Content-Type": MANIFEST_TYPE, "Docker-Content-Digest": digest}
+        elif kind.endswith("/blobs"):
+            body = self.blobs.get(ref)
+            headers = {"Content-Type": "application/octet-stream"}
+        if body is None:
+            return self._send(writer, 404, b'{"errors":[{"code":"NOT_FOUND"}]}', {}, method)
+        if fault == "wrong":
+            body = bytes(255 - b for b in body)
+        if fault in ("cut", "stall") and method == "GET":
+            self._send(writer, 200, b"", {**headers, "Content-Length": str(len(body))}, method)
+            writer.write(body[: len(body) // 2])
+            await writer.drain()
+            if fault == "stall":
+                await asyncio.sleep(3600)
+            return None
+        return self._send(writer, 200, body, headers, method)
+
+    @staticmethod
+    def _send(
+        writer: asyncio.StreamWriter,
+        status: int,
+        body: bytes,
+        headers: dict[str, str],
+        method: str,
+    ) -> None:
+        headers = {"Content-Length": str(len(body)), "Connection": "close", **headers}
+        lines = [f"HTTP/1.1 {status} X"] + [f"{k}: {v}" for k, v in headers.items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        if method != "HEAD":
+            writer.write(body)
+
+
+@contextmanager
+def fake_upstream() -> Iterator[FakeUpstream]:
+    upstream = FakeUpstream(port=free_port())
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+
+    async def main() -> None:
+        async with await asyncio.start_server(upstream._handle, "127.0.0.1", upstream.port):
+            await stop.wait()
+        for task in asyncio.all_tasks() - {asyncio.current_task()}:
+            task.cancel()  # handlers that stall on purpose
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    wait_for_port("127.0.0.1", upstream.port)
+    try:
+        yield upstream
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=10)

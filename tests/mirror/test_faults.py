@@ -1,0 +1,168 @@
+"""Upstream faults never leave a partial or wrong blob in the cache or serve one as complete."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from edgeproxy.config import config_from_dict
+from edgeproxy.mirror.app import MirrorApp
+from tests.mirror.fake_upstream import FakeUpstream, fake_upstream
+from tests.support.servers import serve_app
+
+BLOB = os.urandom(5 * 1024 * 1024 + 3)
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeUpstream]:
+    with fake_upstream() as fake:
+        yield fake
+
+
+def start_mirror(root: Path, upstream_url: str, **settings: object) -> MirrorApp:
+    config = config_from_dict(
+        {
+            "mirror": {
+                "root": str(root),
+                "upstream": [{"name": "fake", "url": upstream_url, **settings}],
+            }
+        }
+    )
+    return MirrorApp(config.mirror)
+
+
+@pytest.fixture
+def mirror(tmp_path: Path, upstream: FakeUpstream) -> Iterator[tuple[MirrorApp, httpx.Client]]:
+    app = start_mirror(tmp_path / "cache", upstream.url, read_timeout="1s")
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield app, client
+
+
+def cache_files(app: MirrorApp) -> list[str]:
+    root = app.config.root
+    return sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix != ".lock"
+    )
+
+
+def fetch(client: httpx.Client, path: str) -> tuple[int, bytes, bool]:
+    """(status, body, complete): complete is False when the connection was cut short."""
+    body = b""
+    try:
+        with client.stream("GET", path) as response:
+            for chunk in response.iter_raw():
+                body += chunk
+            return response.status_code, body, True
+    except httpx.RemoteProtocolError:
+        return 200, body, False
+
+
+@pytest.mark.parametrize("fault", ["cut", "wrong", "stall"])
+def test_faulty_blob_is_never_cached_or_served_whole(
+    mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream, fault: str
+) -> None:
+    app, client = mirror
+    digest = upstream.add_blob(BLOB)
+    upstream.faults[digest] = fault
+    status, body, complete = fetch(client, f"/v2/x/blobs/{digest}")
+    assert status == 200
+    assert not complete and len(body) < len(BLOB)
+    assert app.storage.blob_size(digest) is None
+    assert cache_files(app) == []  # no partial survives
+    # The next request, with the upstream healthy again, fills the blob.
+    del upstream.faults[digest]
+    assert fetch(client, f"/v2/x/blobs/{digest}") == (200, BLOB, True)
+    assert app.storage.blob_size(digest) == len(BLOB)
+
+
+def test_manifest_with_wrong_digest_is_refused(
+    mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
+) -> None:
+    app, client = mirror
+    layer = upstream.add_blob(b"layer")
+    digest = upstream.add_manifest("v1", [layer])
+    upstream.manifests[digest] += b" "
+    response = client.get(f"/v2/x/manifests/{digest}")
+    assert response.status_code == 503
+    assert response.json()["errors"][0]["code"] == "UNAVAILABLE"
+    assert app.storage.read_manifest("x", digest) is None
+
+
+def test_cached_tag_is_served_stale_when_the_upstream_fails(
+    mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
+) -> None:
+    _, client = mirror
+    digest = upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
+    first = client.get("/v2/x/manifests/v1")
+    assert (first.status_code, first.headers["cache-status"]) == (200, "edgeproxy; fwd=miss")
+    again = client.get("/v2/x/manifests/v1")
+    assert again.headers["cache-status"] == "edgeproxy; fwd=stale; fwd-status=200"
+    for fault in (500, 429):
+        upstream.faults["/manifests/v1"] = fault
+        stale = client.get("/v2/x/manifests/v1")
+        assert stale.status_code == 200
+        assert stale.headers["cache-status"] == "edgeproxy; hit; detail=stale"
+        assert stale.headers["docker-content-digest"] == digest
+    by_digest = client.get(f"/v2/x/manifests/{digest}")
+    assert by_digest.headers["cache-status"] == "edgeproxy; hit"
+
+
+def test_rate_limit_and_errors_pass_through_when_nothing_is_cached(
+    mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
+) -> None:
+    _, client = mirror
+    upstream.faults["/manifests/v1"] = 429
+    limited = client.get("/v2/x/manifests/v1")
+    assert limited.status_code == 429
+    assert limited.headers["retry-after"] == "7"
+    assert limited.json()["errors"][0]["code"] == "TOOMANYREQUESTS"
+    upstream.faults["/manifests/v1"] = 500
+    assert client.get("/v2/x/manifests/v1").status_code == 503
+    unknown = client.get("/v2/x/manifests/nope")
+    assert unknown.status_code == 404
+    assert unknown.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    missing = client.get("/v2/x/blobs/sha256:" + "0" * 64)
+    assert missing.status_code == 404
+    assert missing.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+
+def test_upstream_down_at_start(tmp_path: Path) -> None:
+    from tests.support.ports import free_port
+
+    app = start_mirror(tmp_path, f"http://127.0.0.1:{free_port()}")
+    with serve_app(app) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/v2/").status_code == 200
+        response = client.get("/v2/x/manifests/v1")
+        assert response.status_code == 503
+        assert "unavailable" in response.json()["errors"][0]["message"]
+
+
+def test_client_disconnect_does_not_abort_the_fill(
+    mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
+) -> None:
+    app, client = mirror
+    digest = upstream.add_blob(BLOB)
+    with client.stream("GET", f"/v2/x/blobs/{digest}") as response:
+        next(response.iter_raw())  # one piece, then hang up
+    deadline = time.monotonic() + 30
+    while app.storage.blob_size(digest) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert app.storage.blob_size(digest) == len(BLOB)
+    assert upstream.requests[f"GET /v2/x/blobs/{digest}"] == 1
+
+
+def test_head_of_a_cold_blob_never_downloads_it(
+    mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
+) -> None:
+    app, client = mirror
+    digest = upstream.add_blob(BLOB)
+    head = client.head(f"/v2/x/blobs/{digest}")
+    assert head.status_code == 200
+    assert head.headers["content-length"] == str(len(BLOB))
+    assert upstream.requests[f"GET /v2/x/blobs/{digest}"] == 0
+    assert app.storage.blob_size(digest) is None

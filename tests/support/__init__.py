@@ -1,0 +1,1 @@
+"""Test support: real upstream registries, a token server and OCI test images."""

@@ -1,0 +1,138 @@
+"""Servers for tests: an ASGI app under uvicorn in a thread, and edgeproxy as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from tests.support.ports import free_port, wait_for_port
+
+
+@contextmanager
+def serve_app(app: Any, port: int | None = None) -> Iterator[str]:
+    """Run `app` on 127.0.0.1 in a thread with its own event loop; yield its base URL."""
+    port = port or free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=asyncio.run, args=(server.serve(),), daemon=True)
+    thread.start()
+    wait_for_port("127.0.0.1", port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def write_toml(path: Path, data: dict[str, Any]) -> Path:
+    """A minimal TOML writer for test configs (tables, arrays of tables, scalars, inline dicts)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return str(v)
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{value(k)} = {value(x)}" for k, x in v.items()) + " }"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines: list[str] = []
+
+    def table(prefix: str, body: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in body.items() if not _is_table(v)}
+        if prefix:
+            lines.append(f"[{prefix}]")
+        lines.extend(f"{k} = {value(v)}" for k, v in scalars.items())
+        for key, sub in body.items():
+            name = f"{prefix}.{key}" if prefix else key
+            if isinstance(sub, list) and sub and isinstance(sub[0], dict):
+                for item in sub:
+                    lines.append(f"[[{name}]]")
+                    lines.extend(f"{k} = {value(v)}" for k, v in item.items())
+            elif isinstance(sub, dict) and _is_table(sub):
+                table(name, sub)
+
+    table("", data)
+    path.write_text("\n".join(lines) + "\n")
+    tomllib.loads(path.read_text())  # fail here, not in the server, if the writer is wrong
+    return path
+
+
+def _is_table(v: Any) -> bool:
+    return (isinstance(v, dict) and any(isinstance(x, dict | list) for x in v.values())) or (
+        isinstance(v, list) and bool(v) and isinstance(v[0], dict)
+    )
+
+
+class EdgeproxyProcess:
+    """`edgeproxy run --config FILE` as a child process, its log in a file."""
+
+    def __init__(self, config_path: Path, port: int) -> None:
+        self.config_path = config_path
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.host = f"127.0.0.1:{port}"
+        self.log_path = config_path.with_suffix(".log")
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "edgeproxy.cli", "run", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            wait_for_port("127.0.0.1", self.port, timeout=20)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"edgeproxy did not start:\n{self.log()}") from None
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        os.killpg(self._process.pid, signal.SIGTERM)
+        try:
+            self._process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait()
+        self._process = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def run_edgeproxy(
+    workdir: Path, upstreams: list[dict[str, Any]], **mirror: Any
+) -> Iterator[EdgeproxyProcess]:
+    """Start edgeproxy with a mirror of `upstreams` on a free port; stop it afterwards."""
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "mirror": {
+            "root": str(workdir / "cache"),
+            "listen": f"127.0.0.1:{port}",
+            **mirror,
+            "upstream": upstreams,
+        }
+    }
+    process = EdgeproxyProcess(write_toml(workdir / "proxy.toml", config), port)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
