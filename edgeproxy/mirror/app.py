@@ -115,7 +115,7 @@ class MirrorApp:
         self, request: Request, route: Route, target: Target, upstream: UpstreamClient
     ) -> Response:
         manifest, status = await self.manifests.get(
-            upstream, target, route.reference, request.headers.get("accept")
+            upstream, target, route.reference, _accept(request)
         )
         headers = {
             "Docker-Content-Digest": manifest.digest,
@@ -244,6 +244,11 @@ def _blob_headers(digest: str, cache_status: str, size: int | None) -> dict[str,
     if size is not None:
         headers["Content-Length"] = str(size)
     return headers
+
+
+def _accept(request: Request) -> str | None:
+    """All Accept values as one list: clients such as skopeo send one header per type."""
+    return ", ".join(request.headers.getlist("accept")) or None
 
 
 def _etag_matches(request: Request, digest: str) -> bool:

@@ -85,8 +85,8 @@ class FakeUpstream:
     async def _respond(self, writer: asyncio.StreamWriter, method: str, path: str) -> None:
         fault = next((f for suffix, f in self.faults.items() if path.endswith(suffix)), None)
         if isinstance(fault, int):
-            headers = {"Retry-After": "7"} if fault == 429 else {}
-            return self._send(writer, fault, b'{"errors":[]}', headers, method)
+            retry = {"Retry-After": "7"} if fault == 429 else {}
+            return self._send(writer, fault, b'{"errors":[]}', retry, method)
         kind, _, ref = path.rpartition("/")
         body: bytes | None = None
         headers: dict[str, str] = {}

@@ -1,0 +1,220 @@
+"""Pulls through edgeproxy from the real registry (Debian docker-registry 2.8) with skopeo
+and podman: cold, warm, concurrent, ranged, with the upstream stopped, in three auth modes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.images import Pushed, build_image, push, random_layer
+from tests.support.registry import Registry, start_registry
+from tests.support.servers import EdgeproxyProcess, run_edgeproxy
+from tests.support.skopeo import skopeo, skopeo_inspect_raw
+
+pytestmark = pytest.mark.e2e
+
+
+def upstream_entry(registry: Registry, name: str = "docker.io") -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": name, "url": registry.url}
+    if registry.creds:
+        entry["username"], entry["password"] = registry.creds
+    return entry
+
+
+def pull(mirror: EdgeproxyProcess, repo: str, destination: Path) -> None:
+    """`skopeo copy --all` from the mirror into an OCI layout."""
+    skopeo(
+        "copy", "--all", "--src-tls-verify=false", "--src-no-creds", "--preserve-digests",
+        f"docker://{mirror.host}/{repo}", f"oci:{destination}:v1",
+    )  # fmt: skip
+
+
+def pulled_digest(layout: Path) -> str:
+    index = json.loads((layout / "index.json").read_text())
+    return str(index["manifests"][0]["digest"])
+
+
+def blob_gets(registry: Registry, digests: list[str]) -> int:
+    return sum(registry.count("GET", f"/blobs/{d}") for d in digests)
+
+
+@pytest.mark.parametrize("mode", ["none", "htpasswd", "token"])
+def test_skopeo_pulls_cold_then_warm(
+    mode: str,
+    request: pytest.FixtureRequest,
+    push_all: Callable[[Registry], dict[str, Pushed]],
+    tmp_path: Path,
+) -> None:
+    registry: Registry = request.getfixturevalue(f"registry_{mode}")
+    pushed = push_all(registry)
+    with run_edgeproxy(tmp_path, [upstream_entry(registry)]) as mirror:
+        for rounds in ("cold", "warm"):
+            before = {
+                name: blob_gets(registry, p.image.layer_digests) for name, p in pushed.items()
+            }
+            for name, item in pushed.items():
+                destination = tmp_path / f"{rounds}-{name}"
+                pull(mirror, f"{item.repo}:{item.tag}", destination)
+                assert pulled_digest(destination) == item.image.manifest_digest
+                raw = skopeo_inspect_raw(f"docker://{mirror.host}/{item.repo}:{item.tag}")
+                assert "sha256:" + hashlib.sha256(raw).hexdigest() == item.image.manifest_digest
+            after = {name: blob_gets(registry, p.image.layer_digests) for name, p in pushed.items()}
+            fetched = {name: after[name] - before[name] for name in pushed}
+            if rounds == "cold":  # every layer of every platform, each exactly once
+                assert fetched == {n: len(p.image.layer_digests) for n, p in pushed.items()}
+            else:
+                assert fetched == dict.fromkeys(pushed, 0)
+        if registry.token_server is not None:  # tokens are cached, not fetched per request
+            assert registry.token_server.token_requests <= 3 * len(pushed) + 2
+
+
+def test_concurrent_cold_fetches_hit_the_upstream_once(
+    registry_none: Registry,
+    push_all: Callable[[Registry], dict[str, Pushed]],
+    tmp_path: Path,
+) -> None:
+    item = push_all(registry_none)["multi"]
+    digest = max(item.image.layer_digests, key=lambda d: item.image.blob_path(d).stat().st_size)
+    expected = item.image.blob_path(digest).read_bytes()
+    before = registry_none.count("GET", f"/blobs/{digest}")
+    with run_edgeproxy(tmp_path, [upstream_entry(registry_none)]) as mirror:
+        url = f"{mirror.url}/v2/{item.repo}/blobs/{digest}"
+
+        def fetch(_: int) -> bytes:
+            return httpx.get(url, timeout=60).content
+
+        with ThreadPoolExecutor(8) as pool:
+            bodies = list(pool.map(fetch, range(8)))
+    assert all(body == expected for body in bodies)
+    assert registry_none.wait_count("GET", f"/blobs/{digest}", before + 1) == before + 1
+
+
+def test_ranges_on_cold_and_warm_blobs(
+    registry_none: Registry,
+    push_all: Callable[[Registry], dict[str, Pushed]],
+    tmp_path: Path,
+) -> None:
+    item = push_all(registry_none)["multi"]
+    digest = max(item.image.layer_digests, key=lambda d: item.image.blob_path(d).stat().st_size)
+    blob = item.image.blob_path(digest).read_bytes()
+    with run_edgeproxy(tmp_path, [upstream_entry(registry_none)]) as mirror:
+        url = f"{mirror.url}/v2/{item.repo}/blobs/{digest}"
+        for state in ("edgeproxy; fwd=miss", "edgeproxy; hit"):
+            response = httpx.get(url, headers={"Range": "bytes=1000-2999999"}, timeout=60)
+            assert response.status_code == 206
+            assert response.headers["cache-status"] == state
+            assert response.headers["content-range"] == f"bytes 1000-2999999/{len(blob)}"
+            assert response.content == blob[1000:3000000]
+            if state.endswith("miss"):  # let the fill finish before the warm round
+                assert httpx.get(url, timeout=60).content == blob
+        past = httpx.get(url, headers={"Range": f"bytes={len(blob)}-"})
+        assert past.status_code == 416
+        assert past.headers["content-range"] == f"bytes */{len(blob)}"
+
+
+def test_cache_serves_with_the_upstream_stopped(
+    push_all: Callable[[Registry], dict[str, Pushed]], tmp_path: Path
+) -> None:
+    upstream = start_registry(tmp_path / "upstream")
+    try:
+        pushed = push_all(upstream)
+        with run_edgeproxy(tmp_path / "mirror", [upstream_entry(upstream)]) as mirror:
+            small = pushed["small"]
+            pull(mirror, f"{small.repo}:v1", tmp_path / "warm")
+            upstream.stop()
+            pull(mirror, f"{small.repo}:v1", tmp_path / "by-tag")  # served stale
+            pull(mirror, f"{small.repo}@{small.image.manifest_digest}", tmp_path / "by-digest")
+            assert pulled_digest(tmp_path / "by-tag") == small.image.manifest_digest
+            response = httpx.get(f"{mirror.url}/v2/{small.repo}/manifests/v1")
+            assert response.headers["cache-status"] == "edgeproxy; hit; detail=stale"
+            uncached = httpx.get(f"{mirror.url}/v2/test/multi/manifests/v1")
+            assert uncached.status_code == 503
+            assert uncached.json()["errors"][0]["code"] == "UNAVAILABLE"
+            assert "unavailable" in uncached.json()["errors"][0]["message"]
+    finally:
+        upstream.close()
+
+
+def test_serves_a_cache_filled_by_registry2(
+    push_all: Callable[[Registry], dict[str, Pushed]], tmp_path: Path
+) -> None:
+    """A /var/lib/registry left by a registry:2 mirror is served warm with no upstream."""
+    upstream = start_registry(tmp_path / "upstream")
+    baseline = start_registry(tmp_path / "baseline", remote=upstream.url)
+    try:
+        small = push_all(upstream)["small"]
+        skopeo(
+            "copy", "--src-tls-verify=false", "--src-no-creds",
+            f"docker://{baseline.host}/{small.repo}:v1", f"oci:{tmp_path / 'via-baseline'}:v1",
+        )  # fmt: skip
+        # registry:2 stores cold blobs in the background, after the client has them.
+        blobs = [baseline.root / "docker/registry/v2/blobs/sha256" / d[7:9] / d[7:] / "data"
+                 for d in [*small.image.layer_digests, str(small.image.config_digest)]]  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not all(b.exists() for b in blobs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        baseline.stop()
+        upstream.stop()
+        with run_edgeproxy(
+            tmp_path / "edgeproxy", [upstream_entry(upstream)], root=str(baseline.root)
+        ) as mirror:
+            pull(mirror, f"{small.repo}:v1", tmp_path / "via-edgeproxy")
+        assert pulled_digest(tmp_path / "via-edgeproxy") == small.image.manifest_digest
+    finally:
+        baseline.close()
+        upstream.close()
+
+
+@pytest.fixture
+def podman_root() -> Iterator[Path]:
+    """A short folder of podman's own (its runroot may not be longer than 50 characters)."""
+    if shutil.which("podman") is None:
+        raise RuntimeError("podman not found: install it (scripts/install --test)")
+    root = Path(tempfile.mkdtemp(prefix="podman-"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_podman_pulls_through_the_mirror(
+    registry_none: Registry,
+    tmp_path: Path,
+    podman_root: Path,
+) -> None:
+    image = build_image(tmp_path / "image", "v1", [random_layer(300_000, seed=42)])
+    push(image, registry_none, "test/podman", "v1")
+    with run_edgeproxy(tmp_path / "mirror", [upstream_entry(registry_none)]) as mirror:
+        conf = tmp_path / "registries.conf"
+        conf.write_text(
+            'unqualified-search-registries = []\n[[registry]]\nlocation = "docker.io"\n'
+            f'[[registry.mirror]]\nlocation = "{mirror.host}"\ninsecure = true\n'
+        )
+        env = {**os.environ, "CONTAINERS_REGISTRIES_CONF": str(conf)}
+        storage = [
+            "--root", str(podman_root / "root"), "--runroot", str(podman_root / "run"),
+            "--storage-driver", "vfs",
+        ]  # fmt: skip
+        result = subprocess.run(
+            ["podman", *storage, "pull", "docker.io/test/podman:v1"],
+            env=env, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        images = subprocess.run(
+            ["podman", *storage, "images", "--digests", "--format", "{{.Digest}}"],
+            env=env, capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        assert image.manifest_digest in images.stdout
+        assert f'"GET /v2/test/podman/blobs/{image.layer_digests[0]}' in mirror.log().replace(
+            "%3A", ":"
+        )
