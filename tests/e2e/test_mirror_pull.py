@@ -218,3 +218,54 @@ def test_podman_pulls_through_the_mirror(
         assert f'"GET /v2/test/podman/blobs/{image.layer_digests[0]}' in mirror.log().replace(
             "%3A", ":"
         )
+
+
+@pytest.fixture
+def containerd() -> Iterator[Path]:
+    """A containerd of the test's own (no CRI); yields its socket."""
+    if shutil.which("containerd") is None or shutil.which("ctr") is None:
+        raise RuntimeError("containerd not found: install it (scripts/install --test)")
+    root = Path(tempfile.mkdtemp(prefix="ctrd-"))
+    socket = root / "c.sock"
+    (root / "config.toml").write_text(
+        f'version = 2\nroot = "{root}/root"\nstate = "{root}/state"\n'
+        'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+        f'[grpc]\n  address = "{socket}"\n'
+    )
+    with (root / "containerd.log").open("wb") as log:
+        process = subprocess.Popen(
+            ["containerd", "--config", str(root / "config.toml")],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not socket.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield socket
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_containerd_pulls_through_the_mirror_with_ns(
+    registry_none: Registry, tmp_path: Path, containerd: Path
+) -> None:
+    image = build_image(tmp_path / "image", "v1", [random_layer(200_000, seed=43)])
+    push(image, registry_none, "test/ctr", "v1")
+    with run_edgeproxy(tmp_path / "mirror", [upstream_entry(registry_none)]) as mirror:
+        hosts = tmp_path / "hosts" / "docker.io"
+        hosts.mkdir(parents=True)
+        (hosts / "hosts.toml").write_text(
+            'server = "https://registry-1.docker.io"\n'
+            f'[host."http://{mirror.host}"]\n  capabilities = ["pull", "resolve"]\n'
+        )
+        result = subprocess.run(
+            ["ctr", "--address", str(containerd), "images", "pull",
+             "--hosts-dir", str(tmp_path / "hosts"), "docker.io/test/ctr:v1"],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr + result.stdout
+        log = mirror.log().replace("%3A", ":")
+        assert f"GET /v2/test/ctr/blobs/{image.layer_digests[0]}?ns=docker.io" in log
+        assert "registry-1.docker.io" not in result.stderr  # never fell back to the upstream

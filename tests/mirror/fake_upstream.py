@@ -92,6 +92,9 @@ class FakeUpstream:
         headers: dict[str, str] = {}
         if path == "/v2/":
             body = b"{}"
+        elif path.endswith("/tags/list"):
+            name = path[len("/v2/") : -len("/tags/list")]
+            body = json.dumps({"name": name, "tags": sorted(self.tags)}).encode()
         elif kind.endswith("/manifests"):
             digest = self.tags.get(ref, ref)
             body = self.manifests.get(digest)

@@ -1,0 +1,130 @@
+"""The registry API surface of the mirror, against an in-process upstream."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from edgeproxy.config import config_from_dict
+from edgeproxy.mirror.app import MirrorApp
+from tests.mirror.fake_upstream import FakeUpstream, fake_upstream
+from tests.support.servers import serve_app
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[FakeUpstream, httpx.Client]]:
+    with fake_upstream() as upstream:
+        config = config_from_dict(
+            {
+                "mirror": {
+                    "root": str(tmp_path),
+                    "headers": {"X-Content-Type-Options": "nosniff"},
+                    "upstream": [
+                        {"name": "docker.io", "url": upstream.url},
+                        {"name": "other.example", "url": upstream.url},
+                    ],
+                }
+            }
+        )
+        with serve_app(MirrorApp(config.mirror)) as url, httpx.Client(base_url=url) as client:
+            yield upstream, client
+
+
+def test_base_and_common_headers(setup: tuple[FakeUpstream, httpx.Client]) -> None:
+    _, client = setup
+    response = client.get("/v2/")
+    assert (response.status_code, response.json()) == (200, {})
+    assert response.headers["docker-distribution-api-version"] == "registry/2.0"
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v2/x/blobs/uploads/"),
+        ("PUT", "/v2/x/manifests/v1"),
+        ("DELETE", "/v2/x/manifests/v1"),
+        ("PATCH", "/v2/x/blobs/uploads/abc"),
+        ("DELETE", "/v2/x/blobs/sha256:" + "a" * 64),
+    ],
+)
+def test_writes_are_unsupported(
+    setup: tuple[FakeUpstream, httpx.Client], method: str, path: str
+) -> None:
+    _, client = setup
+    response = client.request(method, path, content=b"{}")
+    assert response.status_code == 405
+    assert response.json()["errors"][0]["code"] == "UNSUPPORTED"
+
+
+def test_bad_names_and_digests(setup: tuple[FakeUpstream, httpx.Client]) -> None:
+    _, client = setup
+    for path, code in [
+        ("/v2/%2e%2e/etc/manifests/v1", "NAME_INVALID"),
+        ("/v2/UP/manifests/v1", "NAME_INVALID"),
+        ("/v2/x/blobs/sha256:zz", "DIGEST_INVALID"),
+        ("/v2/x/manifests/-bad", "TAG_INVALID"),
+    ]:
+        response = client.get(path)
+        assert response.status_code == 400, path
+        assert response.json()["errors"][0]["code"] == code
+
+
+def test_manifest_headers_head_and_conditional(setup: tuple[FakeUpstream, httpx.Client]) -> None:
+    upstream, client = setup
+    digest = upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
+    body = upstream.manifests[digest]
+    got = client.get("/v2/library/x/manifests/v1")
+    assert got.content == body
+    assert got.headers["docker-content-digest"] == digest
+    assert got.headers["etag"] == f'"{digest}"'
+    assert got.headers["content-type"] == "application/vnd.oci.image.manifest.v1+json"
+    assert got.headers["content-length"] == str(len(body))
+    head = client.head(f"/v2/library/x/manifests/{digest}")
+    assert (head.status_code, head.content) == (200, b"")
+    assert head.headers["content-length"] == str(len(body))
+    assert head.headers["cache-status"] == "edgeproxy; hit"
+    unchanged = client.get(f"/v2/x/manifests/{digest}", headers={"If-None-Match": f'"{digest}"'})
+    assert unchanged.status_code == 304
+    # "x" on Docker Hub is "library/x": the same cached repository, fetched once.
+    assert upstream.requests["GET /v2/library/x/manifests/" + digest] == 1
+
+
+def test_upstream_selection_by_ns_and_prefix(setup: tuple[FakeUpstream, httpx.Client]) -> None:
+    upstream, client = setup
+    upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
+    by_ns = client.get("/v2/team/app/manifests/v1?ns=other.example")
+    assert by_ns.status_code == 200
+    assert by_ns.headers["oci-namespace"] == "other.example"
+    by_prefix = client.get("/v2/other.example/team/app/manifests/v1")
+    assert by_prefix.status_code == 200
+    assert upstream.requests["GET /v2/team/app/manifests/v1"] == 1  # the second was cached
+    unknown = client.get("/v2/team/app/manifests/v1?ns=evil.example")
+    assert unknown.status_code == 404
+    assert unknown.json()["errors"][0]["code"] == "NAME_UNKNOWN"
+    catalog = client.get("/v2/_catalog").json()
+    assert catalog == {"repositories": ["other.example/team/app"]}
+
+
+def test_tags_catalog_and_referrers(setup: tuple[FakeUpstream, httpx.Client]) -> None:
+    upstream, client = setup
+    layer = upstream.add_blob(b"layer")
+    for tag in ("a", "b", "c"):
+        upstream.add_manifest(tag, [layer])
+    assert client.get("/v2/x/tags/list").json() == {"name": "library/x", "tags": ["a", "b", "c"]}
+    for name in ("one/x", "two/x", "three/x"):
+        client.get(f"/v2/{name}/manifests/a")
+    page = client.get("/v2/_catalog?n=2")
+    assert page.json() == {"repositories": ["one/x", "three/x"]}
+    assert page.headers["link"] == '</v2/_catalog?last=three/x&n=2>; rel="next"'
+    assert client.get("/v2/_catalog?last=three/x").json() == {"repositories": ["two/x"]}
+    referrers = client.get(f"/v2/x/referrers/{layer}")
+    assert referrers.status_code == 200
+    assert referrers.json() == {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [],
+    }
