@@ -129,3 +129,20 @@ def test_tags_catalog_and_referrers(setup: tuple[FakeUpstream, httpx.Client]) ->
         "mediaType": "application/vnd.oci.image.index.v1+json",
         "manifests": [],
     }
+
+
+def test_tag_ttl_trusts_a_tag_without_asking(tmp_path: Path) -> None:
+    with fake_upstream() as upstream:
+        digest = upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
+        config = config_from_dict(
+            {"mirror": {"root": str(tmp_path), "upstream": [
+                {"name": "docker.io", "url": upstream.url, "tag_ttl": "1h"}
+            ]}}
+        )  # fmt: skip
+        with serve_app(MirrorApp(config.mirror)) as url, httpx.Client(base_url=url) as client:
+            first = client.get("/v2/a/b/manifests/v1")
+            second = client.get("/v2/a/b/manifests/v1")
+        assert first.headers["cache-status"] == "edgeproxy; fwd=miss"
+        assert second.headers["cache-status"] == "edgeproxy; hit"
+        assert second.headers["docker-content-digest"] == digest
+        assert upstream.requests["HEAD /v2/a/b/manifests/v1"] == 1
