@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from edgeproxy.mirror.errors import RegistryError
 from edgeproxy.mirror.names import Target, is_digest
 from edgeproxy.mirror.storage import Storage
-from edgeproxy.mirror.upstream import UpstreamClient, UpstreamUnavailable
+from edgeproxy.mirror.upstream import UpstreamClient, UpstreamResponse, UpstreamUnavailable
 
 log = logging.getLogger("edgeproxy.manifests")
 
@@ -98,22 +98,13 @@ class ManifestService:
             assert cached is not None
             return cached, HIT
         try:
-            head = await upstream.request(
-                "HEAD",
-                f"/v2/{target.remote_name}/manifests/{tag}",
-                target.remote_name,
-                headers={"Accept": accept or DEFAULT_ACCEPT},
-            )
-            if head.status != 200:
-                raise upstream.error(
-                    head.status, "MANIFEST_UNKNOWN", head.headers.get("retry-after")
-                )
+            head = await _ask(upstream, "HEAD", target, tag, accept)
             digest = head.headers.get("docker-content-digest")
             if usable and cached is not None and digest == cached.digest:
                 self._storage.write_tag(target.local_name, tag, digest)
                 return cached, REVALIDATED
             manifest = await self._fetch(upstream, target, digest or tag, accept)
-        except (UpstreamUnavailable, RegistryError) as exc:
+        except RegistryError as exc:
             if cached is not None and _may_serve_stale(exc):
                 log.warning("serving %s:%s stale: %s", target.local_name, tag, exc.message)
                 return cached, STALE
@@ -125,16 +116,7 @@ class ManifestService:
         self, upstream: UpstreamClient, target: Target, reference: str, accept: str | None
     ) -> Manifest:
         """GET from the upstream, verify the bytes against the digest, store."""
-        response = await upstream.request(
-            "GET",
-            f"/v2/{target.remote_name}/manifests/{reference}",
-            target.remote_name,
-            headers={"Accept": accept or DEFAULT_ACCEPT},
-        )
-        if response.status != 200:
-            raise upstream.error(
-                response.status, "MANIFEST_UNKNOWN", response.headers.get("retry-after")
-            )
+        response = await _ask(upstream, "GET", target, reference, accept)
         digest = sha256_digest(response.body)
         expected = reference if is_digest(reference) else None
         expected = expected or response.headers.get("docker-content-digest")
@@ -150,6 +132,22 @@ class ManifestService:
         media_type = media_type_of(response.body)
         self._storage.write_manifest(target.local_name, digest, response.body)
         return Manifest(response.body, digest, media_type)
+
+
+async def _ask(
+    upstream: UpstreamClient, method: str, target: Target, reference: str, accept: str | None
+) -> UpstreamResponse:
+    """A manifest HEAD or GET upstream; anything but a 200 becomes the client's error."""
+    response = await upstream.request(
+        method,
+        f"/v2/{target.remote_name}/manifests/{reference}",
+        target.remote_name,
+        headers={"Accept": accept or DEFAULT_ACCEPT},
+    )
+    if response.status != 200:
+        retry_after = response.headers.get("retry-after")
+        raise upstream.error(response.status, "MANIFEST_UNKNOWN", retry_after)
+    return response
 
 
 def _may_serve_stale(error: RegistryError) -> bool:

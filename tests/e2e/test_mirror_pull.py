@@ -50,6 +50,11 @@ def blob_gets(registry: Registry, digests: list[str]) -> int:
     return sum(registry.count("GET", f"/blobs/{d}") for d in digests)
 
 
+def largest_layer(item: Pushed) -> tuple[str, bytes]:
+    digest = max(item.image.layer_digests, key=lambda d: item.image.blob_path(d).stat().st_size)
+    return digest, item.image.blob_path(digest).read_bytes()
+
+
 @pytest.mark.parametrize("mode", ["none", "htpasswd", "token"])
 def test_skopeo_pulls_cold_then_warm(
     mode: str,
@@ -86,8 +91,7 @@ def test_concurrent_cold_fetches_hit_the_upstream_once(
     tmp_path: Path,
 ) -> None:
     item = push_all(registry_none)["multi"]
-    digest = max(item.image.layer_digests, key=lambda d: item.image.blob_path(d).stat().st_size)
-    expected = item.image.blob_path(digest).read_bytes()
+    digest, expected = largest_layer(item)
     before = registry_none.count("GET", f"/blobs/{digest}")
     with run_edgeproxy(tmp_path, [upstream_entry(registry_none)]) as mirror:
         url = f"{mirror.url}/v2/{item.repo}/blobs/{digest}"
@@ -107,8 +111,7 @@ def test_ranges_on_cold_and_warm_blobs(
     tmp_path: Path,
 ) -> None:
     item = push_all(registry_none)["multi"]
-    digest = max(item.image.layer_digests, key=lambda d: item.image.blob_path(d).stat().st_size)
-    blob = item.image.blob_path(digest).read_bytes()
+    digest, blob = largest_layer(item)
     with run_edgeproxy(tmp_path, [upstream_entry(registry_none)]) as mirror:
         url = f"{mirror.url}/v2/{item.repo}/blobs/{digest}"
         for state in ("edgeproxy; fwd=miss", "edgeproxy; hit"):
