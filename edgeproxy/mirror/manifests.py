@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from edgeproxy.mirror.errors import RegistryError
@@ -27,6 +28,8 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_V1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 # Asked for when the client names none, so that the upstream never converts to schema 1.
 DEFAULT_ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
+
+MEMORY_BYTES = 32 * 1024 * 1024  # parsed manifests kept in memory, per process
 
 # RFC 9211 Cache-Status values.
 HIT = "edgeproxy; hit"
@@ -72,10 +75,29 @@ def acceptable(media_type: str, accept: str | None) -> bool:
 class ManifestService:
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
+        # Manifests are immutable by digest: keep the hot ones parsed, in memory.
+        self._memory: OrderedDict[tuple[str, str], Manifest] = OrderedDict()
+        self._memory_bytes = 0
 
     def _cached(self, target: Target, digest: str) -> Manifest | None:
+        key = (target.local_name, digest)
+        manifest = self._memory.get(key)
+        if manifest is not None:
+            self._memory.move_to_end(key)
+            return manifest
         data = self._storage.read_manifest(target.local_name, digest)
-        return Manifest(data, digest, media_type_of(data)) if data is not None else None
+        if data is None:
+            return None
+        manifest = Manifest(data, digest, media_type_of(data))
+        self._remember(key, manifest)
+        return manifest
+
+    def _remember(self, key: tuple[str, str], manifest: Manifest) -> None:
+        self._memory[key] = manifest
+        self._memory_bytes += len(manifest.data)
+        while self._memory_bytes > MEMORY_BYTES:
+            _, dropped = self._memory.popitem(last=False)
+            self._memory_bytes -= len(dropped.data)
 
     async def get(
         self, upstream: UpstreamClient, target: Target, reference: str, accept: str | None
@@ -131,7 +153,9 @@ class ManifestService:
             raise UpstreamUnavailable(upstream.name, f"manifest bytes do not match {expected}")
         media_type = media_type_of(response.body)
         self._storage.write_manifest(target.local_name, digest, response.body)
-        return Manifest(response.body, digest, media_type)
+        manifest = Manifest(response.body, digest, media_type)
+        self._remember((target.local_name, digest), manifest)
+        return manifest
 
 
 async def _ask(
