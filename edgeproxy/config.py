@@ -9,9 +9,17 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_CONFIG_PATHS = (Path("proxy.toml"), Path("/etc/edgeproxy/proxy.toml"))
 
@@ -126,8 +134,60 @@ class MirrorConfig(_Model):
         return upstreams
 
 
+class TlsConfig(_Model):
+    """`[edge.tls]`: nginx's ssl_certificate (with its chain) and ssl_certificate_key."""
+
+    certificate: Path
+    key: Path
+
+
+class GzipConfig(_Model):
+    """`[edge.gzip]`: the seed's gzip block (level 6, min_length 256, its gzip_types)."""
+
+    enabled: bool = False
+
+
+class EdgeConfig(_Model):
+    """The nginx part: what the seed's nginx.conf and mirror.conf said.
+
+    Defaults are the seed's values, so `[edge]` with listeners and a certificate is the seed.
+    """
+
+    http: Address | None = None
+    https: Address | None = None
+    server_name: str = ""
+    backend: str = Field(default="embedded", pattern=r"^(embedded|https?://[^/\s]+/?)$")
+    connect_timeout: Duration = 300.0
+    read_timeout: Duration = 300.0
+    keepalive_timeout: Duration = 120.0
+    client_max_body_size: Size = 1024 << 20
+    access_log: str = "-"  # a file, "-" for stdout, or "off"
+    access_log_format: Literal["main", "json"] = "main"
+    tls: TlsConfig | None = None
+    gzip: GzipConfig = GzipConfig()
+
+    @model_validator(mode="after")
+    def _listeners_match_tls(self) -> EdgeConfig:
+        if self.http is None and self.https is None:
+            raise ValueError("set http or https (or both): the edge needs a listener")
+        if self.https is not None and self.tls is None:
+            raise ValueError("https needs [edge.tls] with certificate and key")
+        if self.tls is not None and self.https is None:
+            raise ValueError('[edge.tls] is set but https is not: set https = "host:port"')
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        return self.backend == "embedded"
+
+    @property
+    def backend_url(self) -> str:
+        return self.backend.rstrip("/")
+
+
 class Config(_Model):
     mirror: MirrorConfig
+    edge: EdgeConfig | None = None
 
 
 class ConfigError(Exception):
@@ -179,7 +239,17 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     mirror = config.mirror.model_copy(
         update={"root": absolute(config.mirror.root), "upstream": upstreams}
     )
-    return config.model_copy(update={"mirror": mirror})
+    edge = config.edge
+    if edge is not None:
+        update: dict[str, Any] = {}
+        if edge.tls is not None:
+            update["tls"] = TlsConfig(
+                certificate=absolute(edge.tls.certificate), key=absolute(edge.tls.key)
+            )
+        if edge.access_log not in ("-", "off"):
+            update["access_log"] = str(absolute(Path(edge.access_log)))
+        edge = edge.model_copy(update=update)
+    return config.model_copy(update={"mirror": mirror, "edge": edge})
 
 
 def config_from_dict(data: dict[str, Any], base: Path = Path(".")) -> Config:
