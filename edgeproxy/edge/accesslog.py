@@ -1,0 +1,160 @@
+"""The access log: the seed's `log_format main`, field for field as nginx prints it, or JSON.
+
+    log_format main '$server_name $remote_addr - $remote_user [$time_local] "$request" - '
+                    '$request_body $status $body_bytes_sent "$http_referer" '
+                    '"$http_user_agent" "$http_x_forwarded_for" '
+                    '$ssl_protocol $ssl_cipher $request_time ';
+
+nginx prints `-` for an empty value and escapes `"`, `\\` and bytes outside 0x20-0x7e as `\\xHH`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from typing import IO, Any
+
+# nginx keeps a request body in memory (and so in $request_body) up to client_body_buffer_size,
+# 16k on 64-bit platforms; a larger body goes to a temporary file and logs as "-".
+REQUEST_BODY_LOGGED = 16 * 1024
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One request, as the log formats need it."""
+
+    server_name: str
+    remote_addr: str
+    remote_user: str
+    time: datetime  # aware, local time, when the request ended (as nginx's $time_local)
+    request: str  # the request line: `GET /v2/ HTTP/1.1`
+    request_body: bytes | None  # None: no body, or one too large to keep
+    status: int
+    body_bytes_sent: int
+    http_referer: str
+    http_user_agent: str
+    http_x_forwarded_for: str
+    ssl_protocol: str
+    ssl_cipher: str
+    request_time: float  # seconds
+    cache: str = ""  # HIT, MISS, STALE, REVALIDATED: from the mirror's Cache-Status
+
+
+def escape(value: str | bytes) -> str:
+    """nginx's log escaping; an empty value is `-`."""
+    data = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+    if not data:
+        return "-"
+    out = []
+    for byte in data:
+        if byte < 0x20 or byte > 0x7E or byte in (0x22, 0x5C):
+            out.append(f"\\x{byte:02X}")
+        else:
+            out.append(chr(byte))
+    return "".join(out)
+
+
+def time_local(moment: datetime) -> str:
+    """nginx's $time_local: `27/Nov/2026:20:44:50 +0100` (English month names, any locale)."""
+    offset = moment.strftime("%z") or "+0000"
+    return (
+        f"{moment.day:02d}/{_MONTHS[moment.month - 1]}/{moment.year}:"
+        f"{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d} {offset}"
+    )
+
+
+def format_main(e: Entry) -> str:
+    """The line nginx writes with the seed's `main` format (it ends with a space, as there)."""
+    fields = (
+        f"{escape(e.server_name)} {escape(e.remote_addr)} - {escape(e.remote_user)} "
+        f'[{time_local(e.time)}] "{escape(e.request)}" - {escape(e.request_body or b"")} '
+        f'{e.status} {e.body_bytes_sent} "{escape(e.http_referer)}" '
+        f'"{escape(e.http_user_agent)}" "{escape(e.http_x_forwarded_for)}" '
+        f"{escape(e.ssl_protocol)} {escape(e.ssl_cipher)} {e.request_time:.3f} "
+    )
+    return fields
+
+
+def format_json(e: Entry) -> str:
+    """One JSON object per line: the `main` fields by name, plus `cache`."""
+    record: dict[str, Any] = {
+        "time": e.time.isoformat(timespec="milliseconds"),
+        "server_name": e.server_name,
+        "remote_addr": e.remote_addr,
+        "remote_user": e.remote_user,
+        "request": e.request,
+        "request_body": (e.request_body or b"").decode("utf-8", "replace"),
+        "status": e.status,
+        "body_bytes_sent": e.body_bytes_sent,
+        "http_referer": e.http_referer,
+        "http_user_agent": e.http_user_agent,
+        "http_x_forwarded_for": e.http_x_forwarded_for,
+        "ssl_protocol": e.ssl_protocol,
+        "ssl_cipher": e.ssl_cipher,
+        "request_time": round(e.request_time, 3),
+        "cache": e.cache,
+    }
+    return json.dumps(record, separators=(",", ":"))
+
+
+def basic_user(authorization: bytes | None) -> str:
+    """nginx's $remote_user: the user of a Basic Authorization header, else empty."""
+    if not authorization:
+        return ""
+    scheme, _, credentials = authorization.partition(b" ")
+    if scheme.lower() != b"basic":
+        return ""
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return ""
+    return decoded.partition(b":")[0].decode("latin-1")
+
+
+def cache_state(cache_status: bytes | None) -> str:
+    """HIT / MISS / STALE / REVALIDATED from an RFC 9211 Cache-Status of the mirror."""
+    if not cache_status:
+        return ""
+    text = cache_status.decode("latin-1")
+    if "detail=stale" in text:
+        return "STALE"
+    if "fwd=stale" in text:
+        return "REVALIDATED"
+    if "fwd=miss" in text:
+        return "MISS"
+    if "; hit" in text:
+        return "HIT"
+    return ""
+
+
+class AccessLog:
+    """Writes one line per request to a file (appended, as nginx does), stdout, or nowhere."""
+
+    def __init__(self, target: str, log_format: str = "main") -> None:
+        self._format = format_json if log_format == "json" else format_main
+        self._stream: IO[str] | None
+        self._owned = False
+        if target == "off":
+            self._stream = None
+        elif target == "-":
+            self._stream = sys.stdout
+        else:
+            self._stream = open(target, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            self._owned = True
+
+    def write(self, entry: Entry) -> None:
+        if self._stream is not None:
+            self._stream.write(self._format(entry) + "\n")
+            if not self._owned:
+                self._stream.flush()
+
+    def close(self) -> None:
+        if self._owned and self._stream is not None:
+            self._stream.close()
+        self._stream = None

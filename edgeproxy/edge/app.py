@@ -1,0 +1,183 @@
+"""The edge's ASGI app for one listener: what the seed's `server` blocks do, in front of a backend.
+
+- plain HTTP with TLS configured: `rewrite ^(.*) https://$server_name$1 permanent;` (301);
+- a body over client_max_body_size (by Content-Length) → 413 before the body is read;
+- else the backend (the mirror's ASGI app in-process, or `ProxyBackend`) gets the request with
+  the forwarded headers (`forward.py`) in its scope;
+- one access log line per request (`accesslog.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from edgeproxy.config import EdgeConfig
+from edgeproxy.edge import tls
+from edgeproxy.edge.accesslog import (
+    REQUEST_BODY_LOGGED,
+    AccessLog,
+    Entry,
+    basic_user,
+    cache_state,
+)
+from edgeproxy.edge.forward import forwarded_headers, header
+from edgeproxy.edge.pages import send_page
+
+log = logging.getLogger("edgeproxy.edge")
+
+
+class EdgeApp:
+    """The edge in front of `backend` (an ASGI app), for the http and https listeners alike."""
+
+    def __init__(self, config: EdgeConfig, backend: ASGIApp, access_log: AccessLog) -> None:
+        self.config = config
+        self.backend = backend
+        self.access_log = access_log
+        self._https_port = config.https[1] if config.https else 443
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        began = time.monotonic()
+        exchange = _Exchange(receive, send)
+        try:
+            await self._handle(scope, exchange)
+        except Exception:
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            if not exchange.started:
+                await send_page(exchange.send, 500, head=scope["method"] == "HEAD", close=True)
+        finally:
+            self.access_log.write(self._entry(scope, exchange, time.monotonic() - began))
+
+    async def _handle(self, scope: Scope, exchange: _Exchange) -> None:
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        head = scope["method"] == "HEAD"
+        if scope["scheme"] == "http" and self.config.tls is not None:
+            location = self._redirect_location(scope, header(headers, b"host"))
+            await send_page(exchange.send, 301, [(b"location", location)], head=head)
+            return
+        length = header(headers, b"content-length")
+        if length is not None and _too_large(length, self.config.client_max_body_size):
+            # nginx answers before reading the body, and closes the connection after.
+            await send_page(exchange.send, 413, head=head, close=True)
+            return
+        client = scope.get("client")
+        backend_scope = dict(scope)
+        backend_scope["headers"] = forwarded_headers(
+            headers, scope["scheme"], client[0] if client else None
+        )
+        await self.backend(backend_scope, exchange.receive, exchange.send)
+
+    def _redirect_location(self, scope: Scope, host: bytes | None) -> bytes:
+        """https://<server_name><request URI>; the port is added when https is not on 443.
+
+        With no server_name, the host the client asked for (nginx's $host) is used.
+        """
+        name = self.config.server_name
+        if not name and host:
+            name = _strip_port(host.decode("latin-1"))
+        authority = name if self._https_port == 443 else f"{name}:{self._https_port}"
+        uri: bytes = scope["raw_path"]
+        if scope["query_string"]:
+            uri += b"?" + scope["query_string"]
+        return b"https://" + authority.encode("latin-1") + uri
+
+    def _entry(self, scope: Scope, exchange: _Exchange, seconds: float) -> Entry:
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        uri = scope["raw_path"].decode("latin-1")
+        if scope["query_string"]:
+            uri += "?" + scope["query_string"].decode("latin-1")
+        client = scope.get("client")
+        protocol, cipher = scope.get(tls.SCOPE_KEY) or ("", "")
+
+        def text(name: bytes) -> str:
+            return (header(headers, name) or b"").decode("latin-1")
+
+        return Entry(
+            server_name=self.config.server_name,
+            remote_addr=client[0] if client else "",
+            remote_user=basic_user(header(headers, b"authorization")),
+            time=datetime.now().astimezone(),
+            request=f"{scope['method']} {uri} HTTP/{scope['http_version']}",
+            request_body=exchange.logged_body(),
+            status=exchange.status or 499,  # nginx's code for a client gone before the answer
+            body_bytes_sent=exchange.body_bytes_sent,
+            http_referer=text(b"referer"),
+            http_user_agent=text(b"user-agent"),
+            http_x_forwarded_for=text(b"x-forwarded-for"),
+            ssl_protocol=protocol,
+            ssl_cipher=cipher,
+            request_time=seconds,
+            cache=cache_state(exchange.cache_status),
+        )
+
+
+class _Exchange:
+    """The client's side of one request: what was received and sent, for the access log."""
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+        self.started = False
+        self.status = 0
+        self.cache_status: bytes | None = None
+        self.body_bytes_sent = 0
+        self._body: list[bytes] = []
+        self._body_size = 0
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        chunk = message.get("body", b"")
+        if chunk:
+            if self._body_size + len(chunk) <= REQUEST_BODY_LOGGED:
+                self._body.append(chunk)
+            self._body_size += len(chunk)
+        return message
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            self.status = message["status"]
+            raw: Any = message.get("headers", [])
+            self.cache_status = header(raw, b"cache-status")
+        elif message["type"] == "http.response.body":
+            self.body_bytes_sent += len(message.get("body", b""))
+        await self._send(message)
+
+    def logged_body(self) -> bytes | None:
+        """$request_body: the body if it fit nginx's in-memory buffer, else None."""
+        if not self._body_size or self._body_size > REQUEST_BODY_LOGGED:
+            return None
+        return b"".join(self._body)
+
+
+def _too_large(length: bytes, limit: int) -> bool:
+    try:
+        return int(length) > limit
+    except ValueError:
+        return False  # the HTTP parser refuses a malformed length before we see it
+
+
+def _strip_port(host: str) -> str:
+    if host.startswith("["):
+        return host.partition("]")[0] + "]"
+    return host.partition(":")[0]
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    """The edge holds nothing to start or stop; the server closes the backends."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,71 @@
+"""The headers a backend receives, as the seed's `location /` block sets them (pure functions).
+
+    proxy_set_header X-Forwarded-Proto $scheme;
+    proxy_set_header Host              $http_host;
+    proxy_set_header X-Real-IP         $remote_addr;
+    proxy_set_header X-Forwarded-For   $proxy_add_x_forwarded_for;
+
+plus RFC 9110 section 7.6.1: a proxy removes the hop-by-hop fields (Connection, the fields it
+names, Proxy-Connection, Keep-Alive, TE, Transfer-Encoding, Upgrade) before forwarding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+Headers = list[tuple[bytes, bytes]]
+
+HOP_BY_HOP = frozenset(
+    {b"connection", b"proxy-connection", b"keep-alive", b"te", b"transfer-encoding", b"upgrade"}
+)
+# A client cannot have these removed by naming them in Connection: the backend needs them.
+_NEVER_HOP_BY_HOP = frozenset({b"host", b"content-length", b"x-forwarded-for", b"x-real-ip"})
+# Set by the edge itself: whatever the client sent is replaced.
+_SET_BY_EDGE = frozenset({b"x-forwarded-proto", b"x-real-ip", b"x-forwarded-for"})
+
+
+def hop_by_hop_names(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The fixed hop-by-hop names plus every field named in a Connection header."""
+    named = {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+        if token.strip()
+    }
+    return HOP_BY_HOP | (named - _NEVER_HOP_BY_HOP)
+
+
+def strip_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
+    """`headers` without the hop-by-hop fields (names compared case-insensitively)."""
+    headers = list(headers)
+    drop = hop_by_hop_names(headers)
+    return [(name, value) for name, value in headers if name.lower() not in drop]
+
+
+def forwarded_headers(
+    headers: Iterable[tuple[bytes, bytes]], scheme: str, client_ip: str | None
+) -> Headers:
+    """The request headers for the backend: Host kept, X-Forwarded-* set, hop-by-hop removed.
+
+    `headers` are the client's (lower-case names, as an ASGI server gives them).
+    """
+    kept = strip_hop_by_hop(headers)
+    prior = [value.strip() for name, value in kept if name == b"x-forwarded-for" and value.strip()]
+    out = [(name, value) for name, value in kept if name not in _SET_BY_EDGE]
+    out.append((b"x-forwarded-proto", scheme.encode("latin-1")))
+    if client_ip:
+        address = client_ip.encode("latin-1")
+        out.append((b"x-real-ip", address))
+        out.append((b"x-forwarded-for", b", ".join([*prior, address])))
+    elif prior:
+        out.append((b"x-forwarded-for", b", ".join(prior)))
+    return out
+
+
+def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of `name` (lower-case) in ASGI headers, or None."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None

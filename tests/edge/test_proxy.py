@@ -1,0 +1,198 @@
+"""The edge with the points-to backend, in front of a recording backend: what the backend
+receives, what the client gets back, streaming both ways, 502 and 504."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.types import Receive, Scope, Send
+
+from edgeproxy.config import EdgeConfig
+from edgeproxy.edge.accesslog import AccessLog
+from edgeproxy.edge.app import EdgeApp
+from edgeproxy.edge.proxy import ProxyBackend
+from tests.support.edge import serve_edge_app
+from tests.support.ports import free_port
+from tests.support.servers import serve_app
+
+BIG = 3 << 20
+
+
+class Recorder:
+    """A backend that records each request and answers by path."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        digest, size = hashlib.sha256(), 0
+        while True:
+            message = await receive()
+            digest.update(message.get("body", b""))
+            size += len(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        self.requests.append(
+            {
+                "method": scope["method"],
+                "uri": scope["raw_path"] + b"?" + scope["query_string"],
+                "headers": headers,
+                "size": size,
+                "sha256": digest.hexdigest(),
+            }
+        )
+        path = scope["path"]
+        if path == "/stall":
+            await receive()  # no answer: wait until the edge gives up and disconnects
+            return
+        if path == "/stream":  # no Content-Length: chunked, in pieces
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            for i in range(3):
+                piece = bytes([i]) * (1 << 20)
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        body = b"ok"
+        out = [
+            (b"server", b"registry/2.0"),
+            (b"date", b"Thu, 01 Jan 1970 00:00:00 GMT"),
+            (b"location", b"/v2/elsewhere/blobs/uploads/x?_state=abc%2F"),
+            (b"connection", b"x-hop"),
+            (b"x-hop", b"1"),
+            (b"x-kept", b"1"),
+            (b"x-range", dict(headers).get(b"range", b"")),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        await send({"type": "http.response.start", "status": 202, "headers": out})
+        await send({"type": "http.response.body", "body": body})
+
+
+class Edge:
+    """EdgeApp + ProxyBackend as served, closing the backend's client on shutdown."""
+
+    def __init__(self, backend_url: str, read_timeout: float = 300.0) -> None:
+        config = EdgeConfig(
+            http="127.0.0.1:1",
+            backend=backend_url,
+            read_timeout=read_timeout,
+            client_max_body_size="10m",
+        )
+        self.proxy = ProxyBackend(config.backend_url, config.connect_timeout, read_timeout)
+        self.app = EdgeApp(config, self.proxy, AccessLog("off"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await self.proxy.aclose()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await self.app(scope, receive, send)
+
+
+@pytest.fixture(scope="module")
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture(scope="module")
+def edge_url(recorder: Recorder) -> Iterator[str]:
+    with serve_app(recorder) as backend, serve_edge_app(Edge(backend, read_timeout=0.5)) as edge:
+        yield edge
+
+
+def test_headers_both_ways(recorder: Recorder, edge_url: str) -> None:
+    response = httpx.get(
+        f"{edge_url}/v2/x/blobs/uploads/y?a=%2F&b",
+        headers={
+            "Host": "mirror.example.com",
+            "X-Forwarded-For": "203.0.113.7",
+            "Connection": "keep-alive, X-Drop",
+            "X-Drop": "1",
+            "Range": "bytes=0-9",
+            "User-Agent": "docker/20.10",
+            "Accept-Encoding": "identity",
+        },
+    )
+    assert response.status_code == 202
+    assert response.text == "ok"
+    # Location untouched (proxy_redirect off); hop-by-hop gone; no Server; the edge's own Date.
+    assert response.headers["location"] == "/v2/elsewhere/blobs/uploads/x?_state=abc%2F"
+    assert response.headers["x-kept"] == "1"
+    assert "x-hop" not in response.headers
+    assert "server" not in response.headers
+    assert response.headers["date"] != "Thu, 01 Jan 1970 00:00:00 GMT"
+    assert response.headers["x-range"] == "bytes=0-9"  # Range passed through
+    seen = recorder.requests[-1]
+    assert seen["uri"] == b"/v2/x/blobs/uploads/y?a=%2F&b"  # the URI as the client sent it
+    names = [name for name, _ in seen["headers"]]
+    headers = dict(seen["headers"])
+    assert headers[b"host"] == b"mirror.example.com"
+    assert headers[b"x-forwarded-proto"] == b"http"
+    assert headers[b"x-real-ip"] == b"127.0.0.1"
+    assert headers[b"x-forwarded-for"] == b"203.0.113.7, 127.0.0.1"
+    assert headers[b"user-agent"] == b"docker/20.10"
+    assert b"x-drop" not in names
+    assert names.count(b"host") == 1
+    # Nothing added: aiohttp's own Accept, Accept-Encoding and User-Agent are not sent.
+    for name in (b"accept", b"accept-encoding", b"user-agent"):
+        assert names.count(name) == 1
+    assert headers[b"accept-encoding"] == b"identity"
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_request_bodies_streamed_to_the_backend(
+    recorder: Recorder, edge_url: str, chunked: bool
+) -> None:
+    body = hashlib.sha256(b"seed").digest() * (BIG // 32)
+
+    def pieces() -> Iterator[bytes]:
+        for start in range(0, len(body), 100_000):
+            yield body[start : start + 100_000]
+
+    content: Any = pieces() if chunked else body
+    response = httpx.patch(f"{edge_url}/v2/x/blobs/uploads/u", content=content, timeout=30)
+    assert response.status_code == 202
+    seen = recorder.requests[-1]
+    assert (seen["size"], seen["sha256"]) == (len(body), hashlib.sha256(body).hexdigest())
+    headers = dict(seen["headers"])
+    assert headers.get(b"content-length") == (None if chunked else str(len(body)).encode())
+
+
+def test_response_without_length_streamed_chunked(edge_url: str) -> None:
+    response = httpx.get(f"{edge_url}/stream", timeout=30)
+    assert response.status_code == 200
+    assert response.headers["transfer-encoding"] == "chunked"
+    assert response.content == b"\x00" * (1 << 20) + b"\x01" * (1 << 20) + b"\x02" * (1 << 20)
+
+
+def test_body_over_the_limit_refused_before_the_backend(recorder: Recorder, edge_url: str) -> None:
+    before = len(recorder.requests)
+    response = httpx.put(f"{edge_url}/v2/x/blobs/uploads/u", content=b"x" * (11 << 20))
+    assert response.status_code == 413
+    assert "413 Request Entity Too Large" in response.text
+    assert len(recorder.requests) == before
+
+
+def test_backend_timeout_is_504(edge_url: str) -> None:
+    response = httpx.get(f"{edge_url}/stall", timeout=30)
+    assert response.status_code == 504
+    assert "504 Gateway Time-out" in response.text
+
+
+def test_backend_down_is_502() -> None:
+    with serve_edge_app(Edge(f"http://127.0.0.1:{free_port()}")) as edge:
+        response = httpx.get(f"{edge}/v2/", timeout=30)
+        head = httpx.head(f"{edge}/v2/", timeout=30)
+    assert response.status_code == 502
+    assert response.headers["content-type"] == "text/html"
+    assert "502 Bad Gateway" in response.text
+    assert head.status_code == 502
+    assert head.content == b""

@@ -1,0 +1,125 @@
+"""edgeproxy with an `[edge]`: a self-signed certificate made by `edgeproxy certs`, free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from tests.support.ports import free_port, wait_for_port
+from tests.support.servers import EdgeproxyProcess, write_toml
+
+
+@contextmanager
+def serve_edge_app(app: Any) -> Iterator[str]:
+    """Run an edge ASGI app on 127.0.0.1 in a thread, as edgeproxy serves it: the client
+    address is the socket's (uvicorn's proxy_headers off), no Server header. Yield its URL."""
+    port = free_port()
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        proxy_headers=False,
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=asyncio.run, args=(server.serve(),), daemon=True)
+    thread.start()
+    wait_for_port("127.0.0.1", port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "the edge app did not stop"
+
+
+def make_certificate(directory: Path, *names: str) -> tuple[Path, Path]:
+    """`edgeproxy certs self-signed --name ... --dir directory`: (certificate, key)."""
+    arguments = [arg for name in names for arg in ("--name", name)]
+    command = [sys.executable, "-m", "edgeproxy.cli", "certs", "self-signed", *arguments]
+    subprocess.run(
+        [*command, "--dir", str(directory)],
+        check=True,
+        capture_output=True,
+    )
+    return directory / "server.crt", directory / "server.key"
+
+
+def ca_dir(certificate: Path, directory: Path) -> Path:
+    """A directory holding only the CA as `*.crt`, for `skopeo --src-cert-dir`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "ca.crt").write_bytes(certificate.read_bytes())
+    return directory
+
+
+@dataclass
+class Edge:
+    """A running edgeproxy with edge listeners on 127.0.0.1."""
+
+    process: EdgeproxyProcess
+    http_port: int
+    https_port: int | None
+    certificate: Path | None
+    access_log: Path
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def https_url(self) -> str:
+        return f"https://127.0.0.1:{self.https_port}"
+
+    @property
+    def https_host(self) -> str:
+        return f"127.0.0.1:{self.https_port}"
+
+    def access_lines(self) -> list[str]:
+        return self.access_log.read_text().splitlines() if self.access_log.exists() else []
+
+
+@contextmanager
+def run_edge(
+    workdir: Path,
+    upstreams: list[dict[str, Any]],
+    *,
+    tls: bool = True,
+    **edge: Any,
+) -> Iterator[Edge]:
+    """Start edgeproxy with `[edge]` (+ TLS with a fresh self-signed certificate if `tls`)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    http_port = free_port()
+    https_port = free_port() if tls else None
+    access_log = workdir / "access.log"
+    section: dict[str, Any] = {
+        "http": f"127.0.0.1:{http_port}",
+        "server_name": "127.0.0.1",
+        "access_log": str(access_log),
+        **edge,
+    }
+    certificate = None
+    if tls:
+        certificate, key = make_certificate(workdir / "certs", "127.0.0.1", "localhost")
+        section["https"] = f"127.0.0.1:{https_port}"
+        section["tls"] = {"certificate": str(certificate), "key": str(key)}
+    config = {
+        "mirror": {"root": str(workdir / "cache"), "upstream": upstreams},
+        "edge": section,
+    }
+    process = EdgeproxyProcess(write_toml(workdir / "proxy.toml", config), https_port or http_port)
+    process.start()
+    try:
+        yield Edge(process, http_port, https_port, certificate, access_log)
+    finally:
+        process.stop()
