@@ -1,4 +1,4 @@
-"""`edgeproxy run|check`: parse arguments, load the config, call in. Nothing else."""
+"""`edgeproxy run|check|certs`: parse arguments, load the config, call in. Nothing else."""
 
 from __future__ import annotations
 
@@ -24,11 +24,39 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", parents=[common], help="serve, with the config given")
     commands.add_parser("check", parents=[common], help="validate the config and exit")
+    certs = commands.add_parser("certs", help="TLS certificates for the edge")
+    kinds = certs.add_subparsers(dest="kind", required=True)
+    self_signed = kinds.add_parser(
+        "self-signed", help="write a development certificate and key (DIR/server.crt, .key)"
+    )
+    self_signed.add_argument(
+        "--name",
+        action="append",
+        required=True,
+        help="a host name or IP address the certificate is for (repeat for more)",
+    )
+    self_signed.add_argument("--dir", type=Path, default=Path("certs"), help="default: certs")
+    self_signed.add_argument("--days", type=int, default=365, help="validity (default: 365)")
+    self_signed.add_argument("--force", action="store_true", help="replace existing files")
     return parser
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from edgeproxy.edge.certs import self_signed
+
+    try:
+        certificate, key = self_signed(args.name, args.dir, args.days, force=args.force)
+    except (OSError, ValueError) as exc:
+        print(f"edgeproxy: {exc}", file=sys.stderr)
+        return 1
+    print(f"{certificate}\n{key}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "certs":
+        return _certs(args)
     path = find_config(args.config)
     try:
         config = load_config(path)

@@ -1,14 +1,26 @@
-"""The process model: bind the listeners, serve the apps, stop cleanly on a signal."""
+"""The process model: bind the listeners, serve the apps, stop cleanly on a signal.
+
+One process, one event loop, one uvicorn `Server` per listener: the mirror's own listener (if
+set) and the edge's http and https listeners (if `[edge]` is set), sharing one `MirrorApp`.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import socket
+from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
 
-from edgeproxy.config import Config
+from edgeproxy.config import Config, EdgeConfig
+from edgeproxy.edge.accesslog import AccessLog
+from edgeproxy.edge.app import EdgeApp
+from edgeproxy.edge.proxy import ProxyBackend
+from edgeproxy.edge.tls import CIPHERS, EdgeHttpProtocol, TlsError, server_context
 from edgeproxy.mirror.app import MirrorApp
 
 log = logging.getLogger("edgeproxy")
@@ -29,33 +41,132 @@ def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"edgeproxy: cannot listen on {host}:{port}: {exc.strerror}") from exc
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
 
-async def serve(config: Config) -> None:
-    """Serve every configured listener in this process until SIGINT/SIGTERM."""
-    if config.mirror.listen is None:
-        raise SystemExit("edgeproxy: nothing to listen on: set mirror.listen")
-    app = MirrorApp(config.mirror)
-    host, port = config.mirror.listen
-    sock = bind(host, port)
-    server = uvicorn.Server(
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signals to `serve`: several of them share one loop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _uvicorn(app: Any, **options: Any) -> _Server:
+    return _Server(
         uvicorn.Config(
             app,
             loop="none",
-            http="httptools",
-            lifespan="on",
-            access_log=True,
+            http=options.pop("http", "httptools"),
+            lifespan="off",  # the apps are closed by `serve`, once, after every server stopped
             log_config=None,
-            timeout_keep_alive=120,
             server_header=False,
+            **options,
         )
     )
-    log.info("mirror listening on %s:%d (cache %s)", host, port, config.mirror.root)
-    await server.serve(sockets=[sock])
+
+
+async def serve(config: Config) -> None:
+    """Serve every configured listener in this process until SIGINT/SIGTERM."""
+    edge = config.edge
+    if config.mirror.listen is None and edge is None:
+        raise SystemExit("edgeproxy: nothing to listen on: set mirror.listen or [edge]")
+    if edge is not None and edge.tls is not None:
+        try:
+            server_context(edge.tls)  # fail here, naming the file, not in the middle of start-up
+        except TlsError as exc:
+            raise SystemExit(f"edgeproxy: edge.tls: {exc}") from exc
+    servers: list[tuple[_Server, socket.socket]] = []
+    mirror: MirrorApp | None = None
+    if config.mirror.listen is not None or (edge is not None and edge.embedded):
+        mirror = MirrorApp(config.mirror)
+    if config.mirror.listen is not None:
+        assert mirror is not None
+        host, port = config.mirror.listen
+        server = _uvicorn(mirror, access_log=True, timeout_keep_alive=120)
+        servers.append((server, bind(host, port)))
+        log.info("mirror listening on %s:%d (cache %s)", host, port, config.mirror.root)
+    proxy: ProxyBackend | None = None
+    access_log: AccessLog | None = None
+    if edge is not None:
+        if edge.embedded:
+            assert mirror is not None
+            backend: Any = mirror
+        else:
+            proxy = ProxyBackend(edge.backend_url, edge.connect_timeout, edge.read_timeout)
+            backend = proxy
+        access_log = AccessLog(edge.access_log, edge.access_log_format)
+        app = EdgeApp(edge, backend, access_log)
+        servers.extend(_edge_servers(edge, app))
+    try:
+        await _run(servers)
+    finally:
+        if mirror is not None:
+            await mirror.aclose()
+        if proxy is not None:
+            await proxy.aclose()
+        if access_log is not None:
+            access_log.close()
+
+
+def _edge_servers(edge: EdgeConfig, app: EdgeApp) -> list[tuple[_Server, socket.socket]]:
+    options: dict[str, Any] = {
+        "http": EdgeHttpProtocol,
+        "access_log": False,  # the edge writes its own, in nginx's format
+        # $remote_addr and $scheme are the connection's: never taken from a client's headers.
+        "proxy_headers": False,
+        "timeout_keep_alive": max(1, round(edge.keepalive_timeout)),
+    }
+    servers = []
+    target = "the mirror, embedded" if edge.embedded else edge.backend_url
+    if edge.http is not None:
+        host, port = edge.http
+        servers.append((_uvicorn(app, **options), bind(host, port)))
+        mode = "redirects to https" if edge.tls is not None else f"serves {target}"
+        log.info("edge listening on http://%s:%d (%s)", host, port, mode)
+    if edge.https is not None and edge.tls is not None:
+        host, port = edge.https
+        tls_options = {
+            "ssl_certfile": str(edge.tls.certificate),
+            "ssl_keyfile": str(edge.tls.key),
+            "ssl_ciphers": CIPHERS,
+        }
+        servers.append((_uvicorn(app, **options, **tls_options), bind(host, port)))
+        log.info("edge listening on https://%s:%d (serves %s)", host, port, target)
+    return servers
+
+
+async def _run(servers: list[tuple[_Server, socket.socket]]) -> None:
+    """Run every server until a signal (or one of them stopping) stops them all."""
+
+    def stop() -> None:
+        for server, _ in servers:
+            if server.should_exit:
+                server.force_exit = True  # a second signal: do not wait for open connections
+            server.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    tasks = [asyncio.create_task(server.serve(sockets=[sock])) for server, sock in servers]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        stop()
+        await asyncio.wait(tasks)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    for task in tasks:
+        error = task.exception()
+        if error is not None:
+            raise error
 
 
 def run(config: Config) -> None:
