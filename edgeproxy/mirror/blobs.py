@@ -3,7 +3,7 @@
 A fill is a task of its own (a client that disconnects never aborts it). It streams the
 upstream body into a `PartialBlob`, hashing as it writes, and commits only when the digest
 matches. Every client of a cold blob, the first included, reads the growing spool file; the
-last byte is held back until the commit, so nobody is ever served a wrong blob as complete.
+last byte is held back until the digest matched, so nobody is ever served a wrong blob whole.
 When another process holds the fill (workers share the root), this process follows that
 fill's spool file instead of fetching again.
 """
@@ -36,6 +36,7 @@ class Fill:
         self.digest = digest
         self.size: int | None = None
         self.written = 0
+        self.verified = False  # the digest matched: every byte may go out
         self.committed = False
         self.error: RegistryError | None = None
         self.started = asyncio.Event()  # the size is known, or the fill failed
@@ -54,8 +55,12 @@ class Fill:
         self.started.set()
         self._notify()
 
+    def verify(self) -> None:
+        self.verified = True
+        self._notify()
+
     def commit(self) -> None:
-        self.committed = True
+        self.verified = self.committed = True
         self.started.set()
         self._notify()
 
@@ -121,8 +126,8 @@ class BlobService:
         position = start
         try:
             while end is None or position < end:
-                # The final byte waits for the commit: a client never holds a whole wrong blob.
-                available = fill.written if fill.committed else fill.written - 1
+                # The final byte waits for the digest check: no client holds a whole wrong blob.
+                available = fill.written if fill.verified else fill.written - 1
                 if end is not None:
                     available = min(available, end)
                 if position < available:
@@ -136,7 +141,7 @@ class BlobService:
                     yield chunk
                 elif fill.error is not None:
                     raise fill.error
-                elif fill.committed:
+                elif fill.verified:
                     return
                 else:
                     await fill.changed()
@@ -218,6 +223,7 @@ class BlobService:
             raise RegistryError(
                 "DIGEST_INVALID", "upstream blob does not match its digest", status=502
             )
+        fill.verify()  # clients finish now; the fsync and rename below are not theirs to wait for
         await asyncio.to_thread(partial.commit)
 
     async def _follow(self, fill: Fill) -> None:

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +21,7 @@ from tests.support.images import Pushed, build_image, push, random_layer
 from tests.support.registry import Registry, start_registry
 from tests.support.servers import EdgeproxyProcess, run_edgeproxy
 from tests.support.skopeo import skopeo, skopeo_inspect_raw
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -122,6 +122,8 @@ def test_ranges_on_cold_and_warm_blobs(
             assert response.content == blob[1000:3000000]
             if state.endswith("miss"):  # let the fill finish before the warm round
                 assert httpx.get(url, timeout=60).content == blob
+                data = tmp_path / "cache/docker/registry/v2/blobs/sha256" / digest[7:9] / digest[7:]
+                assert wait_until((data / "data").exists)
         past = httpx.get(url, headers={"Range": f"bytes={len(blob)}-"})
         assert past.status_code == 416
         assert past.headers["content-range"] == f"bytes */{len(blob)}"
@@ -165,9 +167,7 @@ def test_serves_a_cache_filled_by_registry2(
         # registry:2 stores cold blobs in the background, after the client has them.
         blobs = [baseline.root / "docker/registry/v2/blobs/sha256" / d[7:9] / d[7:] / "data"
                  for d in [*small.image.layer_digests, str(small.image.config_digest)]]  # fmt: skip
-        deadline = time.monotonic() + 60
-        while not all(b.exists() for b in blobs) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        assert wait_until(lambda: all(b.exists() for b in blobs), timeout=60)
         baseline.stop()
         upstream.stop()
         with run_edgeproxy(
@@ -241,9 +241,7 @@ def containerd() -> Iterator[Path]:
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        while not socket.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert wait_until(socket.exists)
         yield socket
     finally:
         process.terminate()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from edgeproxy.config import config_from_dict
 from edgeproxy.mirror.app import MirrorApp
 from tests.mirror.fake_upstream import FakeUpstream, fake_upstream
 from tests.support.servers import serve_app
+from tests.support.wait import wait_until
 
 BLOB = os.urandom(5 * 1024 * 1024 + 3)
 
@@ -77,7 +77,8 @@ def test_faulty_blob_is_never_cached_or_served_whole(
     # The next request, with the upstream healthy again, fills the blob.
     del upstream.faults[digest]
     assert fetch(client, f"/v2/x/blobs/{digest}") == (200, BLOB, True)
-    assert app.storage.blob_size(digest) == len(BLOB)
+    # Clients get the last byte once the digest matched; the commit (fsync, rename) follows.
+    assert wait_until(lambda: app.storage.blob_size(digest) == len(BLOB))
 
 
 def test_manifest_with_wrong_digest_is_refused(
@@ -149,10 +150,7 @@ def test_client_disconnect_does_not_abort_the_fill(
     digest = upstream.add_blob(BLOB)
     with client.stream("GET", f"/v2/x/blobs/{digest}") as response:
         next(response.iter_raw())  # one piece, then hang up
-    deadline = time.monotonic() + 30
-    while app.storage.blob_size(digest) is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert app.storage.blob_size(digest) == len(BLOB)
+    assert wait_until(lambda: app.storage.blob_size(digest) == len(BLOB))
     assert upstream.requests[f"GET /v2/x/blobs/{digest}"] == 1
 
 
