@@ -134,7 +134,7 @@ class MirrorApp:
     ) -> Response:
         digest = route.reference
         size = self.blobs.size(digest)
-        body: Callable[[int, int], AsyncIterator[bytes]]
+        body: Callable[[int, int], AsyncIterator[bytes | memoryview]]
         if size is not None:
             cache_status = HIT
             body = functools.partial(self.blobs.read_stored, digest)

@@ -25,30 +25,65 @@ from edgeproxy.mirror.upstream import UpstreamClient
 log = logging.getLogger("edgeproxy.blobs")
 
 CHUNK = 1024 * 1024  # 1 MiB: 64 KiB pieces cost 5x the CPU on the blob path
-MAX_UNWRITTEN = 16 * CHUNK  # read ahead of the disk by at most this much
+MAX_UNWRITTEN = 8 * CHUNK  # read ahead of the disk by at most this much
+WINDOW = 8 * CHUNK  # the newest received bytes, kept for this process's readers
 FOLLOW_POLL = 0.003  # seconds between looks at another process's fill
 
 
 class Fill:
-    """The progress of one cold blob, as its readers in this process see it."""
+    """The progress of one cold blob, as its readers in this process see it.
+
+    `received` bytes came from the upstream; the newest of them stay in a memory window
+    (readers that keep up never touch the disk), the older ones are `written` to the spool
+    file. A fill followed in another process has no window: received = written.
+    """
 
     def __init__(self, digest: str) -> None:
         self.digest = digest
         self.size: int | None = None
+        self.received = 0
         self.written = 0
         self.verified = False  # the digest matched: every byte may go out
         self.committed = False
         self.error: RegistryError | None = None
         self.started = asyncio.Event()  # the size is known, or the fill failed
+        self._window: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._window_bytes = 0
         self._changed = asyncio.Event()
 
     @property
     def done(self) -> bool:
         return self.committed or self.error is not None
 
+    def receive(self, block: bytes) -> None:
+        self._window.append((self.received, block))
+        self._window_bytes += len(block)
+        self.received += len(block)
+        self._trim()
+        self._notify()
+
     def advance(self, written: int) -> None:
         self.written = written
+        if not self._window:  # following another process: what is on disk is all there is
+            self.received = written
+        self._trim()
         self._notify()
+
+    def in_memory(self, position: int, limit: int) -> memoryview | None:
+        """Bytes from `position` (up to `limit`) held in the window, None if not held."""
+        for start, block in self._window:
+            if start <= position < start + len(block):
+                return memoryview(block)[position - start : min(limit - start, len(block))]
+        return None
+
+    def _trim(self) -> None:
+        """Forget the oldest blocks once on disk and beyond the window."""
+        while self._window and self._window_bytes > WINDOW:
+            start, block = self._window[0]
+            if start + len(block) > self.written:
+                break
+            self._window.popleft()
+            self._window_bytes -= len(block)
 
     def start(self, size: int | None) -> None:
         self.size = size
@@ -61,11 +96,13 @@ class Fill:
 
     def commit(self) -> None:
         self.verified = self.committed = True
+        self._window.clear()
         self.started.set()
         self._notify()
 
     def fail(self, error: RegistryError) -> None:
         self.error = error
+        self._window.clear()
         self.started.set()
         self._notify()
 
@@ -120,23 +157,27 @@ class BlobService:
             raise fill.error
         return fill
 
-    async def read_fill(self, fill: Fill, start: int, end: int | None) -> AsyncIterator[bytes]:
-        """Bytes [start, end) of a fill as they land on disk; ends early if the fill fails."""
+    async def read_fill(
+        self, fill: Fill, start: int, end: int | None
+    ) -> AsyncIterator[bytes | memoryview]:
+        """Bytes [start, end) of a fill as they arrive; ends early if the fill fails."""
         reader: BlobReader | None = None
         position = start
         try:
             while end is None or position < end:
                 # The final byte waits for the digest check: no client holds a whole wrong blob.
-                available = fill.written if fill.verified else fill.written - 1
+                limit = fill.received if fill.verified else fill.received - 1
                 if end is not None:
-                    available = min(available, end)
-                if position < available:
-                    reader = reader or self._storage.open_partial(fill.digest)
-                    if reader is None:
-                        raise RegistryError("BLOB_UNKNOWN", "the fill vanished")
-                    chunk = reader.read(position, min(CHUNK, available - position))
-                    if not chunk:
-                        raise RegistryError("BLOB_UNKNOWN", "the fill was replaced")
+                    limit = min(limit, end)
+                if position < limit:
+                    chunk: bytes | memoryview | None = fill.in_memory(position, limit)
+                    if chunk is None:  # fallen behind the window: the bytes are on disk
+                        reader = reader or self._storage.open_partial(fill.digest)
+                        if reader is None:
+                            raise RegistryError("BLOB_UNKNOWN", "the fill vanished")
+                        chunk = reader.read(position, min(CHUNK, limit - position))
+                        if not chunk:
+                            raise RegistryError("BLOB_UNKNOWN", "the fill was replaced")
                     position += len(chunk)
                     yield chunk
                 elif fill.error is not None:
@@ -200,8 +241,9 @@ class BlobService:
         with ThreadPoolExecutor(1) as writer, ThreadPoolExecutor(1) as hashing:
             try:
                 received = 0
-                async for block in _blocks(body):
+                async for block in body:
                     received += len(block)
+                    fill.receive(block)
                     hashed = loop.run_in_executor(hashing, hasher.update, block)
                     written = loop.run_in_executor(writer, partial.write, block)
                     written.add_done_callback(_advance_when_written(fill, received))
@@ -243,17 +285,3 @@ def _advance_when_written(fill: Fill, written: int) -> Callable[[asyncio.Future[
             fill.advance(written)
 
     return advance
-
-
-async def _blocks(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Join the network's smaller pieces into ~1 MiB blocks (fewer thread hand-offs)."""
-    parts: list[bytes] = []
-    size = 0
-    async for piece in body:
-        parts.append(piece)
-        size += len(piece)
-        if size >= CHUNK:
-            yield b"".join(parts) if len(parts) > 1 else parts[0]
-            parts, size = [], 0
-    if parts:
-        yield b"".join(parts)
