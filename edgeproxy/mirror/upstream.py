@@ -77,6 +77,7 @@ class UpstreamClient:
         )
         self._blobs: aiohttp.ClientSession | None = None
         self._challenge: tuple[str, dict[str, str]] | None = None
+        self._probed = False
         self._tokens: dict[str, tuple[str, float]] = {}  # scope -> (Authorization, expiry)
         self._token_locks: dict[str, asyncio.Lock] = {}
 
@@ -86,7 +87,20 @@ class UpstreamClient:
             await self._blobs.close()
 
     # Auth
+    async def _probe(self) -> None:
+        """Learn the upstream's challenge from `GET /v2/` once, as registry:2 does at start, so
+        that even a worker's first blob request goes out authorized (no 401 round trip)."""
+        self._probed = True
+        try:
+            response = await self._http.get("/v2/")
+        except httpx.HTTPError:
+            return  # down now: the real request says so, and a 401 later still teaches us
+        if response.status_code == 401:
+            self._learn(response.headers.get("www-authenticate"), None)
+
     async def _authorization(self, name: str) -> dict[str, str]:
+        if not self._probed:
+            await self._probe()
         if self._challenge is None:
             return {}
         scheme, params = self._challenge
@@ -104,7 +118,7 @@ class UpstreamClient:
                 self._tokens[scope] = cached
         return {"Authorization": cached[0]}
 
-    def _learn(self, header: str | None, name: str) -> bool:
+    def _learn(self, header: str | None, name: str | None) -> bool:
         """Take a 401's challenge; True when retrying with new credentials can help."""
         if not header:
             return False
@@ -114,7 +128,8 @@ class UpstreamClient:
         if scheme not in ("basic", "bearer") or (scheme == "bearer" and "realm" not in params):
             return False
         self._challenge = (scheme, {k: v for k, v in params.items() if k != "scope"})
-        self._tokens.pop(f"repository:{name}:pull", None)
+        if name is not None:
+            self._tokens.pop(f"repository:{name}:pull", None)
         return True
 
     async def _fetch_token(self, params: dict[str, str], scope: str) -> tuple[str, float]:
