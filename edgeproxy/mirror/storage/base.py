@@ -55,7 +55,8 @@ class Storage(ABC):
 
     @abstractmethod
     def try_begin_blob(self, digest: str) -> PartialBlob | None:
-        """Start filling `digest`, or None when another process is filling it right now."""
+        """Start filling `digest`; None when another process is filling it right now, or
+        has just committed it."""
 
     @abstractmethod
     def partial_progress(self, digest: str) -> tuple[int, int | None] | None:

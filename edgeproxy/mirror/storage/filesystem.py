@@ -151,6 +151,9 @@ class FilesystemStorage(Storage):
         lock_fd = self._lock(digest)
         if lock_fd is None:
             return None
+        if self.blob_size(digest) is not None:  # committed by the holder we just followed
+            os.close(lock_fd)
+            return None
         try:
             return FilePartialBlob(self, digest, lock_fd)
         except BaseException:
