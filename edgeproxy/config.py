@@ -6,6 +6,7 @@ bytes here, so no other module parses a config string.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -80,6 +81,7 @@ def parse_address(value: object) -> tuple[str, int]:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+Workers = Literal["auto"] | Annotated[int, Field(ge=1, le=256)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 Address = Annotated[tuple[str, int], BeforeValidator(parse_address)]
 
@@ -165,6 +167,7 @@ class EdgeConfig(_Model):
     access_log_format: Literal["main", "json"] = "main"
     tls: TlsConfig | None = None
     gzip: GzipConfig = GzipConfig()
+    workers: Workers = "auto"  # worker_processes: "auto" is one per CPU
 
     @model_validator(mode="after")
     def _listeners_match_tls(self) -> EdgeConfig:
@@ -188,6 +191,12 @@ class EdgeConfig(_Model):
 class Config(_Model):
     mirror: MirrorConfig
     edge: EdgeConfig | None = None
+
+    @property
+    def worker_count(self) -> int:
+        """How many processes serve the listeners (`[edge] workers`; "auto" without [edge])."""
+        workers = self.edge.workers if self.edge is not None else "auto"
+        return (os.cpu_count() or 1) if workers == "auto" else workers
 
 
 class ConfigError(Exception):

@@ -1,7 +1,9 @@
 """The process model: bind the listeners, serve the apps, stop cleanly on a signal.
 
-One process, one event loop, one uvicorn `Server` per listener: the mirror's own listener (if
-set) and the edge's http and https listeners (if `[edge]` is set), sharing one `MirrorApp`.
+The first process binds every listener, then forks `workers` processes (nginx's master and
+workers). Each worker runs one event loop with one uvicorn `Server` per listener: the
+mirror's own listener (if set) and the edge's http and https listeners (if `[edge]` is set),
+sharing one `MirrorApp`. Workers share the cache safely: fills are locked across processes.
 """
 
 from __future__ import annotations
@@ -9,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
@@ -73,8 +78,16 @@ def _uvicorn(app: Any, **options: Any) -> _Server:
     )
 
 
-async def serve(config: Config) -> None:
-    """Serve every configured listener in this process until SIGINT/SIGTERM."""
+@dataclass
+class Listeners:
+    """The sockets, bound once by the first process and shared by every worker."""
+
+    mirror: socket.socket | None = None
+    http: socket.socket | None = None
+    https: socket.socket | None = None
+
+
+def bind_listeners(config: Config) -> Listeners:
     edge = config.edge
     if config.mirror.listen is None and edge is None:
         raise SystemExit("edgeproxy: nothing to listen on: set mirror.listen or [edge]")
@@ -83,15 +96,28 @@ async def serve(config: Config) -> None:
             server_context(edge.tls)  # fail here, naming the file, not in the middle of start-up
         except TlsError as exc:
             raise SystemExit(f"edgeproxy: edge.tls: {exc}") from exc
+    listeners = Listeners()
+    if config.mirror.listen is not None:
+        listeners.mirror = bind(*config.mirror.listen)
+    if edge is not None and edge.http is not None:
+        listeners.http = bind(*edge.http)
+    if edge is not None and edge.https is not None and edge.tls is not None:
+        listeners.https = bind(*edge.https)
+    return listeners
+
+
+async def serve(config: Config, listeners: Listeners) -> None:
+    """Serve every listener in this process until SIGINT/SIGTERM."""
+    edge = config.edge
     servers: list[tuple[_Server, socket.socket]] = []
     mirror: MirrorApp | None = None
-    if config.mirror.listen is not None or (edge is not None and edge.embedded):
+    if listeners.mirror is not None or (edge is not None and edge.embedded):
         mirror = MirrorApp(config.mirror)
-    if config.mirror.listen is not None:
+    if listeners.mirror is not None:
         assert mirror is not None
-        host, port = config.mirror.listen
         server = _uvicorn(mirror, access_log=True, timeout_keep_alive=120)
-        servers.append((server, bind(host, port)))
+        servers.append((server, listeners.mirror))
+        host, port = listeners.mirror.getsockname()[:2]
         log.info("mirror listening on %s:%d (cache %s)", host, port, config.mirror.root)
     proxy: ProxyBackend | None = None
     access_log: AccessLog | None = None
@@ -104,7 +130,7 @@ async def serve(config: Config) -> None:
             backend = proxy
         access_log = AccessLog(edge.access_log, edge.access_log_format)
         app = EdgeApp(edge, backend, access_log)
-        servers.extend(_edge_servers(edge, app))
+        servers.extend(_edge_servers(edge, app, listeners))
     try:
         await _run(servers)
     finally:
@@ -116,7 +142,9 @@ async def serve(config: Config) -> None:
             access_log.close()
 
 
-def _edge_servers(edge: EdgeConfig, app: EdgeApp) -> list[tuple[_Server, socket.socket]]:
+def _edge_servers(
+    edge: EdgeConfig, app: EdgeApp, listeners: Listeners
+) -> list[tuple[_Server, socket.socket]]:
     options: dict[str, Any] = {
         "http": EdgeHttpProtocol,
         "access_log": False,  # the edge writes its own, in nginx's format
@@ -126,19 +154,19 @@ def _edge_servers(edge: EdgeConfig, app: EdgeApp) -> list[tuple[_Server, socket.
     }
     servers = []
     target = "the mirror, embedded" if edge.embedded else edge.backend_url
-    if edge.http is not None:
-        host, port = edge.http
-        servers.append((_uvicorn(app, **options), bind(host, port)))
+    if listeners.http is not None:
+        host, port = listeners.http.getsockname()[:2]
+        servers.append((_uvicorn(app, **options), listeners.http))
         mode = "redirects to https" if edge.tls is not None else f"serves {target}"
         log.info("edge listening on http://%s:%d (%s)", host, port, mode)
-    if edge.https is not None and edge.tls is not None:
-        host, port = edge.https
+    if listeners.https is not None and edge.tls is not None:
+        host, port = listeners.https.getsockname()[:2]
         tls_options = {
             "ssl_certfile": str(edge.tls.certificate),
             "ssl_keyfile": str(edge.tls.key),
             "ssl_ciphers": CIPHERS,
         }
-        servers.append((_uvicorn(app, **options, **tls_options), bind(host, port)))
+        servers.append((_uvicorn(app, **options, **tls_options), listeners.https))
         log.info("edge listening on https://%s:%d (serves %s)", host, port, target)
     return servers
 
@@ -170,9 +198,82 @@ async def _run(servers: list[tuple[_Server, socket.socket]]) -> None:
 
 
 def run(config: Config) -> None:
+    """Bind every listener, then serve them in `workers` processes (or this one)."""
+    try:
+        config.mirror.root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(
+            f"edgeproxy: mirror.root: cannot create {config.mirror.root}: {exc.strerror}"
+        ) from exc
+    listeners = bind_listeners(config)
+    workers = config.worker_count
+    if workers == 1:
+        _run_loop(serve(config, listeners))
+    else:
+        _supervise(workers, lambda: _run_loop(serve(config, listeners)))
+
+
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvicorn[standard] brings it
-        asyncio.run(serve(config))
+        asyncio.run(main)
     else:
-        uvloop.run(serve(config))
+        uvloop.run(main)
+
+
+def _supervise(count: int, work: Callable[[], None]) -> None:
+    """nginx's master: fork `count` workers sharing the listeners, replace one that dies,
+    pass SIGTERM/SIGINT on to all of them and wait for them to drain."""
+    children: dict[int, float] = {}  # pid -> start time
+    stopping = False
+
+    def spawn() -> None:
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 0
+            try:
+                work()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                log.exception("worker %d failed", os.getpid())
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children[pid] = time.monotonic()
+        log.info("worker %d started", pid)
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for _ in range(count):
+        spawn()
+    failed = False
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        started = children.pop(pid, time.monotonic())
+        if stopping:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        if time.monotonic() - started < 2 and code > 0:  # failing at start: do not spin
+            log.error("worker %d exited with %d at start; stopping", pid, code)
+            failed = True
+            stop(signal.SIGTERM, None)
+            continue
+        log.warning("worker %d exited with %d; starting another", pid, code)
+        spawn()
+    if failed:
+        raise SystemExit(1)

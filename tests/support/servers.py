@@ -100,16 +100,23 @@ class EdgeproxyProcess:
             self.stop()
             raise RuntimeError(f"edgeproxy did not start:\n{self.log()}") from None
 
-    def stop(self) -> None:
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "not started"
+        return self._process.pid
+
+    def stop(self) -> int | None:
+        """SIGTERM the process group (as systemd and Ctrl-C do); its exit code, if it ran."""
         if self._process is None:
-            return
+            return None
         os.killpg(self._process.pid, signal.SIGTERM)
         try:
-            self._process.wait(timeout=15)
+            code = self._process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             os.killpg(self._process.pid, signal.SIGKILL)
-            self._process.wait()
+            code = self._process.wait()
         self._process = None
+        return code
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

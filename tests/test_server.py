@@ -1,0 +1,63 @@
+"""The process model: a master that binds, forks workers, replaces a dead one, drains."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.support.ports import free_port
+from tests.support.servers import EdgeproxyProcess, write_toml
+from tests.support.wait import wait_until
+
+
+def workers_started(process: EdgeproxyProcess) -> list[int]:
+    return [int(pid) for pid in re.findall(r"worker (\d+) started", process.log())]
+
+
+def test_workers_share_the_listener_and_are_replaced(tmp_path: Path) -> None:
+    port = free_port()
+    config = {
+        "mirror": {
+            "root": str(tmp_path / "cache"),
+            "listen": f"127.0.0.1:{port}",
+            "upstream": [{"name": "docker.io", "url": f"http://127.0.0.1:{free_port()}"}],
+        },
+        "edge": {"http": f"127.0.0.1:{free_port()}", "workers": 3},
+    }
+    process = EdgeproxyProcess(write_toml(tmp_path / "proxy.toml", config), port)
+    process.start()
+    try:
+        assert wait_until(lambda: len(workers_started(process)) == 3)
+        first = workers_started(process)[0]
+        os.kill(first, signal.SIGKILL)
+        assert wait_until(lambda: len(workers_started(process)) == 4)
+        for _ in range(20):  # every worker answers: no request meets the dead one
+            assert httpx.get(f"{process.url}/v2/").status_code == 200
+    finally:
+        code = process.stop()
+    assert code == 0
+    assert f"worker {first} exited with -9; starting another" in process.log()
+
+
+def test_an_unusable_cache_root_is_reported_before_any_worker_starts(tmp_path: Path) -> None:
+    config = {
+        "mirror": {
+            "root": "/proc/no-such-dir/cache",
+            "listen": f"127.0.0.1:{free_port()}",
+            "upstream": [{"name": "docker.io", "url": "http://127.0.0.1:1"}],
+        }
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "edgeproxy.cli", "run", "--config",
+         str(write_toml(tmp_path / "proxy.toml", config))],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "mirror.root: cannot create /proc/no-such-dir/cache" in result.stderr
+    assert "Traceback" not in result.stderr
