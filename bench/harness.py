@@ -14,15 +14,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from tests.support.ports import free_port
+from tests.support.ports import free_port, http_status
 from tests.support.registry import Registry, start_registry
 from tests.support.servers import write_toml
 
@@ -50,19 +48,6 @@ def stop_group(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) 
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-
-
-def http_status(url: str, timeout: float = 1.0) -> int | None:
-    """The status of a GET, None when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            status: int = response.status
-            return status
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        return exc.code
-    except OSError:
-        return None
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:

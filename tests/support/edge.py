@@ -2,46 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
-from tests.support.ports import free_port, wait_for_port
-from tests.support.servers import EdgeproxyProcess, write_toml
+from tests.support.ports import free_port
+from tests.support.servers import EdgeproxyProcess, serve_app, write_toml
 
 
 @contextmanager
 def serve_edge_app(app: Any) -> Iterator[str]:
     """Run an edge ASGI app on 127.0.0.1 in a thread, as edgeproxy serves it: the client
     address is the socket's (uvicorn's proxy_headers off), no Server header. Yield its URL."""
-    port = free_port()
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        lifespan="on",
-        proxy_headers=False,
-        server_header=False,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=asyncio.run, args=(server.serve(),), daemon=True)
-    thread.start()
-    wait_for_port("127.0.0.1", port)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        assert not thread.is_alive(), "the edge app did not stop"
+    with serve_app(app, proxy_headers=False, server_header=False) as url:
+        yield url
 
 
 def make_certificate(directory: Path, *names: str) -> tuple[Path, Path]:

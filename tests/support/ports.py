@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 import time
+import urllib.error
+import urllib.request
 
 
 def free_port() -> int:
@@ -25,3 +27,16 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"{host}:{port} not accepting connections") from exc
             time.sleep(0.05)
+
+
+def http_status(url: str, timeout: float = 1.0) -> int | None:
+    """The status of a GET, None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return exc.code
+    except OSError:
+        return None

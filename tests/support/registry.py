@@ -12,12 +12,10 @@ import shutil
 import signal
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.ports import free_port
+from tests.support.ports import free_port, http_status
 from tests.support.tokenserver import TokenServer
 
 REGISTRY_BINARY = "docker-registry"
@@ -188,7 +186,7 @@ class Registry:
                     f"registry on {self.host} exited with {self._process.returncode}:\n"
                     f"{self.log_tail()}"
                 )
-            if _v2_status(self.url) in (200, 401):
+            if http_status(f"{self.url}/v2/") in (200, 401):
                 return
             if time.monotonic() >= deadline:
                 raise RuntimeError(
@@ -267,19 +265,6 @@ def start_registry(
         registry.close()
         raise
     return registry
-
-
-def _v2_status(url: str) -> int | None:
-    """The status of `GET /v2/`, None when nothing answers."""
-    try:
-        with urllib.request.urlopen(f"{url}/v2/", timeout=1) as response:
-            status: int = response.status
-            return status
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        return exc.code
-    except OSError:
-        return None
 
 
 def _require(binary: str) -> str:

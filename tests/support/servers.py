@@ -20,10 +20,13 @@ from tests.support.ports import free_port, wait_for_port
 
 
 @contextmanager
-def serve_app(app: Any, port: int | None = None) -> Iterator[str]:
-    """Run `app` on 127.0.0.1 in a thread with its own event loop; yield its base URL."""
+def serve_app(app: Any, port: int | None = None, **options: Any) -> Iterator[str]:
+    """Run `app` on 127.0.0.1 in a thread with its own event loop; yield its base URL.
+    `options` go to uvicorn.Config."""
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **options
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=asyncio.run, args=(server.serve(),), daemon=True)
     thread.start()
