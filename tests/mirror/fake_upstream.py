@@ -14,7 +14,10 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from edgeproxy.config import config_from_dict
+from edgeproxy.mirror.app import MirrorApp
 from tests.support.ports import free_port, wait_for_port
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -36,6 +39,10 @@ class FakeUpstream:
     faults: dict[str, str | int] = field(default_factory=dict)
     requests: Counter[str] = field(default_factory=Counter)
     port: int = 0
+    # Bearer auth as Docker Hub does it, when `tokens` is not None: /token issues "t1", "t2"...
+    # (valid until removed from the set); anything else under /v2/ needs a valid one.
+    tokens: set[str] | None = None
+    issued: int = 0
 
     @property
     def url(self) -> str:
@@ -73,14 +80,36 @@ class FakeUpstream:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
-            method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
+            lines = head.decode().split("\r\n")
+            method, target, _ = lines[0].split(" ", 2)
             path = target.split("?", 1)[0]
             self.requests[f"{method} {path}"] += 1
+            authorization = next(
+                (line.split(":", 1)[1].strip() for line in lines[1:]
+                 if line.lower().startswith("authorization:")),
+                "",
+            )  # fmt: skip
+            if self.tokens is not None and not self._authorized(writer, path, authorization):
+                return
             await self._respond(writer, method, path)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()
+
+    def _authorized(self, writer: asyncio.StreamWriter, path: str, authorization: str) -> bool:
+        assert self.tokens is not None
+        if path == "/token":
+            self.issued += 1
+            token = f"t{self.issued}"
+            self.tokens.add(token)
+            self._send(writer, 200, json.dumps({"token": token}).encode(), {}, "GET")
+            return False
+        if authorization.removeprefix("Bearer ") in self.tokens:
+            return True
+        challenge = f'Bearer realm="{self.url}/token",service="fake"'
+        self._send(writer, 401, b"{}", {"WWW-Authenticate": challenge}, "GET")
+        return False
 
     async def _respond(self, writer: asyncio.StreamWriter, method: str, path: str) -> None:
         fault = next((f for suffix, f in self.faults.items() if path.endswith(suffix)), None)
@@ -128,6 +157,13 @@ class FakeUpstream:
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
         if method != "HEAD":
             writer.write(body)
+
+
+def mirror_of(upstream: FakeUpstream, root: Path, **settings: object) -> MirrorApp:
+    """A mirror whose one upstream ("fake") is `upstream`; `settings` go to the upstream."""
+    entry = {"name": "fake", "url": upstream.url, **settings}
+    config = config_from_dict({"mirror": {"root": str(root), "upstream": [entry]}})
+    return MirrorApp(config.mirror)
 
 
 @contextmanager

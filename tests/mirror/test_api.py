@@ -10,7 +10,7 @@ import pytest
 
 from edgeproxy.config import config_from_dict
 from edgeproxy.mirror.app import MirrorApp
-from tests.mirror.fake_upstream import FakeUpstream, fake_upstream
+from tests.mirror.fake_upstream import FakeUpstream, fake_upstream, mirror_of
 from tests.support.servers import serve_app
 
 
@@ -134,15 +134,27 @@ def test_tags_catalog_and_referrers(setup: tuple[FakeUpstream, httpx.Client]) ->
 def test_tag_ttl_trusts_a_tag_without_asking(tmp_path: Path) -> None:
     with fake_upstream() as upstream:
         digest = upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
-        config = config_from_dict(
-            {"mirror": {"root": str(tmp_path), "upstream": [
-                {"name": "docker.io", "url": upstream.url, "tag_ttl": "1h"}
-            ]}}
-        )  # fmt: skip
-        with serve_app(MirrorApp(config.mirror)) as url, httpx.Client(base_url=url) as client:
+        with (
+            serve_app(mirror_of(upstream, tmp_path, tag_ttl="1h")) as url,
+            httpx.Client(base_url=url) as client,
+        ):
             first = client.get("/v2/a/b/manifests/v1")
             second = client.get("/v2/a/b/manifests/v1")
         assert first.headers["cache-status"] == "edgeproxy; fwd=miss"
         assert second.headers["cache-status"] == "edgeproxy; hit"
         assert second.headers["docker-content-digest"] == digest
         assert upstream.requests["HEAD /v2/a/b/manifests/v1"] == 1
+
+
+def test_bearer_token_is_cached_and_renewed_once_on_401(tmp_path: Path) -> None:
+    with fake_upstream() as upstream:
+        upstream.tokens = set()
+        digest = upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
+        with serve_app(mirror_of(upstream, tmp_path)) as url, httpx.Client(base_url=url) as client:
+            for _ in range(3):
+                assert client.get("/v2/a/b/manifests/v1").status_code == 200
+            assert upstream.issued == 1  # one token for the scope, reused
+            upstream.tokens.clear()  # the upstream forgets it (expired, revoked)
+            again = client.get("/v2/a/b/manifests/v1")
+            assert (again.status_code, again.headers["docker-content-digest"]) == (200, digest)
+            assert upstream.issued == 2

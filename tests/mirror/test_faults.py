@@ -9,9 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edgeproxy.config import config_from_dict
 from edgeproxy.mirror.app import MirrorApp
-from tests.mirror.fake_upstream import FakeUpstream, fake_upstream
+from tests.mirror.fake_upstream import FakeUpstream, fake_upstream, mirror_of
 from tests.support.servers import serve_app
 from tests.support.wait import wait_until
 
@@ -24,21 +23,9 @@ def upstream() -> Iterator[FakeUpstream]:
         yield fake
 
 
-def start_mirror(root: Path, upstream_url: str, **settings: object) -> MirrorApp:
-    config = config_from_dict(
-        {
-            "mirror": {
-                "root": str(root),
-                "upstream": [{"name": "fake", "url": upstream_url, **settings}],
-            }
-        }
-    )
-    return MirrorApp(config.mirror)
-
-
 @pytest.fixture
 def mirror(tmp_path: Path, upstream: FakeUpstream) -> Iterator[tuple[MirrorApp, httpx.Client]]:
-    app = start_mirror(tmp_path / "cache", upstream.url, read_timeout="1s")
+    app = mirror_of(upstream, tmp_path / "cache", read_timeout="1s")
     with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         yield app, client
 
@@ -133,10 +120,9 @@ def test_rate_limit_and_errors_pass_through_when_nothing_is_cached(
 
 
 def test_upstream_down_at_start(tmp_path: Path) -> None:
-    from tests.support.ports import free_port
-
-    app = start_mirror(tmp_path, f"http://127.0.0.1:{free_port()}")
-    with serve_app(app) as url, httpx.Client(base_url=url) as client:
+    with fake_upstream() as gone:
+        pass  # stopped: nothing listens on its port any more
+    with serve_app(mirror_of(gone, tmp_path)) as url, httpx.Client(base_url=url) as client:
         assert client.get("/v2/").status_code == 200
         response = client.get("/v2/x/manifests/v1")
         assert response.status_code == 503
