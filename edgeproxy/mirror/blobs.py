@@ -193,9 +193,9 @@ class BlobService:
     async def _run(self, fill: Fill, upstream: UpstreamClient, target: Target) -> None:
         try:
             while not fill.done:
-                if self._storage.blob_size(fill.digest) is not None:
-                    fill.advance(self._storage.blob_size(fill.digest) or 0)
-                    fill.start(fill.written)
+                if (size := self._storage.blob_size(fill.digest)) is not None:
+                    fill.advance(size)  # committed, here or by another process
+                    fill.start(size)
                     fill.commit()
                 elif not await self._download(fill, upstream, target):
                     await self._follow(fill)
