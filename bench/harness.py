@@ -190,6 +190,7 @@ class Mirror(ABC):
         """Stop, wipe the cache, start again: the next fetch is cold."""
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+        os.sync()  # the last round's writeback must not run during this round's fetch
         self.start()
 
     def cpu_seconds(self) -> float:
