@@ -11,11 +11,7 @@ import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from edgeproxy.config import EdgeConfig
-from edgeproxy.edge.accesslog import AccessLog
-from edgeproxy.edge.app import EdgeApp
-from edgeproxy.edge.proxy import ProxyBackend
-from tests.support.edge import serve_edge_app
+from tests.support.edge import ProxyEdge, serve_edge_app
 from tests.support.ports import free_port
 from tests.support.servers import serve_app
 
@@ -74,29 +70,6 @@ class Recorder:
         await send({"type": "http.response.body", "body": body})
 
 
-class Edge:
-    """EdgeApp + ProxyBackend as served, closing the backend's client on shutdown."""
-
-    def __init__(self, backend_url: str, read_timeout: float = 300.0) -> None:
-        config = EdgeConfig(
-            http="127.0.0.1:1",
-            backend=backend_url,
-            read_timeout=read_timeout,
-            client_max_body_size="10m",
-        )
-        self.proxy = ProxyBackend(config.backend_url, config.connect_timeout, read_timeout)
-        self.app = EdgeApp(config, self.proxy, AccessLog("off"))
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await self.proxy.aclose()
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        await self.app(scope, receive, send)
-
-
 @pytest.fixture(scope="module")
 def recorder() -> Recorder:
     return Recorder()
@@ -104,7 +77,10 @@ def recorder() -> Recorder:
 
 @pytest.fixture(scope="module")
 def edge_url(recorder: Recorder) -> Iterator[str]:
-    with serve_app(recorder) as backend, serve_edge_app(Edge(backend, read_timeout=0.5)) as edge:
+    with (
+        serve_app(recorder) as backend,
+        serve_edge_app(ProxyEdge(backend, read_timeout=0.5, client_max_body_size="10m")) as edge,
+    ):
         yield edge
 
 
@@ -188,7 +164,9 @@ def test_backend_timeout_is_504(edge_url: str) -> None:
 
 
 def test_backend_down_is_502() -> None:
-    with serve_edge_app(Edge(f"http://127.0.0.1:{free_port()}")) as edge:
+    with serve_edge_app(
+        ProxyEdge(f"http://127.0.0.1:{free_port()}", client_max_body_size="10m")
+    ) as edge:
         response = httpx.get(f"{edge}/v2/", timeout=30)
         head = httpx.head(f"{edge}/v2/", timeout=30)
     assert response.status_code == 502

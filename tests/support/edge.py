@@ -10,6 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from starlette.types import Receive, Scope, Send
+
+from edgeproxy.config import EdgeConfig
+from edgeproxy.edge.accesslog import AccessLog
+from edgeproxy.edge.app import EdgeApp
+from edgeproxy.edge.proxy import ProxyBackend
 from tests.support.ports import free_port
 from tests.support.servers import EdgeproxyProcess, serve_app, write_toml
 
@@ -20,6 +26,25 @@ def serve_edge_app(app: Any) -> Iterator[str]:
     address is the socket's (uvicorn's proxy_headers off), no Server header. Yield its URL."""
     with serve_app(app, proxy_headers=False, server_header=False) as url:
         yield url
+
+
+class ProxyEdge:
+    """EdgeApp + ProxyBackend in front of `backend_url`, as served (no access log); `edge`
+    are [edge] keys. Closes the backend's client on shutdown, for `serve_edge_app`."""
+
+    def __init__(self, backend_url: str, **edge: Any) -> None:
+        config = EdgeConfig(http="127.0.0.1:1", backend=backend_url, **edge)
+        self.proxy = ProxyBackend(config.backend_url, config.connect_timeout, config.read_timeout)
+        self.app = EdgeApp(config, self.proxy, AccessLog("off"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await self.proxy.aclose()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await self.app(scope, receive, send)
 
 
 def make_certificate(directory: Path, *names: str) -> tuple[Path, Path]:
