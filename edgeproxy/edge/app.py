@@ -4,6 +4,7 @@
 - a body over client_max_body_size (by Content-Length) → 413 before the body is read;
 - else the backend (the mirror's ASGI app in-process, or `ProxyBackend`) gets the request with
   the forwarded headers (`forward.py`) in its scope;
+- the backend's responses pass the seed's gzip (`gzip.py`) when `[edge.gzip] enabled`;
 - one access log line per request (`accesslog.py`).
 """
 
@@ -26,6 +27,7 @@ from edgeproxy.edge.accesslog import (
     cache_state,
 )
 from edgeproxy.edge.forward import forwarded_headers, header
+from edgeproxy.edge.gzip import GzipMiddleware
 from edgeproxy.edge.pages import send_page
 
 log = logging.getLogger("edgeproxy.edge")
@@ -36,7 +38,8 @@ class EdgeApp:
 
     def __init__(self, config: EdgeConfig, backend: ASGIApp, access_log: AccessLog) -> None:
         self.config = config
-        self.backend = backend
+        # Inside the access log's counting: $body_bytes_sent counts compressed bytes, as nginx's.
+        self.backend = GzipMiddleware(backend) if config.gzip.enabled else backend
         self.access_log = access_log
         self._https_port = config.https[1] if config.https else 443
 

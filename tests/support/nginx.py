@@ -1,0 +1,109 @@
+"""The oracle: Debian's nginx with the seed's `http` block (gzip, header buffers, body limit),
+proxying to a backend on loopback, in a temporary prefix (never the system nginx)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.support.ports import free_port, wait_for_port
+
+# The seed's nginx.conf, the parts that decide answers (logging and file caches left out).
+SEED_HTTP = """
+    default_type application/octet-stream;
+    client_header_buffer_size 32k;
+    large_client_header_buffers 4 32k;
+    client_max_body_size {client_max_body_size};
+    keepalive_timeout 120;
+    server_tokens off;
+
+    gzip  on;
+    gzip_buffers 16 8k;
+    gzip_comp_level 6;
+    gzip_http_version 1.1;
+    gzip_min_length 256;
+    gzip_proxied any;
+    gzip_vary on;
+    gzip_types
+        text/xml application/xml application/atom+xml application/rss+xml
+        application/xhtml+xml image/svg+xml
+        text/javascript application/javascript application/x-javascript
+        text/x-json application/json application/x-web-app-manifest+json
+        text/css text/plain text/x-component
+        font/opentype application/x-font-ttf application/vnd.ms-fontobject
+        image/x-icon;
+    gzip_disable "MSIE [1-6]\\.(?!.*SV1)";
+"""
+
+# The seed's mirror.conf `location /`, on a loopback port.
+SEED_SERVER = """
+    server {{
+        listen 127.0.0.1:{port};
+        server_name 127.0.0.1;
+        location / {{
+            proxy_pass {backend};
+            proxy_read_timeout 300;
+            proxy_connect_timeout 300;
+            proxy_redirect off;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header Host              $http_host;
+            proxy_set_header X-Real-IP         $remote_addr;
+        }}
+    }}
+"""
+
+
+def nginx_binary() -> str:
+    binary = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+    if binary is None:
+        pytest.skip("nginx is not installed (scripts/test installs it)")
+    return binary
+
+
+@contextmanager
+def run_nginx(prefix: Path, backend: str, *, client_max_body_size: str = "1024m") -> Iterator[int]:
+    """nginx with the seed's config in front of `backend` (a URL); yield its port."""
+    prefix.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    temp = "".join(
+        f"    {kind}_temp_path {prefix / kind};\n"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    config = prefix / "nginx.conf"
+    config.write_text(
+        ("user root;\n" if os.geteuid() == 0 else "")  # the temp dirs are root's
+        + f"worker_processes 1;\npid {prefix / 'nginx.pid'};\n"
+        + f"error_log {prefix / 'error.log'} info;\n"
+        + "events { worker_connections 1024; }\n"
+        + "http {\n    access_log off;\n"
+        + temp
+        + SEED_HTTP.replace("{client_max_body_size}", client_max_body_size)
+        + SEED_SERVER.format(port=port, backend=backend)
+        + "}\n"
+    )
+    log = str(prefix / "error.log")
+    command = [nginx_binary(), "-p", str(prefix), "-c", str(config), "-e", log]
+    process = subprocess.Popen(
+        [*command, "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_for_port("127.0.0.1", port)
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
