@@ -24,8 +24,9 @@ import uvicorn
 from edgeproxy.config import Config, EdgeConfig
 from edgeproxy.edge.accesslog import AccessLog
 from edgeproxy.edge.app import EdgeApp
+from edgeproxy.edge.protocol import EdgeHttpProtocol
 from edgeproxy.edge.proxy import ProxyBackend
-from edgeproxy.edge.tls import CIPHERS, EdgeHttpProtocol, TlsError, server_context
+from edgeproxy.edge.tls import CIPHERS, TlsError, server_context
 from edgeproxy.mirror.app import MirrorApp
 
 log = logging.getLogger("edgeproxy")

@@ -7,19 +7,28 @@ from http import HTTPStatus
 from starlette.types import Send
 
 # nginx's own reason phrases where they differ from Python's.
-_REASONS = {413: "Request Entity Too Large", 504: "Gateway Time-out"}
+_REASONS = {
+    413: "Request Entity Too Large",
+    414: "Request-URI Too Large",
+    504: "Gateway Time-out",
+}
+# nginx's 494 page, sent with status 400 for a header or head over the header buffers.
+HEADER_TOO_LARGE = "Request Header Or Cookie Too Large"
 
 
 def reason(status: int) -> str:
     return _REASONS.get(status) or HTTPStatus(status).phrase
 
 
-def page(status: int) -> bytes:
-    """The body nginx sends for `status`, naming edgeproxy instead of nginx."""
-    title = f"{status} {reason(status)}"
+def page(status: int, detail: str = "") -> bytes:
+    """The body nginx sends for `status`, naming edgeproxy instead of nginx; with `detail`
+    (as for HEADER_TOO_LARGE), the detail is the title and a line under the heading."""
+    heading = f"{status} {reason(status)}"
+    title = f"{status} {detail}" if detail else heading
+    extra = f"<center>{detail}</center>\r\n" if detail else ""
     return (
         f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n"
-        f"<center><h1>{title}</h1></center>\r\n<hr><center>edgeproxy</center>\r\n"
+        f"<center><h1>{heading}</h1></center>\r\n{extra}<hr><center>edgeproxy</center>\r\n"
         "</body>\r\n</html>\r\n"
     ).encode()
 

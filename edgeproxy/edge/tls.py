@@ -1,12 +1,10 @@
-"""TLS for the https listener: nginx's defaults (TLS 1.2+, `HIGH:!aNULL:!MD5`), and the
-negotiated protocol and cipher in each request's scope for $ssl_protocol / $ssl_cipher."""
+"""TLS for the https listener: nginx's defaults (TLS 1.2+, `HIGH:!aNULL:!MD5`); the negotiated
+protocol and cipher go in each request's scope (by `protocol.py`) for $ssl_protocol/$ssl_cipher."""
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from edgeproxy.config import TlsConfig
 
@@ -36,19 +34,10 @@ def server_context(tls: TlsConfig) -> ssl.SSLContext:
     return context
 
 
-class EdgeHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, adding the TLS session's protocol and cipher to the scope."""
-
-    _tls: tuple[str, str] | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        ssl_object = transport.get_extra_info("ssl_object")
-        if ssl_object is not None:
-            cipher = ssl_object.cipher()
-            self._tls = (ssl_object.version() or "", cipher[0] if cipher else "")
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        if self._tls is not None:
-            self.scope[SCOPE_KEY] = self._tls  # type: ignore[literal-required]
+def session(transport: asyncio.Transport) -> tuple[str, str] | None:
+    """(protocol, cipher) of a TLS connection, None for plain HTTP."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    cipher = ssl_object.cipher()
+    return (ssl_object.version() or "", cipher[0] if cipher else "")

@@ -15,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 from edgeproxy.config import EdgeConfig
 from edgeproxy.edge.accesslog import AccessLog
 from edgeproxy.edge.app import EdgeApp
+from edgeproxy.edge.protocol import EdgeHttpProtocol
 from edgeproxy.edge.proxy import ProxyBackend
 from tests.support.ports import free_port
 from tests.support.servers import EdgeproxyProcess, serve_app, write_toml
@@ -23,8 +24,14 @@ from tests.support.servers import EdgeproxyProcess, serve_app, write_toml
 @contextmanager
 def serve_edge_app(app: Any) -> Iterator[str]:
     """Run an edge ASGI app on 127.0.0.1 in a thread, as edgeproxy serves it: the client
-    address is the socket's (uvicorn's proxy_headers off), no Server header. Yield its URL."""
-    with serve_app(app, proxy_headers=False, server_header=False) as url:
+    address is the socket's (uvicorn's proxy_headers off), no Server header, the edge's HTTP
+    protocol (nginx's head limits). Yield its URL."""
+    options: dict[str, Any] = {
+        "http": EdgeHttpProtocol,
+        "proxy_headers": False,
+        "server_header": False,
+    }
+    with serve_app(app, **options) as url:
         yield url
 
 

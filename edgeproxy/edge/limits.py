@@ -1,0 +1,77 @@
+"""nginx's request head limits (`client_header_buffer_size 32k; large_client_header_buffers
+4 32k;`), as a meter fed the bytes of a request head as they arrive.
+
+nginx reads the head into one 32 KiB buffer; when a line does not fit in what is left, the
+line so far moves to one of 4 more 32 KiB buffers. A line that cannot fit in one buffer is too
+long: 414 for the request line, 400 "Request Header Or Cookie Too Large" for a header; a head
+needing a fifth large buffer is too large: 400 likewise. So a line may be up to 32 KiB, and a
+head up to 160 KiB less what the moved lines leave unused. (At the exact boundary where a
+buffer ends on a line's end, nginx wastes a line more: edgeproxy may accept a few bytes more.)
+"""
+
+from __future__ import annotations
+
+BUFFER = 32 * 1024  # client_header_buffer_size
+LARGE_BUFFER = 32 * 1024  # large_client_header_buffers 4 32k
+LARGE_BUFFERS = 4
+
+
+class HeadTooLarge(Exception):
+    """The head broke a limit: `status` is nginx's answer (414 or 400)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class HeadMeter:
+    """Follows one request head through nginx's buffers; `feed` raises HeadTooLarge."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Ready for the next request's head."""
+        self.active = True
+        self._request_line = True
+        self._size = BUFFER  # the buffer the current line is in
+        self._start = 0  # where the current line starts in it
+        self._line = 0  # bytes of the current line so far, its LF included once seen
+        self._large = 0  # large buffers taken
+
+    def feed(self, data: bytes) -> None:
+        """Meter `data`, the next bytes of the connection; once the head's blank line is seen,
+        the rest (the body, or a pipelined request) is not this head's and `active` is False."""
+        position = 0
+        while self.active and position < len(data):
+            end = data.find(b"\n", position)
+            complete = end >= 0
+            stop = end + 1 if complete else len(data)
+            self._line += stop - position
+            position = stop
+            self._check()
+            if complete:
+                self._line_done()
+
+    def _check(self) -> None:
+        if self._start + self._line <= self._size:
+            return
+        status = 414 if self._request_line else 400
+        if self._size - self._start >= LARGE_BUFFER or self._line > LARGE_BUFFER:
+            raise HeadTooLarge(status)  # the line alone fills a buffer
+        if self._large == LARGE_BUFFERS:
+            raise HeadTooLarge(400)
+        self._large += 1  # the line so far moves to a new large buffer
+        self._size, self._start = LARGE_BUFFER, 0
+
+    def _line_done(self) -> None:
+        blank = self._line <= 2  # "\r\n" or "\n"
+        if self._request_line and blank:
+            self._line = 0  # empty lines before a request line are skipped, as nginx does
+            return
+        if blank:
+            self.active = False  # the head is complete
+            return
+        self._request_line = False
+        self._start += self._line
+        self._line = 0
