@@ -1,7 +1,8 @@
 """The edge's ASGI app for one listener: what the seed's `server` blocks do, in front of a backend.
 
 - plain HTTP with TLS configured: `rewrite ^(.*) https://$server_name$1 permanent;` (301);
-- a body over client_max_body_size (by Content-Length) → 413 before the body is read;
+- a body over client_max_body_size: by Content-Length → 413 before the body is read; sent
+  chunked → 413 as soon as the bytes read cross it, the backend seeing a client gone;
 - else the backend (the mirror's ASGI app in-process, or `ProxyBackend`) gets the request with
   the forwarded headers (`forward.py`) in its scope;
 - the backend's responses pass the seed's gzip (`gzip.py`) when `[edge.gzip] enabled`;
@@ -50,7 +51,7 @@ class EdgeApp:
         if scope["type"] != "http":
             return
         began = time.monotonic()
-        exchange = _Exchange(receive, send)
+        exchange = _Exchange(receive, send, self.config.client_max_body_size)
         try:
             await self._handle(scope, exchange)
         except Exception:
@@ -68,7 +69,8 @@ class EdgeApp:
             await send_page(exchange.send, 301, [(b"location", location)], head=head)
             return
         length = header(headers, b"content-length")
-        if length is not None and _too_large(length, self.config.client_max_body_size):
+        limit = self.config.client_max_body_size
+        if length is not None and limit and _too_large(length, limit):
             # nginx answers before reading the body, and closes the connection after.
             await send_page(exchange.send, 413, head=head, close=True)
             return
@@ -124,11 +126,14 @@ class EdgeApp:
 
 
 class _Exchange:
-    """The client's side of one request: what was received and sent, for the access log."""
+    """The client's side of one request: what was received and sent, for the access log; and
+    the body limit for a body sent without Content-Length (0: none, as in nginx)."""
 
-    def __init__(self, receive: Receive, send: Send) -> None:
+    def __init__(self, receive: Receive, send: Send, body_limit: int) -> None:
         self._receive = receive
         self._send = send
+        self._body_limit = body_limit
+        self._refused = False
         self.started = False
         self.status = 0
         self.cache_status: bytes | None = None
@@ -137,15 +142,30 @@ class _Exchange:
         self._body_size = 0
 
     async def receive(self) -> Message:
+        if self._refused:
+            return {"type": "http.disconnect"}
         message = await self._receive()
         chunk = message.get("body", b"")
         if chunk:
             if self._body_size + len(chunk) <= REQUEST_BODY_LOGGED:
                 self._body.append(chunk)
             self._body_size += len(chunk)
+            if self._body_limit and self._body_size > self._body_limit:
+                await self._refuse()
+                return {"type": "http.disconnect"}
         return message
 
+    async def _refuse(self) -> None:
+        """413 and close, as nginx answers while it reads; the backend sees the client gone
+        (a points-to backend's request is cut, never ended as if whole), and what it still
+        sends is dropped."""
+        if not self.started:
+            await send_page(self.send, 413, close=True)
+        self._refused = True
+
     async def send(self, message: Message) -> None:
+        if self._refused:
+            return
         if message["type"] == "http.response.start":
             self.started = True
             self.status = message["status"]

@@ -102,6 +102,8 @@ class ProxyBackend:
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             await self._fail(send, scope, started, 504, f"upstream timed out: {exc!r}", head)
         except aiohttp.ClientError as exc:
+            if isinstance(exc.__cause__, ClientGone):
+                return  # the body's generator saw the client gone (aiohttp wraps it)
             await self._fail(send, scope, started, 502, f"upstream failed: {exc!r}", head)
 
     async def _fail(
