@@ -146,7 +146,7 @@ class TlsConfig(_Model):
 class GzipConfig(_Model):
     """`[edge.gzip]`: the seed's gzip block (level 6, min_length 256, its gzip_types)."""
 
-    enabled: bool = False
+    enabled: bool = True  # the seed: gzip on
 
 
 class EdgeConfig(_Model):
