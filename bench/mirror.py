@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import datetime
 import importlib.metadata
+import os
 import platform
 import re
 import shlex
@@ -171,6 +172,7 @@ def setup(bench: Bench) -> None:
     bench.log(f"pushing to the upstream {upstream.url}")
     push(bench.big, upstream, BIG_REPO, TAG)
     push(bench.mid, upstream, MID_REPO, TAG)
+    os.sync()  # the pushed gigabytes' writeback must not land in the first round
     for image, repo in ((bench.big, BIG_REPO), (bench.mid, MID_REPO)):
         digest, size = layer(image)
         bench.notes.append(f"`{repo}:{TAG}` layer {digest} = {size} bytes")
