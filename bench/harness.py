@@ -526,8 +526,8 @@ class Fetch:
         return self.size / self.seconds / 1e6
 
 
-def _curl_command(url: str, accept: str | None) -> list[str]:
-    command = ["curl", "-sS", "-o", "/dev/null", "-D", "-"]
+def _curl_command(url: str, accept: str | None, insecure: bool = False) -> list[str]:
+    command = ["curl", "-sS", "-o", "/dev/null", "-D", "-", *(["-k"] if insecure else [])]
     if accept:
         command += ["-H", f"Accept: {accept}"]
     return [*command, "-w", "\n%{http_code} %{size_download} %{time_total}\n", url]
@@ -544,9 +544,13 @@ def _parse_curl(output: str) -> Fetch:
     return Fetch(int(status), int(size), float(seconds), headers)
 
 
-def fetch(url: str, *, accept: str | None = None, size: int | None = None) -> Fetch:
-    """GET `url` with curl into /dev/null; raise unless 200 (and `size` bytes, if given)."""
-    result = subprocess.run(_curl_command(url, accept), capture_output=True, text=True, check=False)
+def fetch(
+    url: str, *, accept: str | None = None, size: int | None = None, insecure: bool = False
+) -> Fetch:
+    """GET `url` with curl into /dev/null; raise unless 200 (and `size` bytes, if given).
+    `insecure`: curl -k (a self-signed certificate)."""
+    command = _curl_command(url, accept, insecure)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise BenchError(f"curl {url}: {result.stderr.strip()}")
     return _checked(url, _parse_curl(result.stdout), size)

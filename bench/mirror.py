@@ -37,6 +37,7 @@ from bench.harness import (
     NamespacedUpstream,
     OtherLoad,
     RssMonitor,
+    blob_data_path,
     create_shaped_link,
     fetch,
     fetch_many,
@@ -44,7 +45,9 @@ from bench.harness import (
     settle,
     wrk,
 )
+from tests.support.edge import run_edge
 from tests.support.images import Image, RandomLayer, build_image, push
+from tests.support.nginx import run_nginx
 from tests.support.registry import Registry, start_registry
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -305,6 +308,121 @@ def row_manifests(bench: Bench) -> None:
                 problems += f", socket errors: {result.socket_errors}"
             rate = f"{result.requests_per_s:.0f} req/s, mirror CPU {cores:.2f} cores"
             bench.record(f"round {index} {mirror.kind} by {kind}: {rate}{problems}")
+
+
+def wait_stored(root: Path, digest: str, size: int, timeout: float = 180.0) -> None:
+    """Wait until the blob is committed under `root` (registry:2's layout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError):
+            if blob_data_path(root, digest).stat().st_size == size:
+                return
+        if time.monotonic() > deadline:
+            raise BenchError(f"{digest} was not stored under {root}")
+        time.sleep(0.05)
+
+
+def row_edge(bench: Bench) -> None:
+    """6-8. The TLS edge against nginx with the seed's config (TLS, same self-signed certificate,
+    worker_processes auto like edgeproxy's workers default) in front of the registry:2 baseline:
+    edgeproxy's embedded backend (warm big blob, manifest by digest under wrk), and edgeproxy
+    pointing to the same registry:2 (warm big blob). In the table's registry:2 column: nginx."""
+    assert bench.upstream is not None and bench.big is not None
+    baseline = bench.mirrors[0]
+    digest, size = layer(bench.big)
+    label = f"{bench.args.big_mib} MiB blob"
+    warm = bench.row(
+        Row(
+            f"TLS edge, embedded vs nginx+registry:2: warm {label} (MB/s)",
+            "MB/s",
+            "higher",
+            ">= 1.0x",
+            lambda base, edge, ratio: ratio >= 1.0,
+        )
+    )
+    manifests = bench.row(
+        Row(
+            "TLS edge, embedded vs nginx+registry:2: manifest by digest (req/s)",
+            "req/s",
+            "higher",
+            ">= 1.0x",
+            lambda base, edge, ratio: ratio >= 1.0,
+        )
+    )
+    points_to = bench.row(
+        Row(
+            f"TLS edge, points-to registry:2 vs nginx+registry:2: warm {label} (MB/s)",
+            "MB/s",
+            "higher",
+            ">= 0.9x",
+            lambda base, edge, ratio: ratio >= 0.9,
+        )
+    )
+    upstreams = [{"name": "docker.io", "url": bench.upstream.url}]
+    blob = f"/v2/{BIG_REPO}/blobs/{digest}"
+    manifest = f"/v2/{BIG_REPO}/manifests/{bench.big.manifest_digest}"
+    with contextlib.ExitStack() as stack:  # stops nginx and both edgeproxies (process groups)
+        embedded = stack.enter_context(
+            run_edge(bench.work / "edge-embedded", upstreams, access_log="off")
+        )
+        assert embedded.certificate is not None
+        key = embedded.certificate.with_name("server.key")
+        nginx_port = stack.enter_context(
+            run_nginx(
+                bench.work / "nginx",
+                baseline.url,
+                tls=(embedded.certificate, key),
+                workers="auto",
+            )
+        )
+        pointing = stack.enter_context(
+            run_edge(
+                bench.work / "edge-points-to", upstreams, access_log="off", backend=baseline.url
+            )
+        )
+        nginx = f"https://127.0.0.1:{nginx_port}"
+        ends = {"nginx": nginx, "embedded": embedded.https_url, "points-to": pointing.https_url}
+        for name, url in ends.items():  # warm-up: one fetch through each, stored before timing
+            fetch(url + blob, size=size, insecure=True)
+            if name == "embedded":
+                wait_stored(bench.work / "edge-embedded" / "cache", digest, size)
+            else:
+                settle(baseline, bench.upstream, digest, size)
+            answer = fetch(url + manifest, accept=MANIFEST_ACCEPT, insecure=True)
+            if answer.headers.get("docker-content-digest") != bench.big.manifest_digest:
+                raise BenchError(f"{name} {manifest}: digest {answer.headers}")
+        bench.mark()
+        for index in range(1, bench.args.rounds + 1):
+            order = list(ends) if index % 2 else list(ends)[::-1]
+            for name in order:
+                result = fetch(ends[name] + blob, size=size, insecure=True)
+                if name == "nginx":
+                    warm.baseline.append(result.mb_per_s)
+                    points_to.baseline.append(result.mb_per_s)
+                else:
+                    (warm if name == "embedded" else points_to).edgeproxy.append(result.mb_per_s)
+                bench.record(
+                    f"round {index} TLS {name}: warm {result.mb_per_s:.0f} MB/s"
+                    f" ({result.seconds:.2f} s)"
+                )
+            for name in ("nginx", "embedded") if index % 2 else ("embedded", "nginx"):
+                rate = wrk(ends[name] + manifest, MANIFEST_ACCEPT, bench.args.wrk_seconds)
+                values = manifests.baseline if name == "nginx" else manifests.edgeproxy
+                values.append(rate.requests_per_s)
+                problems = f", non-2xx {rate.non_2xx}" if rate.non_2xx else ""
+                if rate.socket_errors:
+                    problems += f", socket errors: {rate.socket_errors}"
+                bench.record(
+                    f"round {index} TLS {name} manifest by digest: "
+                    f"{rate.requests_per_s:.0f} req/s{problems}"
+                )
+    bench.notes.append(
+        "TLS edge rows: the registry:2 column is nginx 1.22 with the seed's config (TLS, "
+        "`worker_processes auto`, access_log off) proxying to the registry:2 baseline; edgeproxy "
+        "is `[edge]` https + `[edge.tls]` (a certificate from `edgeproxy certs self-signed`, "
+        "shared by both), workers default (auto), access_log off; `curl -k`, one warm-up fetch "
+        "through each first. The nginx warm figures serve as the baseline of both blob rows."
+    )
 
 
 def row_shaped(bench: Bench) -> None:
@@ -619,6 +737,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--wrk-seconds", type=int, default=5, help="per wrk run (default 5)")
     parser.add_argument("--rate", default="400mbit", help="row 5's tbf rate (default 400mbit)")
     parser.add_argument("--no-netns", action="store_true", help="skip row 5")
+    parser.add_argument(
+        "--no-edge", action="store_true", help="skip the TLS edge rows (vs nginx+registry:2)"
+    )
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     return parser.parse_args(argv)
@@ -631,6 +752,8 @@ def steps(args: argparse.Namespace) -> list[tuple[str, Callable[[Bench], None]]]
         ("2: concurrent cold clients", row_concurrent),
         ("3: manifests", row_manifests),
     ]
+    if not args.no_edge:
+        chosen.append(("6-8: TLS edge vs nginx+registry:2", row_edge))
     if not args.no_profile:
         chosen.append(("profile", profile))
     if not args.no_netns:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -44,8 +45,8 @@ SEED_HTTP = """
 # The seed's mirror.conf `location /`, on a loopback port.
 SEED_SERVER = """
     server {{
-        listen 127.0.0.1:{port};
-        server_name 127.0.0.1;
+        listen 127.0.0.1:{port}{ssl};
+        server_name 127.0.0.1;{certificates}
         location / {{
             proxy_pass {backend};
             proxy_read_timeout 300;
@@ -69,24 +70,40 @@ def nginx_binary() -> str:
 
 
 @contextmanager
-def run_nginx(prefix: Path, backend: str, *, client_max_body_size: str = "1024m") -> Iterator[int]:
-    """nginx with the seed's config in front of `backend` (a URL); yield its port."""
+def run_nginx(
+    prefix: Path,
+    backend: str,
+    *,
+    client_max_body_size: str = "1024m",
+    tls: tuple[Path, Path] | None = None,
+    workers: str = "1",
+) -> Iterator[int]:
+    """nginx with the seed's config in front of `backend` (a URL); yield its port. With `tls`
+    (certificate, key) the port speaks TLS (nginx's default protocols and ciphers)."""
     prefix.mkdir(parents=True, exist_ok=True)
     port = free_port()
     temp = "".join(
         f"    {kind}_temp_path {prefix / kind};\n"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
+    certificates = (
+        f"\n        ssl_certificate {tls[0]};\n        ssl_certificate_key {tls[1]};" if tls else ""
+    )
     config = prefix / "nginx.conf"
     config.write_text(
         ("user root;\n" if os.geteuid() == 0 else "")  # the temp dirs are root's
-        + f"worker_processes 1;\npid {prefix / 'nginx.pid'};\n"
+        + f"worker_processes {workers};\npid {prefix / 'nginx.pid'};\n"
         + f"error_log {prefix / 'error.log'} info;\n"
         + "events { worker_connections 1024; }\n"
         + "http {\n    access_log off;\n"
         + temp
         + SEED_HTTP.replace("{client_max_body_size}", client_max_body_size)
-        + SEED_SERVER.format(port=port, backend=backend)
+        + SEED_SERVER.format(
+            port=port,
+            ssl=" ssl" if tls else "",
+            certificates=certificates,
+            backend=backend,
+        )
         + "}\n"
     )
     log = str(prefix / "error.log")
@@ -100,10 +117,12 @@ def run_nginx(prefix: Path, backend: str, *, client_max_body_size: str = "1024m"
     try:
         wait_for_port("127.0.0.1", port)
         yield port
-    finally:
-        process.terminate()
+    finally:  # the master and its workers: nginx runs in a session (process group) of its own
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            process.kill()
+            with suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait()
