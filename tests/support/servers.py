@@ -8,12 +8,12 @@ import signal
 import subprocess
 import sys
 import threading
-import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 import uvicorn
 
 from tests.support.ports import free_port, wait_for_port
@@ -39,43 +39,9 @@ def serve_app(app: Any, port: int | None = None, **options: Any) -> Iterator[str
 
 
 def write_toml(path: Path, data: dict[str, Any]) -> Path:
-    """A minimal TOML writer for test configs (tables, arrays of tables, scalars, inline dicts)."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return str(v)
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f"{value(k)} = {value(x)}" for k, x in v.items()) + " }"
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-    lines: list[str] = []
-
-    def table(prefix: str, body: dict[str, Any]) -> None:
-        scalars = {k: v for k, v in body.items() if not _is_table(v)}
-        if prefix:
-            lines.append(f"[{prefix}]")
-        lines.extend(f"{k} = {value(v)}" for k, v in scalars.items())
-        for key, sub in body.items():
-            name = f"{prefix}.{key}" if prefix else key
-            if isinstance(sub, list) and sub and isinstance(sub[0], dict):
-                for item in sub:
-                    lines.append(f"[[{name}]]")
-                    lines.extend(f"{k} = {value(v)}" for k, v in item.items())
-            elif isinstance(sub, dict) and _is_table(sub):
-                table(name, sub)
-
-    table("", data)
-    path.write_text("\n".join(lines) + "\n")
-    tomllib.loads(path.read_text())  # fail here, not in the server, if the writer is wrong
+    """Write a test config as TOML; return its path."""
+    path.write_text(tomli_w.dumps(data))
     return path
-
-
-def _is_table(v: Any) -> bool:
-    return (isinstance(v, dict) and any(isinstance(x, dict | list) for x in v.values())) or (
-        isinstance(v, list) and bool(v) and isinstance(v[0], dict)
-    )
 
 
 class EdgeproxyProcess:
