@@ -24,6 +24,7 @@ from pydantic import (
 
 DEFAULT_CONFIG_PATHS = (Path("proxy.toml"), Path("/etc/edgeproxy/proxy.toml"))
 
+SHUTDOWN_TIMEOUT = 60.0  # seconds; systemd's TimeoutStopSec in the unit is longer
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
@@ -168,6 +169,7 @@ class EdgeConfig(_Model):
     tls: TlsConfig | None = None
     gzip: GzipConfig = GzipConfig()
     workers: Workers = "auto"  # worker_processes: "auto" is one per CPU
+    shutdown_timeout: Duration = SHUTDOWN_TIMEOUT  # a drain lets in-flight requests run this long
 
     @model_validator(mode="after")
     def _listeners_match_tls(self) -> EdgeConfig:
@@ -188,15 +190,37 @@ class EdgeConfig(_Model):
         return self.backend.rstrip("/")
 
 
+class MetricsConfig(_Model):
+    """`[metrics]`: registry:2's debug listener: Prometheus `/metrics` and `/debug/health`."""
+
+    listen: Address
+
+
+class HealthConfig(_Model):
+    """`[health]`: registry:2's `health.storagedriver` (a storage probe every `interval`;
+    `threshold` failures in a row → 503) and an upstream reachability check (degraded only)."""
+
+    interval: Duration = Field(default=10.0, gt=0)
+    threshold: int = Field(default=3, ge=1)
+    timeout: Duration = Field(default=5.0, gt=0)  # one probe, storage or upstream
+
+
 class Config(_Model):
     mirror: MirrorConfig
     edge: EdgeConfig | None = None
+    metrics: MetricsConfig | None = None
+    health: HealthConfig = HealthConfig()
 
     @property
     def worker_count(self) -> int:
         """How many processes serve the listeners (`[edge] workers`; "auto" without [edge])."""
         workers = self.edge.workers if self.edge is not None else "auto"
         return (os.cpu_count() or 1) if workers == "auto" else workers
+
+    @property
+    def shutdown_timeout(self) -> float:
+        """How long a draining worker lets in-flight requests finish (`[edge] shutdown_timeout`)."""
+        return self.edge.shutdown_timeout if self.edge is not None else SHUTDOWN_TIMEOUT
 
 
 class ConfigError(Exception):

@@ -1,9 +1,10 @@
-"""The process model: bind the listeners, serve the apps, stop cleanly on a signal.
+"""A worker: bind the listeners, serve the apps, drain on a signal.
 
-The first process binds every listener, then forks `workers` processes (nginx's master and
-workers). Each worker runs one event loop with one uvicorn `Server` per listener: the
-mirror's own listener (if set) and the edge's http and https listeners (if `[edge]` is set),
-sharing one `MirrorApp`. Workers share the cache safely: fills are locked across processes.
+The master (`edgeproxy.service.master`) binds every listener, then forks `workers`
+processes (nginx's master and workers). Each worker runs one event loop with one uvicorn
+`Server` per listener: the mirror's own listener (if set), the edge's http and https
+listeners (if `[edge]` is set) and the metrics listener (if `[metrics]` is set), sharing one
+`MirrorApp`. Workers share the cache safely: fills are locked across processes.
 """
 
 from __future__ import annotations
@@ -14,36 +15,29 @@ import logging
 import os
 import signal
 import socket
-import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
 
+from edgeproxy import metrics
 from edgeproxy.config import Config, EdgeConfig
 from edgeproxy.edge.accesslog import AccessLog
 from edgeproxy.edge.app import EdgeApp
 from edgeproxy.edge.protocol import EdgeHttpProtocol
 from edgeproxy.edge.proxy import ProxyBackend
 from edgeproxy.edge.tls import CIPHERS, TlsError, server_context
+from edgeproxy.health import PATH as HEALTH_PATH
+from edgeproxy.health import HealthMonitor
+from edgeproxy.logs import set_secrets
 from edgeproxy.mirror.app import MirrorApp
 
 log = logging.getLogger("edgeproxy")
 
 
-def configure_logging(level: str = "info") -> None:
-    """One line per event, like nginx's error_log: `2026/11/27 20:44:50 [warn] message`."""
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s [%(levelname)s] %(name)s: %(message)s",
-        datefmt="%Y/%m/%d %H:%M:%S",
-    )
-    for name in ("httpx", "httpcore", "hpack"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, inherited by the workers; exit naming it if taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -86,9 +80,25 @@ class Listeners:
     mirror: socket.socket | None = None
     http: socket.socket | None = None
     https: socket.socket | None = None
+    metrics: socket.socket | None = None
+
+    def bound(self) -> list[socket.socket]:
+        return [s for s in (self.mirror, self.http, self.https, self.metrics) if s is not None]
 
 
-def bind_listeners(config: Config) -> Listeners:
+Bound = dict[tuple[str, int], socket.socket]
+
+
+def bind_listeners(config: Config, bound: Bound | None = None) -> Listeners:
+    """Bind what `config` listens on; an address already in `bound` keeps its socket (a
+    reload must not close a listener for a moment, nor fail to bind an address it holds)."""
+    bound = {} if bound is None else bound
+
+    def get(address: tuple[str, int]) -> socket.socket:
+        if address not in bound:
+            bound[address] = bind(*address)
+        return bound[address]
+
     edge = config.edge
     if config.mirror.listen is None and edge is None:
         raise SystemExit("edgeproxy: nothing to listen on: set mirror.listen or [edge]")
@@ -99,24 +109,34 @@ def bind_listeners(config: Config) -> Listeners:
             raise SystemExit(f"edgeproxy: edge.tls: {exc}") from exc
     listeners = Listeners()
     if config.mirror.listen is not None:
-        listeners.mirror = bind(*config.mirror.listen)
+        listeners.mirror = get(config.mirror.listen)
     if edge is not None and edge.http is not None:
-        listeners.http = bind(*edge.http)
+        listeners.http = get(edge.http)
     if edge is not None and edge.https is not None and edge.tls is not None:
-        listeners.https = bind(*edge.https)
+        listeners.https = get(edge.https)
+    if config.metrics is not None:
+        listeners.metrics = get(config.metrics.listen)
     return listeners
 
 
-async def serve(config: Config, listeners: Listeners) -> None:
-    """Serve every listener in this process until SIGINT/SIGTERM."""
+async def serve(config: Config, listeners: Listeners, report: int | None = None) -> None:
+    """Serve every listener in this process until SIGINT/SIGTERM (then drain).
+
+    `report` is the master's pipe: "ready PID" once every listener accepts, "closed PID"
+    once this process stopped accepting (a reload waits for both)."""
     edge = config.edge
+    set_secrets(u.password for u in config.mirror.upstream)
+    if config.metrics is not None:
+        metrics.enable()
+    health = HealthMonitor(config.mirror.root, config.mirror.upstream, config.health)
     servers: list[tuple[_Server, socket.socket]] = []
     mirror: MirrorApp | None = None
+    routed: Any = None  # the mirror with its metrics and /debug/health
     if listeners.mirror is not None or (edge is not None and edge.embedded):
         mirror = MirrorApp(config.mirror)
+        routed = _with_health(metrics.RequestMetrics(mirror), health)
     if listeners.mirror is not None:
-        assert mirror is not None
-        server = _uvicorn(mirror, access_log=True, timeout_keep_alive=120)
+        server = _uvicorn(routed, access_log=True, timeout_keep_alive=120)
         servers.append((server, listeners.mirror))
         host, port = listeners.mirror.getsockname()[:2]
         log.info("mirror listening on %s:%d (cache %s)", host, port, config.mirror.root)
@@ -124,17 +144,25 @@ async def serve(config: Config, listeners: Listeners) -> None:
     access_log: AccessLog | None = None
     if edge is not None:
         if edge.embedded:
-            assert mirror is not None
-            backend: Any = mirror
+            backend: Any = routed
         else:
             proxy = ProxyBackend(edge.backend_url, edge.connect_timeout, edge.read_timeout)
             backend = proxy
         access_log = AccessLog(edge.access_log, edge.access_log_format)
         app = EdgeApp(edge, backend, access_log)
         servers.extend(_edge_servers(edge, app, listeners))
+    if listeners.metrics is not None:
+        debug = _with_health(metrics.metrics_app(config.mirror.root), health)
+        servers.append((_uvicorn(debug, access_log=False), listeners.metrics))
+        host, port = listeners.metrics.getsockname()[:2]
+        log.info("metrics and health on http://%s:%d/metrics, %s", host, port, HEALTH_PATH)
+    for server, _ in servers:
+        server.config.timeout_graceful_shutdown = max(1, round(config.shutdown_timeout))
+    checking = asyncio.create_task(health.run())
     try:
-        await _run(servers)
+        await _run(servers, report)
     finally:
+        checking.cancel()
         if mirror is not None:
             await mirror.aclose()
         if proxy is not None:
@@ -172,25 +200,48 @@ def _edge_servers(
     return servers
 
 
-async def _run(servers: list[tuple[_Server, socket.socket]]) -> None:
-    """Run every server until a signal (or one of them stopping) stops them all."""
+async def _run(servers: list[tuple[_Server, socket.socket]], report: int | None) -> None:
+    """Run every server until a signal (or one of them stopping) stops them all.
 
-    def stop() -> None:
+    SIGTERM/SIGINT drain: stop accepting at once, let open requests finish (bounded by
+    `shutdown_timeout`); repeating them changes nothing (systemd and a terminal signal the
+    whole group, the master passes them on too). SIGQUIT, from the master: force."""
+
+    def drain() -> None:
+        if all(server.should_exit for server, _ in servers):
+            return
         for server, _ in servers:
-            if server.should_exit:
-                server.force_exit = True  # a second signal: do not wait for open connections
             server.should_exit = True
+            for listening in server.servers:  # now, not at uvicorn's next 0.1 s tick
+                listening.close()
+        _report(report, "closed")
+
+    def force() -> None:
+        for server, _ in servers:
+            server.should_exit = server.force_exit = True
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
+        loop.add_signal_handler(sig, drain)
+    loop.add_signal_handler(signal.SIGQUIT, force)
+    master = os.getppid()
     tasks = [asyncio.create_task(server.serve(sockets=[sock])) for server, sock in servers]
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        stop()
+        while not all(server.started for server, _ in servers):
+            if any(task.done() for task in tasks):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            _report(report, "ready")
+        while not any(task.done() for task in tasks):
+            await asyncio.wait(tasks, timeout=1, return_when=asyncio.FIRST_COMPLETED)
+            if report is not None and os.getppid() != master:
+                log.warning("the master process is gone; draining")
+                drain()
+        drain()
         await asyncio.wait(tasks)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
             loop.remove_signal_handler(sig)
     for task in tasks:
         error = task.exception()
@@ -198,20 +249,27 @@ async def _run(servers: list[tuple[_Server, socket.socket]]) -> None:
             raise error
 
 
-def run(config: Config) -> None:
-    """Bind every listener, then serve them in `workers` processes (or this one)."""
-    try:
-        config.mirror.root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SystemExit(
-            f"edgeproxy: mirror.root: cannot create {config.mirror.root}: {exc.strerror}"
-        ) from exc
-    listeners = bind_listeners(config)
-    workers = config.worker_count
-    if workers == 1:
-        _run_loop(serve(config, listeners))
-    else:
-        _supervise(workers, lambda: _run_loop(serve(config, listeners)))
+def _report(fd: int | None, event: str) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(fd, f"{event} {os.getpid()}\n".encode())
+
+
+def _with_health(app: Any, health: HealthMonitor) -> Any:
+    """`app`, with `GET /debug/health` answered by `health` (as registry:2's debug server)."""
+
+    async def routed(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == HEALTH_PATH:
+            await health(scope, receive, send)
+        else:
+            await app(scope, receive, send)
+
+    return routed
+
+
+def run_worker(config: Config, listeners: Listeners, report: int | None = None) -> None:
+    """One worker process's life: its event loop (uvloop) serving until drained."""
+    _run_loop(serve(config, listeners, report))
 
 
 def _run_loop(main: Coroutine[Any, Any, None]) -> None:
@@ -221,60 +279,3 @@ def _run_loop(main: Coroutine[Any, Any, None]) -> None:
         asyncio.run(main)
     else:
         uvloop.run(main)
-
-
-def _supervise(count: int, work: Callable[[], None]) -> None:
-    """nginx's master: fork `count` workers sharing the listeners, replace one that dies,
-    pass SIGTERM/SIGINT on to all of them and wait for them to drain."""
-    children: dict[int, float] = {}  # pid -> start time
-    stopping = False
-
-    def spawn() -> None:
-        pid = os.fork()
-        if pid == 0:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            code = 0
-            try:
-                work()
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            except BaseException:
-                log.exception("worker %d failed", os.getpid())
-                code = 1
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        children[pid] = time.monotonic()
-        log.info("worker %d started", pid)
-
-    def stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    for _ in range(count):
-        spawn()
-    failed = False
-    while children:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        started = children.pop(pid, time.monotonic())
-        if stopping:
-            continue
-        code = os.waitstatus_to_exitcode(status)
-        if time.monotonic() - started < 2 and code > 0:  # failing at start: do not spin
-            log.error("worker %d exited with %d at start; stopping", pid, code)
-            failed = True
-            stop(signal.SIGTERM, None)
-            continue
-        log.warning("worker %d exited with %d; starting another", pid, code)
-        spawn()
-    if failed:
-        raise SystemExit(1)

@@ -17,6 +17,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from edgeproxy import metrics
 from edgeproxy.mirror.errors import RegistryError
 from edgeproxy.mirror.names import Target
 from edgeproxy.mirror.storage import BlobReader, PartialBlob, Storage
@@ -212,6 +213,7 @@ class BlobService:
         partial = self._storage.try_begin_blob(fill.digest)
         if partial is None:
             return False
+        metrics.fetch_started()
         try:
             if fill.written:  # we followed another process whose fill died: readers must restart
                 raise RegistryError(
@@ -225,8 +227,10 @@ class BlobService:
             finally:
                 response.release()
         except BaseException:
+            metrics.fetch_ended()
             await asyncio.to_thread(partial.abort)
             raise
+        metrics.fetch_ended(pulled=fill.written)
         self._storage.link_blob(target.local_name, fill.digest)
         fill.commit()
         log.info("cached %s (%s bytes) from %s", fill.digest, fill.written, upstream.name)

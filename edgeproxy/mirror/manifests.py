@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from edgeproxy import metrics
 from edgeproxy.mirror.errors import RegistryError
 from edgeproxy.mirror.names import Target, is_digest
 from edgeproxy.mirror.storage import Storage
@@ -153,6 +154,7 @@ class ManifestService:
             raise UpstreamUnavailable(upstream.name, f"manifest bytes do not match {expected}")
         media_type = media_type_of(response.body)
         self._storage.write_manifest(target.local_name, digest, response.body)
+        metrics.pulled("manifest", len(response.body))
         manifest = Manifest(response.body, digest, media_type)
         self._remember((target.local_name, digest), manifest)
         return manifest

@@ -47,8 +47,9 @@ def write_toml(path: Path, data: dict[str, Any]) -> Path:
 class EdgeproxyProcess:
     """`edgeproxy run --config FILE` as a child process, its log in a file."""
 
-    def __init__(self, config_path: Path, port: int) -> None:
+    def __init__(self, config_path: Path, port: int, env: dict[str, str] | None = None) -> None:
         self.config_path = config_path
+        self.env = {**os.environ, **(env or {})}
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.host = f"127.0.0.1:{port}"
@@ -62,6 +63,7 @@ class EdgeproxyProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env=self.env,
             )
         try:
             wait_for_port("127.0.0.1", self.port, timeout=20)
@@ -84,6 +86,13 @@ class EdgeproxyProcess:
         except subprocess.TimeoutExpired:
             os.killpg(self._process.pid, signal.SIGKILL)
             code = self._process.wait()
+        self._process = None
+        return code
+
+    def wait(self, timeout: float = 60) -> int:
+        """Wait for the process to exit by itself; its exit code."""
+        assert self._process is not None, "not started"
+        code = self._process.wait(timeout=timeout)
         self._process = None
         return code
 

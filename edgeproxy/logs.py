@@ -1,0 +1,69 @@
+"""The error log: one line per event, nginx's levels, secrets never written.
+
+`2026/11/27 20:44:50 [warn] 4242#0: edgeproxy.mirror: message`: the time, the level as
+nginx's error_log names it, the process id (nginx's pid#tid), the logger, the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+
+# nginx's error_log levels for Python's.
+_LEVELS = {
+    "DEBUG": "debug",
+    "INFO": "info",
+    "WARNING": "warn",
+    "ERROR": "error",
+    "CRITICAL": "crit",
+}
+# Credentials that may reach a message through a URL, a header or an exception's text.
+_CREDENTIALS = re.compile(
+    r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?(?:basic|bearer)?\s*|\b(?:bearer|basic)\s+(?![a-z_]+=)"
+    r"|[?&](?:access_token|token|refresh_token|password)=)[^\s\"'&,;]+"
+    r"|(?<=//)[^/:@\s]+:[^/@\s]+(?=@)"  # user:password@ in a URL
+)
+REDACTED = "[redacted]"
+
+
+class ErrorLogFormatter(logging.Formatter):
+    """nginx's error_log line, with credentials replaced by `[redacted]`."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "%(asctime)s [%(nginx_level)s] %(process)d#0: %(name)s: %(message)s",
+            datefmt="%Y/%m/%d %H:%M:%S",
+        )
+        self.secrets: tuple[str, ...] = ()
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.nginx_level = _LEVELS.get(record.levelname, record.levelname.lower())
+        return redact(super().format(record), self.secrets)
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` without the configured `secrets` nor anything that looks like a credential."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return _CREDENTIALS.sub(lambda m: (m.group(1) or "") + REDACTED, text)
+
+
+_formatter = ErrorLogFormatter()
+
+
+def configure_logging(level: str = "info") -> None:
+    """Every logger (uvicorn's too) writes one redacted line per event to stderr."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("httpx", "httpcore", "hpack"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def set_secrets(secrets: Iterable[str]) -> None:
+    """The configured passwords: never written, even where no pattern would catch them."""
+    _formatter.secrets = tuple(s for s in secrets if s)

@@ -1,0 +1,1 @@
+"""Running as a service: the master process, systemd's notifications, the unit file."""

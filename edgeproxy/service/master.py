@@ -1,0 +1,315 @@
+"""The master process: nginx's, for the workers of `edgeproxy run`.
+
+It binds every listener, forks `workers` processes that inherit them, replaces one that
+dies, and tells systemd (sd_notify) where it stands:
+
+- start: READY=1 once every worker reported that all its listeners accept.
+- SIGHUP: reload. The config is read and checked again (certificates included); if it is
+  not usable, a log line says why and the running workers go on. Otherwise RELOADING=1, a
+  new generation of workers starts on the same sockets (an address still configured keeps
+  its socket: no connection is refused meanwhile); once all of them are ready, the old ones
+  drain (stop accepting, finish what is in flight, `shutdown_timeout` at most), then READY=1.
+- SIGTERM/SIGINT: STOPPING=1, the master closes its copies of the listeners, the workers
+  drain and the master exits 0 when they are gone. A second signal forces them (SIGQUIT).
+
+The master waits in one `select` on the signals (`signal.set_wakeup_fd`) and on a pipe on
+which the workers report "ready PID" and "closed PID".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeproxy import metrics
+from edgeproxy.config import Config, ConfigError, load_config
+from edgeproxy.server import Bound, Listeners, bind_listeners
+from edgeproxy.service import notify
+
+log = logging.getLogger("edgeproxy")
+
+START_GRACE = 2.0  # a worker failing sooner than this after its start is not replaced
+
+Work = Callable[[Config, Listeners, int], None]
+
+
+@dataclass
+class Generation:
+    """The workers started with one config."""
+
+    config: Config
+    listeners: Listeners
+    pids: set[int] = field(default_factory=set)
+    ready: set[int] = field(default_factory=set)
+    closed: set[int] = field(default_factory=set)
+
+
+class Master:
+    def __init__(self, path: Path, config: Config, work: Work) -> None:
+        self.path = path
+        self.work = work
+        self.bound: Bound = {}
+        self.current = Generation(config, bind_listeners(config, self.bound))
+        self.next: Generation | None = None  # a reload's workers, until they are all ready
+        self.draining: list[Generation] = []  # old generations finishing their requests
+        self.started: dict[int, float] = {}  # pid -> monotonic start time
+        self.stopping = False
+        self.failed = False
+        self.announced = False  # READY=1 sent for the current generation
+        self._reports, self._report_fd = os.pipe()
+        self._pending = b""
+
+    # The loop
+    def run(self) -> int:
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
+        handled = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+        for sig in handled:  # the handler does nothing: the wakeup fd carries the number
+            signal.signal(sig, lambda *_: None)
+        selector = selectors.DefaultSelector()
+        selector.register(wake_r, selectors.EVENT_READ)
+        selector.register(self._reports, selectors.EVENT_READ)
+        try:
+            self._spawn_all(self.current)
+            while self._workers():
+                for key, _ in selector.select():
+                    if key.fileobj is wake_r:
+                        for signum in wake_r.recv(512):
+                            self._on_signal(signum)
+                    else:
+                        self._on_reports(os.read(self._reports, 4096))
+                self._reap()
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for sig in handled:
+                signal.signal(sig, signal.SIG_DFL)
+            selector.close()
+            wake_r.close()
+            wake_w.close()
+            for sock in self.bound.values():
+                sock.close()
+        return 1 if self.failed else 0
+
+    def _workers(self) -> set[int]:
+        return set(self.started)
+
+    def _on_signal(self, signum: int) -> None:
+        if signum == signal.SIGHUP and not self.stopping:
+            self._reload()
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            self._stop(force=self.stopping)
+
+    # Workers
+    def _spawn_all(self, generation: Generation) -> None:
+        for _ in range(generation.config.worker_count):
+            self._spawn(generation)
+
+    def _spawn(self, generation: Generation) -> None:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child's life ends in os._exit
+            self._child(generation)
+        generation.pids.add(pid)
+        self.started[pid] = time.monotonic()
+        log.info("worker %d started", pid)
+
+    def _child(self, generation: Generation) -> None:
+        code = 0
+        try:
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the master's business
+            os.close(self._reports)
+            mine = {id(sock) for sock in generation.listeners.bound()}
+            for sock in self.bound.values():  # another generation's address: not ours to hold
+                if id(sock) not in mine:
+                    sock.close()
+            os.environ.pop("NOTIFY_SOCKET", None)  # only the master speaks to systemd
+            self.work(generation.config, generation.listeners, self._report_fd)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            log.exception("worker %d failed", os.getpid())
+            code = 1
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def _reap(self) -> None:
+        while self.started:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.started.clear()
+                return
+            if pid == 0:
+                return
+            self._exited(pid, os.waitstatus_to_exitcode(status))
+
+    def _exited(self, pid: int, code: int) -> None:
+        started = self.started.pop(pid, time.monotonic())
+        metrics.mark_worker_dead(pid)
+        generation = self._generation_of(pid)
+        if generation is None:
+            return
+        generation.pids.discard(pid)
+        if generation in self.draining:
+            if not generation.pids:
+                self.draining.remove(generation)
+                log.info("old workers drained")
+                self._close_unused()
+            self._announce_if_done()
+            return
+        if self.stopping:
+            return
+        early = time.monotonic() - started < START_GRACE and code > 0
+        if generation is self.next and (early or pid not in generation.ready):
+            log.error("reload failed: worker %d exited with %d; keeping the running config",
+                      pid, code)  # fmt: skip
+            self._abandon(generation)
+            return
+        if early:
+            log.error("worker %d exited with %d at start; stopping", pid, code)
+            self.failed = True
+            self._stop(force=False)
+            return
+        log.warning("worker %d exited with %d; starting another", pid, code)
+        self._spawn(generation)
+
+    def _generation_of(self, pid: int) -> Generation | None:
+        for generation in (self.current, self.next, *self.draining):
+            if generation is not None and pid in generation.pids:
+                return generation
+        return None
+
+    def _on_reports(self, data: bytes) -> None:
+        self._pending += data
+        *lines, self._pending = self._pending.split(b"\n")
+        for line in lines:
+            event, _, pid_text = line.decode().partition(" ")
+            pid = int(pid_text)
+            generation = self._generation_of(pid)
+            if generation is None:
+                continue
+            (generation.ready if event == "ready" else generation.closed).add(pid)
+        if self.next is not None and self.next.ready >= self.next.pids:
+            self._switch()
+        self._announce_if_done()
+
+    def _announce_if_done(self) -> None:
+        """READY=1 once the current workers all accept and no old one still accepts."""
+        if self.announced or self.stopping or self.next is not None:
+            return
+        if not self.current.ready >= self.current.pids:
+            return
+        if any(not g.closed >= g.pids for g in self.draining):
+            return
+        self.announced = True
+        notify.ready()
+        log.info("ready: %d workers serving %s", len(self.current.pids), self.path)
+
+    # Reload
+    def _reload(self) -> None:
+        if self.next is not None:
+            log.warning("reload: one is already under way; ignored")
+            return
+        log.info("reload: reading %s", self.path)
+        try:
+            config = load_config(self.path)
+        except ConfigError as exc:
+            log.error("reload refused, the running config stays: %s", exc)
+            return
+        bound = dict(self.bound)
+        try:
+            listeners = bind_listeners(config, bound)
+            _make_root(config)
+        except SystemExit as exc:
+            for address, sock in bound.items():
+                if address not in self.bound:
+                    sock.close()
+            log.error("reload refused, the running config stays: %s", exc.code)
+            return
+        self.bound = bound
+        notify.reloading()
+        self.announced = False
+        self.next = Generation(config, listeners)
+        self._spawn_all(self.next)
+
+    def _switch(self) -> None:
+        """The new workers all accept: the old ones drain."""
+        assert self.next is not None
+        old, self.current, self.next = self.current, self.next, None
+        self.draining.append(old)
+        for pid in old.pids:
+            _signal(pid, signal.SIGTERM)
+        log.info("reload: %d new workers serving; %d old ones draining",
+                 len(self.current.pids), len(old.pids))  # fmt: skip
+        if not old.pids:
+            self.draining.remove(old)
+
+    def _abandon(self, generation: Generation) -> None:
+        self.next = None
+        for pid in generation.pids:
+            _signal(pid, signal.SIGQUIT)
+        self.draining.append(generation)
+        generation.closed = set(generation.pids)  # they are stopped, not awaited for READY
+        self._close_unused()
+        self._announce_if_done()
+
+    def _close_unused(self) -> None:
+        """Close the sockets of addresses that no running generation listens on."""
+        live = [self.current, *self.draining] + ([self.next] if self.next else [])
+        used = {id(sock) for g in live for sock in g.listeners.bound()}
+        for address, sock in list(self.bound.items()):
+            if id(sock) not in used:
+                sock.close()
+                del self.bound[address]
+
+    # Stop
+    def _stop(self, force: bool) -> None:
+        if not self.stopping:
+            self.stopping = True
+            notify.stopping()
+            log.info("stopping: draining %d workers", len(self.started))
+            for sock in self.bound.values():
+                sock.close()  # with the workers' copies closed too, new connections are refused
+            self.bound.clear()
+        for pid in self.started:
+            _signal(pid, signal.SIGQUIT if force else signal.SIGTERM)
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _make_root(config: Config) -> None:
+    try:
+        config.mirror.root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(
+            f"edgeproxy: mirror.root: cannot create {config.mirror.root}: {exc.strerror}"
+        ) from exc
+
+
+def run(path: Path, config: Config, work: Work) -> int:
+    """`edgeproxy run`: the master's life; its exit code."""
+    _make_root(config)
+    folder = tempfile.mkdtemp(prefix="edgeproxy-metrics-")
+    os.environ[metrics.MULTIPROC_ENV] = folder  # before any worker creates a metric
+    try:
+        return Master(path, config, work).run()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

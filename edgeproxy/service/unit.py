@@ -1,0 +1,84 @@
+"""The systemd unit: `contrib/systemd/edgeproxy.service` is `render()` with its defaults, and
+`edgeproxy service install` writes it with this installation's paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgeproxy.config import SHUTDOWN_TIMEOUT
+
+UNIT_NAME = "edgeproxy.service"
+
+_TEMPLATE = """\
+# edgeproxy: a Docker registry mirror with its own TLS edge (nginx + registry:2 in one).
+# Install: edgeproxy service install (or copy this file to /etc/systemd/system/), then
+#   useradd --system --home-dir {root} --shell /usr/sbin/nologin {user}
+#   install -d -o {user} -g {user} {root} {log_dir}
+#   systemctl daemon-reload && systemctl enable --now edgeproxy
+# Reload (config and certificates, no download dropped): systemctl reload edgeproxy
+[Unit]
+Description=edgeproxy registry mirror
+Documentation=man:systemd.service(5)
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=notify
+NotifyAccess=main
+ExecStartPre={executable} check --config {config}
+ExecStart={executable} run --config {config}
+ExecReload=/bin/kill -HUP $MAINPID
+# SIGTERM to the master only: it drains the workers ([edge] shutdown_timeout), then exits 0.
+KillMode=mixed
+TimeoutStopSec={stop_timeout}
+Restart=on-failure
+RestartSec=2s
+LimitNOFILE=65536
+
+User={user}
+Group={user}
+# Ports 80 and 443 without root.
+AmbientCapabilities=CAP_NET_BIND_SERVICE
+CapabilityBoundingSet=CAP_NET_BIND_SERVICE
+NoNewPrivileges=yes
+ProtectSystem=strict
+ReadWritePaths={root} {log_dir}
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectHome=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectControlGroups=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+RestrictNamespaces=yes
+LockPersonality=yes
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def render(
+    executable: Path = Path("/usr/local/bin/edgeproxy"),
+    config: Path = Path("/etc/edgeproxy/proxy.toml"),
+    root: Path = Path("/var/lib/edgeproxy"),
+    log_dir: Path = Path("/var/log/edgeproxy"),
+    user: str = "edgeproxy",
+    shutdown_timeout: float = SHUTDOWN_TIMEOUT,
+) -> str:
+    """The unit for these paths (absolute: systemd takes no relative ones)."""
+    return _TEMPLATE.format(
+        executable=executable.absolute(),
+        config=config.absolute(),
+        root=root.absolute(),
+        log_dir=log_dir.absolute(),
+        user=user,
+        stop_timeout=f"{round(shutdown_timeout) + 30}s",  # the drain, then time to exit
+    )
+
+
+def install(unit_dir: Path, unit: str) -> Path:
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    path = unit_dir / UNIT_NAME
+    path.write_text(unit)
+    return path
