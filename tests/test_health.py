@@ -1,0 +1,110 @@
+"""Health: 503 when the cache cannot be written (after `threshold` failed probes), 200 again
+when it can; an unreachable upstream is "degraded" with a 200."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.ports import free_port
+from tests.support.registry import Registry
+from tests.support.servers import EdgeproxyProcess, write_toml
+from tests.support.wait import wait_until
+
+OFFLINE_UPSTREAM = {"name": "offline.example", "url": "http://127.0.0.1:1"}
+
+
+@contextmanager
+def immutable(path: Path) -> Iterator[None]:
+    """`chattr +i`: nothing can be created in `path`, not even by root (chmod would not do)."""
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr is missing (Debian's e2fsprogs)")
+    result = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+    if result.returncode != 0:  # e.g. tmpfs, or no CAP_LINUX_IMMUTABLE
+        pytest.skip(f"chattr +i does not work here: {result.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@contextmanager
+def mirror_with_health(
+    tmp_path: Path, upstreams: list[dict[str, Any]]
+) -> Iterator[tuple[EdgeproxyProcess, str]]:
+    port, metrics = free_port(), free_port()
+    config = {
+        "mirror": {
+            "root": str(tmp_path / "cache"),
+            "listen": f"127.0.0.1:{port}",
+            "upstream": upstreams,
+        },
+        "edge": {"http": f"127.0.0.1:{free_port()}", "workers": 2},
+        "metrics": {"listen": f"127.0.0.1:{metrics}"},
+        "health": {"interval": "0.2s", "threshold": 2, "timeout": "2s"},
+    }
+    process = EdgeproxyProcess(write_toml(tmp_path / "proxy.toml", config), port)
+    process.start()
+    try:
+        yield process, f"http://127.0.0.1:{metrics}/debug/health"
+    finally:
+        process.stop()
+
+
+def health(url: str) -> tuple[int, dict[str, Any]]:
+    response = httpx.get(url, timeout=30)
+    return response.status_code, response.json()
+
+
+def test_unwritable_cache_turns_503_and_recovers(tmp_path: Path, registry_none: Registry) -> None:
+    upstreams = [{"name": "docker.io", "url": registry_none.url}]
+    with mirror_with_health(tmp_path, upstreams) as (process, url):
+        assert wait_until(lambda: health(url) == (200, healthy(["docker.io"])))
+        with immutable(tmp_path / "cache"):
+            # Each worker probes on its own: wait for the one that answers to have seen it.
+            answers: list[dict[str, Any]] = []
+            assert wait_until(lambda: answered(url, 503, answers))
+            document = answers[-1]
+            assert document["status"] == "down"
+            assert document["storage"]["status"] == "down"
+            assert "Operation not permitted" in document["storage"]["error"]
+            assert document["upstreams"]["docker.io"]["status"] == "ok"
+            # The mirror's own listener answers the same path.
+            assert wait_until(lambda: answered(f"{process.url}/debug/health", 503, answers))
+        assert wait_until(lambda: health(url) == (200, healthy(["docker.io"])))
+    assert "storage " in process.log() and " is down: " in process.log()
+    assert " is back" in process.log()
+
+
+def test_an_unreachable_upstream_is_degraded_not_down(
+    tmp_path: Path, registry_none: Registry
+) -> None:
+    upstreams = [{"name": "docker.io", "url": registry_none.url}, OFFLINE_UPSTREAM]
+    with mirror_with_health(tmp_path, upstreams) as (_, url):
+        assert wait_until(lambda: health(url)[1]["upstreams"]["offline.example"]["failures"] > 0)
+        status, document = health(url)
+    assert status == 200
+    assert document["status"] == "degraded"
+    assert document["storage"]["status"] == "ok"
+    assert document["upstreams"]["docker.io"]["status"] == "ok"
+    assert document["upstreams"]["offline.example"]["status"] == "down"
+    assert "ConnectError" in document["upstreams"]["offline.example"]["error"]
+
+
+def answered(url: str, status: int, answers: list[dict[str, Any]]) -> bool:
+    """Whether `url` answers `status` now; its document goes to `answers`."""
+    got, document = health(url)
+    answers.append(document)
+    return got == status
+
+
+def healthy(upstreams: list[str]) -> dict[str, Any]:
+    ok = {"status": "ok", "failures": 0, "error": None}
+    return {"status": "ok", "storage": ok, "upstreams": dict.fromkeys(upstreams, ok)}

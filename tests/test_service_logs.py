@@ -1,0 +1,87 @@
+"""The error log: nginx's line shape and levels, and no credential or token in it, after pulls
+from upstreams with htpasswd (Basic) and bearer-token auth, and after a failing request."""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from edgeproxy.logs import redact
+from tests.support.images import Pushed
+from tests.support.ports import free_port
+from tests.support.registry import Registry
+from tests.support.servers import EdgeproxyProcess, write_toml
+from tests.support.skopeo import skopeo
+
+LINE = re.compile(
+    r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[(debug|info|notice|warn|error|crit)\] \d+#0: \S+: "
+)
+
+
+def test_no_credential_or_token_is_logged(
+    registry_htpasswd: Registry,
+    registry_token: Registry,
+    push_all: Callable[[Registry], dict[str, Pushed]],
+    tmp_path: Path,
+) -> None:
+    secrets: list[str] = []
+    upstreams = []
+    for name, registry in (("docker.io", registry_htpasswd), ("tokens.test", registry_token)):
+        assert registry.creds is not None
+        user, password = registry.creds
+        upstreams.append(
+            {"name": name, "url": registry.url, "username": user, "password": password}
+        )
+        secrets += [password, base64.b64encode(f"{user}:{password}".encode()).decode()]
+    items = {
+        "docker.io": push_all(registry_htpasswd)["small"],
+        "tokens.test": push_all(registry_token)["small"],
+    }
+    assert registry_token.token_server is not None
+    tokens_before = registry_token.token_server.token_requests
+    port = free_port()
+    config = {
+        "mirror": {"root": str(tmp_path / "cache"), "listen": f"127.0.0.1:{port}",
+                   "upstream": upstreams},
+        "edge": {"http": f"127.0.0.1:{free_port()}", "workers": 2},
+    }  # fmt: skip
+    process = EdgeproxyProcess(write_toml(tmp_path / "proxy.toml", config), port)
+    process.start()
+    try:
+        for prefix, item in (("", items["docker.io"]), ("tokens.test/", items["tokens.test"])):
+            skopeo(
+                "copy", "--src-tls-verify=false", "--src-no-creds",
+                f"docker://{process.host}/{prefix}{item.repo}:{item.tag}",
+                f"oci:{tmp_path / prefix.strip('/')}-pull:v1",
+            )  # fmt: skip
+        # A client's own credentials on a request the mirror refuses, and an unknown tag.
+        headers = {"Authorization": f"Bearer eyJclient.{secrets[0]}"}
+        httpx.put(f"{process.url}/v2/test/small/manifests/x", headers=headers, content=b"{}")
+        assert httpx.get(f"{process.url}/v2/test/small/manifests/nope").status_code == 404
+    finally:
+        process.stop()
+    log = process.log()
+    assert "cached sha256:" in log  # the pulls happened and were logged
+    assert registry_token.token_server.token_requests > tokens_before  # a token was used
+    for secret in secrets:
+        assert secret not in log
+    assert "eyJ" not in log  # the start of every JWT: no bearer token was written
+    lines = log.splitlines()
+    assert lines and all(LINE.match(line) for line in lines), [
+        line for line in lines if not LINE.match(line)
+    ]
+
+
+def test_redact_catches_what_looks_like_a_credential() -> None:
+    assert redact("GET https://bob:hunter2@host/v2/") == "GET https://[redacted]@host/v2/"
+    assert redact("Authorization: Bearer abc.def") == "Authorization: Bearer [redacted]"
+    assert redact("{'authorization': 'Basic Ym9i'}") == "{'authorization': 'Basic [redacted]'}"
+    assert redact("/token?service=x&access_token=abc") == "/token?service=x&access_token=[redacted]"
+    assert redact("the key is hunter2!", ["hunter2"]) == "the key is [redacted]!"
+    # Not credentials: a challenge's parameters, an address.
+    assert redact('Bearer realm="http://h/token"') == 'Bearer realm="http://h/token"'
+    assert redact("listening on http://127.0.0.1:5000") == "listening on http://127.0.0.1:5000"
