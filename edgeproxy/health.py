@@ -58,6 +58,7 @@ class HealthMonitor:
     def __post_init__(self) -> None:
         self.storage = Check()
         self.reachable = {u.name: Check() for u in self.upstreams}
+        self._verify = {u.name: ssl_context(str(u.ca) if u.ca else None) for u in self.upstreams}
 
     @property
     def storage_down(self) -> bool:
@@ -105,7 +106,7 @@ class HealthMonitor:
                 path.unlink()
 
     async def _probe_upstream(self, upstream: UpstreamConfig) -> str | None:
-        verify = ssl_context(str(upstream.ca) if upstream.ca else None)
+        verify = self._verify[upstream.name]
         try:
             async with httpx.AsyncClient(verify=verify, timeout=self.config.timeout) as client:
                 response = await client.get(f"{upstream.base_url}/v2/")
