@@ -222,3 +222,28 @@ def accepts(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def test_reload_moves_a_listener_and_refuses_a_certificate_that_does_not_load(
+    tmp_path: Path, notify_socket: NotifySocket
+) -> None:
+    certs = tmp_path / "certs"
+    self_signed(["127.0.0.1"], certs)
+    ports = https, http = free_port(), free_port()
+    path = write_toml(tmp_path / "proxy.toml", edge_config(tmp_path, ports, certs))
+    with started(path, https, notify_socket) as process:
+        moved = free_port()
+        write_toml(path, edge_config(tmp_path, (https, moved), certs))
+        os.kill(process.pid, signal.SIGHUP)
+        assert notify_socket.next()["RELOADING"] == "1"
+        assert notify_socket.next()["READY"] == "1"
+        assert httpx.get(f"http://127.0.0.1:{moved}/v2/").status_code == 301
+        assert wait_until(lambda: not accepts(http))  # closed once the old workers are gone
+
+        missing = tmp_path / "missing"
+        write_toml(path, edge_config(tmp_path, (https, free_port()), missing))
+        os.kill(process.pid, signal.SIGHUP)
+        assert wait_until(lambda: "reload refused" in process.log())
+        assert "edge.tls:" in process.log()
+        assert served_certificate(https) == pem_to_der(certs / "server.crt")
+        assert httpx.get(f"http://127.0.0.1:{moved}/v2/").status_code == 301

@@ -44,7 +44,7 @@ def test_the_unit_says_what_the_issue_asks() -> None:
         "User=edgeproxy",
         "AmbientCapabilities=CAP_NET_BIND_SERVICE",
         "ProtectSystem=strict",
-        "ReadWritePaths=/var/lib/edgeproxy /var/log/edgeproxy",
+        "ReadWritePaths=/var/lib/edgeproxy -/var/log/edgeproxy",
         "NoNewPrivileges=yes",
         "PrivateTmp=yes",
         "KillMode=mixed",
@@ -86,6 +86,6 @@ def test_service_install_writes_a_unit_for_the_config(tmp_path: Path) -> None:
     assert result.stdout.strip() == str(unit)
     text = unit.read_text()
     assert f"ExecStart={EDGEPROXY} run --config {path}" in text
-    assert f"ReadWritePaths={tmp_path / 'cache'} {tmp_path / 'logs'}" in text
+    assert f"ReadWritePaths={tmp_path / 'cache'} -{tmp_path / 'logs'}" in text
     assert "TimeoutStopSec=150s" in text
     assert verify(unit) == ""

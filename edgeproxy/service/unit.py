@@ -18,7 +18,6 @@ _TEMPLATE = """\
 # Reload (config and certificates, no download dropped): systemctl reload edgeproxy
 [Unit]
 Description=edgeproxy registry mirror
-Documentation=man:systemd.service(5)
 After=network-online.target
 Wants=network-online.target
 
@@ -42,7 +41,10 @@ AmbientCapabilities=CAP_NET_BIND_SERVICE
 CapabilityBoundingSet=CAP_NET_BIND_SERVICE
 NoNewPrivileges=yes
 ProtectSystem=strict
-ReadWritePaths={root} {log_dir}
+ReadWritePaths={root} -{log_dir}
+# The default folders, made and owned by systemd for {user} (another root: install -d it).
+StateDirectory=edgeproxy
+LogsDirectory=edgeproxy
 PrivateTmp=yes
 PrivateDevices=yes
 ProtectHome=yes
