@@ -1,4 +1,4 @@
-"""The error log: one line per event, nginx's levels, secrets never written.
+"""The error log: one line per event (newlines escaped), nginx's levels, no secrets.
 
 `2026/11/27 20:44:50 [warn] 4242#0: edgeproxy.mirror: message`: the time, the level as
 nginx's error_log names it, the process id (nginx's pid#tid), the logger, the message.
@@ -39,7 +39,8 @@ class ErrorLogFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         record.nginx_level = _LEVELS.get(record.levelname, record.levelname.lower())
-        return redact(super().format(record), self.secrets)
+        # One event, one line (a traceback too): the journal and grep see it whole.
+        return redact(super().format(record), self.secrets).replace("\n", "\\n")
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:

@@ -147,7 +147,7 @@ async def serve(config: Config, listeners: Listeners, report: int | None = None)
             backend: Any = routed
         else:
             proxy = ProxyBackend(edge.backend_url, edge.connect_timeout, edge.read_timeout)
-            backend = proxy
+            backend = metrics.RequestMetrics(proxy)  # the registry behind it, by route
         access_log = AccessLog(edge.access_log, edge.access_log_format)
         app = EdgeApp(edge, backend, access_log)
         servers.extend(_edge_servers(edge, app, listeners))

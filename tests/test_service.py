@@ -247,3 +247,41 @@ def test_reload_moves_a_listener_and_refuses_a_certificate_that_does_not_load(
         assert "edge.tls:" in process.log()
         assert served_certificate(https) == pem_to_der(certs / "server.crt")
         assert httpx.get(f"http://127.0.0.1:{moved}/v2/").status_code == 301
+
+
+def test_sigterm_cuts_a_stalled_download_after_shutdown_timeout(
+    tmp_path: Path, notify_socket: NotifySocket
+) -> None:
+    certs = tmp_path / "certs"
+    self_signed(["127.0.0.1"], certs)
+    digest = write_warm_blob(tmp_path / "cache", 64 << 20)
+    ports = https, _ = free_port(), free_port()
+    config = edge_config(tmp_path, ports, certs, shutdown_timeout="1s")
+    path = write_toml(tmp_path / "proxy.toml", config)
+    with started(path, https, notify_socket) as process:
+        url = f"https://127.0.0.1:{https}/v2/test/big/blobs/{digest}"
+        with download(url, certs / "server.crt") as body:
+            next(body)  # then this client reads nothing more
+            os.kill(process.pid, signal.SIGTERM)
+            assert process.wait() == 0  # the drain gave up on it after 1 s
+        assert "timeout graceful shutdown exceeded" in process.log()
+
+
+def test_a_reload_whose_workers_fail_to_start_keeps_the_old_ones(
+    tmp_path: Path, notify_socket: NotifySocket
+) -> None:
+    port = free_port()
+    config = mirror_config(tmp_path, port)
+    path = write_toml(tmp_path / "proxy.toml", config)
+    with started(path, port, notify_socket) as process:
+        config["edge"]["access_log"] = "/proc/no-such-dir/access.log"  # only a worker opens it
+        config["mirror"]["headers"] = {"X-Reloaded": "yes"}
+        write_toml(path, config)
+        os.kill(process.pid, signal.SIGHUP)
+        assert notify_socket.next()["RELOADING"] == "1"
+        assert notify_socket.next()["READY"] == "1"
+        assert "reload failed: worker" in process.log()
+        for _ in range(10):
+            response = httpx.get(f"{process.url}/v2/")
+            assert response.status_code == 200
+            assert "x-reloaded" not in response.headers

@@ -4,13 +4,15 @@ from upstreams with htpasswd (Basic) and bearer-token auth, and after a failing 
 from __future__ import annotations
 
 import base64
+import logging
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
-from edgeproxy.logs import redact
+from edgeproxy.logs import ErrorLogFormatter, redact
 from tests.support.images import Pushed
 from tests.support.ports import free_port
 from tests.support.registry import Registry
@@ -85,3 +87,15 @@ def test_redact_catches_what_looks_like_a_credential() -> None:
     # Not credentials: a challenge's parameters, an address.
     assert redact('Bearer realm="http://h/token"') == 'Bearer realm="http://h/token"'
     assert redact("listening on http://127.0.0.1:5000") == "listening on http://127.0.0.1:5000"
+
+
+def test_a_traceback_stays_on_its_line() -> None:
+    formatter = ErrorLogFormatter()
+    try:
+        raise ValueError("two\nlines")
+    except ValueError:
+        record = logging.LogRecord("edgeproxy", logging.ERROR, __file__, 1, "failed", (), None)
+        record.exc_info = sys.exc_info()
+    line = formatter.format(record)
+    assert "\n" not in line
+    assert LINE.match(line) and "[error]" in line and "ValueError: two\\nlines" in line
