@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from edgeproxy import metrics
 from edgeproxy.config import Config, EdgeConfig
@@ -49,6 +50,15 @@ def bind(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
+
+
+class _UnloggedProtocol(HttpToolsProtocol):
+    """No access log line per scrape. (uvicorn's `access_log=False` would silence the one
+    access logger of every listener in the process, the mirror's too.)"""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.access_log = False
 
 
 class _Server(uvicorn.Server):
@@ -153,7 +163,7 @@ async def serve(config: Config, listeners: Listeners, report: int | None = None)
         servers.extend(_edge_servers(edge, app, listeners))
     if listeners.metrics is not None:
         debug = _with_health(metrics.metrics_app(config.mirror.root), health)
-        servers.append((_uvicorn(debug, access_log=False), listeners.metrics))
+        servers.append((_uvicorn(debug, http=_UnloggedProtocol), listeners.metrics))
         host, port = listeners.metrics.getsockname()[:2]
         log.info("metrics and health on http://%s:%d/metrics, %s", host, port, HEALTH_PATH)
     for server, _ in servers:
