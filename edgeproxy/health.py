@@ -83,6 +83,8 @@ class HealthMonitor:
             check = self.reachable[upstream.name]
             if error is not None and check.error is None:
                 log.warning("upstream %s unreachable: %s", upstream.name, error)
+            elif error is None and check.error is not None:
+                log.warning("upstream %s reachable again", upstream.name)
             check.record(error)
 
     async def _probe_storage(self) -> str | None:

@@ -3,6 +3,7 @@ when it can; an unreachable upstream is "degraded" with a 200."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -13,6 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
+from edgeproxy.config import HealthConfig
+from edgeproxy.health import HealthMonitor
 from tests.support.ports import free_port
 from tests.support.registry import Registry
 from tests.support.servers import EdgeproxyProcess, write_toml
@@ -108,3 +111,26 @@ def answered(url: str, status: int, answers: list[dict[str, Any]]) -> bool:
 def healthy(upstreams: list[str]) -> dict[str, Any]:
     ok = {"status": "ok", "failures": 0, "error": None}
     return {"status": "ok", "storage": ok, "upstreams": dict.fromkeys(upstreams, ok)}
+
+
+def test_the_storage_is_down_only_after_threshold_failures_in_a_row(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    root.mkdir()
+    monitor = HealthMonitor(root, [], HealthConfig(threshold=3))
+
+    async def checks(count: int) -> int:
+        for _ in range(count):
+            await monitor.check()
+        return monitor.report()[0]
+
+    assert asyncio.run(checks(1)) == 200
+    root.rmdir()
+    root.write_text("a file where the cache folder was")  # fails for root too: ENOTDIR
+    assert asyncio.run(checks(2)) == 200  # two failures: failing, still serving
+    assert monitor.report()[1]["storage"]["status"] == "failing"
+    assert asyncio.run(checks(1)) == 503
+    assert monitor.report()[1]["storage"]["failures"] == 3
+    root.unlink()
+    root.mkdir()
+    assert asyncio.run(checks(1)) == 200  # one success resets the count
+    assert list(root.iterdir()) == []  # the probe file is removed each time
