@@ -114,6 +114,7 @@ async def serve(config: Config, listeners: Listeners) -> None:
     mirror: MirrorApp | None = None
     if listeners.mirror is not None or (edge is not None and edge.embedded):
         mirror = MirrorApp(config.mirror)
+        mirror.start()
     if listeners.mirror is not None:
         assert mirror is not None
         server = _uvicorn(mirror, access_log=True, timeout_keep_alive=120)
