@@ -3,9 +3,10 @@
 The unit of eviction is a manifest of a repository (the tags pointing at it go with it); its
 age is that of its last pull, or of its index's when an index references it. A blob is
 removed only when no kept manifest references it (an index its child manifests, an image its
-config and layers), and then in turn by its own last pull: a layer still pulled through a
-newer image stays. Past `max_age` everything goes; past `max_size` the least recently pulled
-goes first until the cache fits. The limits apply to whatever is stored, whenever it came.
+config and layers); a blob no manifest references goes by its own last pull. Past `max_age`
+everything goes; past `max_size` the least recently pulled goes first until the cache fits.
+The limits apply to whatever is stored, whenever it came. Whatever is pulled while a pass
+runs (after its scan began) is kept, with what it references.
 
 One process at a time applies them (a `flock`), in a thread, every `interval`. Removing a
 blob never cuts a transfer short: readers hold it open (Linux keeps an unlinked file's data
@@ -130,7 +131,6 @@ def plan(inventory: Inventory, limits: CacheConfig, now: float) -> Plan:
         if users[digest] == 0:
             heap.append((blob.last_pull, 0, len(heap), digest))
     heapq.heapify(heap)
-    sequence = len(heap)
     size = inventory.size
     cutoff = None if limits.max_age is None else now - limits.max_age
     removed_manifests: list[Entry] = []
@@ -148,12 +148,12 @@ def plan(inventory: Inventory, limits: CacheConfig, now: float) -> Plan:
             continue
         entry = keyed[item]
         removed_manifests.append(entry)
-        for digest in entry.refs | {item[1]}:
+        for digest in sorted(entry.refs | {item[1]}):
             if digest in blobs:
                 users[digest] -= 1
-                if users[digest] == 0:  # now unreferenced: it goes by its own last pull
-                    heapq.heappush(heap, (blobs[digest].last_pull, 0, sequence, digest))
-                    sequence += 1
+                if users[digest] == 0:  # nothing kept references it: it goes too
+                    removed_blobs.append(blobs[digest])
+                    size -= blobs[digest].size
     return Plan(removed_manifests, removed_blobs, inventory.size, size)
 
 

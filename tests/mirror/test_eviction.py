@@ -134,13 +134,15 @@ def test_an_index_keeps_its_children_and_their_blobs(storage: FilesystemStorage)
     assert len(blobs) == 7  # the index, 2 manifests, 2 configs, 2 layers
 
 
-def test_a_freed_blob_pulled_recently_stays(storage: FilesystemStorage) -> None:
-    layer = os.urandom(100)
-    put_image(storage, "a", [layer], age=10 * DAY)
-    storage.record_blob_pull(digest_of(layer))  # e.g. pulled through an image not yet stored
-    _, blobs = removed(storage, CacheConfig(max_age=7 * DAY))
-    assert digest_of(layer) not in blobs
-    assert len(blobs) == 2
+def test_a_blob_no_manifest_references_goes_by_its_own_last_pull(
+    storage: FilesystemStorage,
+) -> None:
+    old, recent = put_blob(storage, b"old" * 100, age=10 * DAY), put_blob(storage, b"new", age=0)
+    put_image(storage, "a", [os.urandom(1000)], age=DAY)
+    assert removed(storage, CacheConfig(max_age=7 * DAY)) == (set(), {old})
+    assert removed(storage, CacheConfig(max_size=scan(storage).size - 1)) == (set(), {old})
+    everything = plan(scan(storage), CacheConfig(max_size=0), NOW).blobs
+    assert [everything[0].digest, everything[-1].digest] == [old, recent]  # oldest first
 
 
 def test_prune_removes_content_and_keeps_the_layout_consistent(storage: FilesystemStorage) -> None:
