@@ -250,7 +250,7 @@ async def _warm_blob(mirror: MirrorApp, progress: Progress, target: Target, dige
     label = digest[7:19]
     size = mirror.blobs.size(digest)
     if size is not None:
-        mirror.pulls.blob(digest)
+        mirror.pulls.blob(target.local_name, digest)
         progress.add_task(f"{label} cached", total=size, completed=size)
         return
     upstream = mirror.upstreams[target.upstream.name]

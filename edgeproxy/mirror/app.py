@@ -148,12 +148,12 @@ class MirrorApp:
             size = self.blobs.size(digest)
             if size is None:
                 return await self._head_cold_blob(target, upstream, digest)
-            self.pulls.blob(digest)
+            self.pulls.blob(target.local_name, digest)
             return _blob_response(request, digest, HIT, size, None)
         # A warm GET holds the blob open from here on: an eviction cannot cut its body short.
         reader = self.blobs.open_stored(digest)
         if reader is not None:
-            self.pulls.blob(digest)
+            self.pulls.blob(target.local_name, digest)
             body = functools.partial(self.blobs.read_stored, reader)
             try:
                 response = _blob_response(request, digest, HIT, reader.size, body)

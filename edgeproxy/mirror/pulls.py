@@ -14,15 +14,15 @@ MAX_REMEMBERED = 100_000  # marks remembered before the memory is emptied
 class PullRecorder:
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
-        self._marked: dict[tuple[str, str], float] = {}  # (name or "", digest) -> monotonic
+        self._marked: dict[tuple[str, str], float] = {}  # (repository, digest) -> monotonic
 
     def manifest(self, name: str, digest: str) -> None:
         if self._due((name, digest)):
             self._storage.record_manifest_pull(name, digest)
 
-    def blob(self, digest: str) -> None:
-        if self._due(("", digest)):
-            self._storage.record_blob_pull(digest)
+    def blob(self, name: str, digest: str) -> None:
+        if self._due((name, digest)):
+            self._storage.record_blob_pull(name, digest)
 
     def _due(self, key: tuple[str, str]) -> bool:
         now = time.monotonic()

@@ -5,6 +5,7 @@ the upstream stopped, limits apply to content cached before they were set."""
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,11 @@ from edgeproxy.cli import main
 from edgeproxy.mirror.eviction import scan
 from edgeproxy.mirror.storage import FilesystemStorage
 from tests.conftest import TEST_TAG
-from tests.e2e.test_mirror_pull import pull, pulled_digest, upstream_entry
+from tests.e2e.test_mirror_pull import pulled_digest, upstream_entry
 from tests.support.images import Pushed, build_image, push, random_layer
 from tests.support.registry import Registry, start_registry
-from tests.support.servers import EdgeproxyProcess, run_edgeproxy
-from tests.support.skopeo import SkopeoError
+from tests.support.servers import run_edgeproxy
+from tests.support.skopeo import SkopeoError, skopeo
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -43,10 +44,14 @@ def push_images(upstream: Registry, tmp_path: Path, layers: dict[str, list[bytes
     ]
 
 
-def pulls_whole(mirror: EdgeproxyProcess, item: Pushed, destination: Path) -> bool:
+def pulls_whole(host: str, item: Pushed, destination: Path) -> bool:
+    """`skopeo copy --all` of the image from `host` succeeds with the pushed digest."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     try:
-        pull(mirror, f"{item.repo}:{item.tag}", destination)
+        skopeo(
+            "copy", "--all", "--src-tls-verify=false", "--src-no-creds", "--preserve-digests",
+            f"docker://{host}/{item.repo}:{item.tag}", f"oci:{destination}:v1",
+        )  # fmt: skip
     except SkopeoError:
         return False
     return pulled_digest(destination) == item.image.manifest_digest
@@ -72,14 +77,14 @@ def test_past_max_size_the_oldest_image_goes_and_the_rest_pull_from_the_cache(
     cache: dict[str, Any] = {"max_size": cap, "interval": "0.2s"}
     with run_edgeproxy(workdir, [upstream_entry(upstream)], cache=cache) as mirror:
         for item in pushed:
-            assert pulls_whole(mirror, item, tmp_path / "cold" / item.repo)
+            assert pulls_whole(mirror.host, item, tmp_path / "cold" / item.repo)
         storage = storage_of(workdir)
         assert wait_until(lambda: fits(storage, cap, ["test/img1", "test/img2"]))
         assert wait_until(lambda: "evicted 1 manifests and 3 blobs" in mirror.log())
         upstream.stop()  # what is left must come from the cache alone
         for item in pushed[1:]:
-            assert pulls_whole(mirror, item, tmp_path / "warm" / item.repo)
-        assert not pulls_whole(mirror, pushed[0], tmp_path / "gone")
+            assert pulls_whole(mirror.host, item, tmp_path / "warm" / item.repo)
+        assert not pulls_whole(mirror.host, pushed[0], tmp_path / "gone")
 
 
 def test_a_layer_shared_with_an_evicted_image_stays_for_the_other(
@@ -91,8 +96,8 @@ def test_a_layer_shared_with_an_evicted_image_stays_for_the_other(
     workdir = tmp_path / "mirror"
     cache: dict[str, Any] = {"max_size": cap, "interval": "0.2s"}
     with run_edgeproxy(workdir, [upstream_entry(upstream)], cache=cache) as mirror:
-        assert pulls_whole(mirror, a, tmp_path / "a")
-        assert pulls_whole(mirror, b, tmp_path / "b")
+        assert pulls_whole(mirror.host, a, tmp_path / "a")
+        assert pulls_whole(mirror.host, b, tmp_path / "b")
         storage = storage_of(workdir)
         assert wait_until(lambda: fits(storage, cap, ["test/b"]))
         shared_digest = a.image.layer_digests[0]
@@ -100,7 +105,15 @@ def test_a_layer_shared_with_an_evicted_image_stays_for_the_other(
         assert storage.blob_size(shared_digest) is not None
         assert storage.blob_size(own_a_digest) is None
         upstream.stop()
-        assert pulls_whole(mirror, b, tmp_path / "b-again")
+        assert pulls_whole(mirror.host, b, tmp_path / "b-again")
+    # What eviction left is still registry:2's layout: registry:2 serves it as its own.
+    shutil.copytree(workdir / "cache", tmp_path / "registry2" / "storage")
+    registry2 = start_registry(tmp_path / "registry2")
+    try:
+        assert pulls_whole(registry2.host, b, tmp_path / "b-from-registry2")
+        assert not pulls_whole(registry2.host, a, tmp_path / "a-from-registry2")
+    finally:
+        registry2.close()
 
 
 def test_a_lowered_limit_applies_to_content_cached_before(
@@ -112,7 +125,7 @@ def test_a_lowered_limit_applies_to_content_cached_before(
     workdir = tmp_path / "mirror"
     with run_edgeproxy(workdir, [upstream_entry(upstream)]) as mirror:  # no limits yet
         for item in pushed:
-            assert pulls_whole(mirror, item, tmp_path / "cold" / item.repo)
+            assert pulls_whole(mirror.host, item, tmp_path / "cold" / item.repo)
     storage = storage_of(workdir)
     assert len(storage.repositories()) == 3
     cap = LAYER + 50_000
@@ -120,7 +133,7 @@ def test_a_lowered_limit_applies_to_content_cached_before(
     with run_edgeproxy(workdir, [upstream_entry(upstream)], cache=cache) as mirror:
         assert wait_until(lambda: fits(storage, cap, ["test/old2"]))
         upstream.stop()
-        assert pulls_whole(mirror, pushed[2], tmp_path / "warm")
+        assert pulls_whole(mirror.host, pushed[2], tmp_path / "warm")
 
 
 def backdate(root: Path, seconds: float) -> None:
@@ -141,11 +154,11 @@ def test_max_age_counts_from_the_last_pull(
     # The limit is the operator's (`cache prune`); the server's own pass is hours away.
     cache: dict[str, Any] = {"max_age": "168h", "interval": "1h"}
     with run_edgeproxy(workdir, [upstream_entry(upstream)], cache=cache) as mirror:
-        assert pulls_whole(mirror, a, tmp_path / "a")
-        assert pulls_whole(mirror, b, tmp_path / "b")
+        assert pulls_whole(mirror.host, a, tmp_path / "a")
+        assert pulls_whole(mirror.host, b, tmp_path / "b")
     backdate(workdir / "cache", TEN_DAYS)  # both were last pulled ten days ago ...
     with run_edgeproxy(workdir, [upstream_entry(upstream)], cache=cache) as mirror:
-        assert pulls_whole(mirror, a, tmp_path / "a-again")  # ... and a again now
+        assert pulls_whole(mirror.host, a, tmp_path / "a-again")  # ... and a again now
         config = ["--config", str(mirror.config_path)]
         capsys.readouterr()
         assert main(["cache", "prune", "--dry-run", *config]) == 0
@@ -160,5 +173,5 @@ def test_max_age_counts_from_the_last_pull(
         listing = capsys.readouterr().out
         assert "test/a" in listing and "test/b" not in listing
         upstream.stop()
-        assert pulls_whole(mirror, a, tmp_path / "a-warm")
-        assert not pulls_whole(mirror, b, tmp_path / "b-gone")
+        assert pulls_whole(mirror.host, a, tmp_path / "a-warm")
+        assert not pulls_whole(mirror.host, b, tmp_path / "b-gone")

@@ -202,9 +202,9 @@ def test_one_evictor_at_a_time(storage: FilesystemStorage) -> None:
 def test_pulls_are_recorded_at_most_once_a_minute(storage: FilesystemStorage) -> None:
     digest = put_blob(storage, b"x" * 10, age=DAY)
     recorder = PullRecorder(storage)
-    recorder.blob(digest)
+    recorder.blob("x", digest)
     first = storage.blob_last_pull(digest)
     assert first is not None and first > NOW - 60
     os.utime(storage.blob_path(digest), (NOW - DAY, NOW - DAY))
-    recorder.blob(digest)  # within the minute: no write
+    recorder.blob("x", digest)  # within the minute: no write
     assert storage.blob_last_pull(digest) == pytest.approx(NOW - DAY)

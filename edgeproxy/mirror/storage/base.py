@@ -129,8 +129,9 @@ class Storage(ABC):
         """Mark a manifest of repository `name` pulled now (nothing if it is not stored)."""
 
     @abstractmethod
-    def record_blob_pull(self, digest: str) -> None:
-        """Mark a blob pulled now (nothing if it is not stored)."""
+    def record_blob_pull(self, name: str, digest: str) -> None:
+        """Mark a blob pulled now through repository `name`, and link it there as registry:2
+        would (a layer shared with an image cached before); nothing if it is not stored."""
 
     @abstractmethod
     def blobs(self) -> Iterator[StoredBlob]:

@@ -275,8 +275,10 @@ class FilesystemStorage(Storage):
     def record_manifest_pull(self, name: str, digest: str) -> None:
         _touch(self._revision(name, digest))
 
-    def record_blob_pull(self, digest: str) -> None:
+    def record_blob_pull(self, name: str, digest: str) -> None:
         _touch(self.blob_path(digest))
+        if self.blob_size(digest) is not None:
+            self.link_blob(name, digest)
 
     def manifest_last_pull(self, name: str, digest: str) -> float | None:
         return _mtime(self._revision(name, digest))
