@@ -81,6 +81,7 @@ def test_past_max_size_the_oldest_image_goes_and_the_rest_pull_from_the_cache(
         storage = storage_of(workdir)
         assert wait_until(lambda: fits(storage, cap, ["test/img1", "test/img2"]))
         assert wait_until(lambda: "evicted 1 manifests and 3 blobs" in mirror.log())
+        assert mirror.log().count("edgeproxy.eviction") == 1  # one pass, by one of the workers
         upstream.stop()  # what is left must come from the cache alone
         for item in pushed[1:]:
             assert pulls_whole(mirror.host, item, tmp_path / "warm" / item.repo)

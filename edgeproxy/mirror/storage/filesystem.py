@@ -50,14 +50,20 @@ class FileReader(BlobReader):
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write a whole small file so that readers see the old content or the new, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    for attempt in range(2):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+            return
+        except FileNotFoundError:  # an eviction removed the folder meanwhile: once more
+            tmp.unlink(missing_ok=True)
+            if attempt:
+                raise
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def _touch(path: Path) -> None:
