@@ -159,15 +159,17 @@ def verify(config: Config, remove: bool) -> int:
     storage = _storage(config)
     if storage is None:
         return 1
-    found = 0
     checked = sum(1 for _ in storage.blobs())
+    found = []
     for blob, actual in corrupt(storage):
-        found += 1
-        if remove:
-            storage.remove_blob(blob.digest)
-        action = "removed" if remove else "corrupt"
-        print(f"{action}: {blob.digest} ({size_text(blob.size)}) holds bytes of {actual}")
-    print(f"checked {checked} blobs: {found} corrupt" + (", removed" if remove and found else ""))
+        found.append(blob.digest)
+        print(f"corrupt: {blob.digest} ({size_text(blob.size)}) holds bytes of {actual}")
+    if remove:
+        storage.remove_blobs(found)
+        for digest in found:
+            print(f"removed: {digest}")
+    removed = ", removed" if remove and found else ""
+    print(f"checked {checked} blobs: {len(found)} corrupt{removed}")
     return 1 if found and not remove else 0
 
 

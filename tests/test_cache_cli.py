@@ -110,3 +110,19 @@ def test_the_cache_commands_need_a_cache(
     for action in ("ls", "du", "prune", "verify"):
         assert main(["cache", action, "--config", str(config)]) == 1
         assert "no cache at" in capsys.readouterr().err
+
+
+def test_check_reads_and_names_the_cache_limits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    upstreams = [{"name": "x", "url": "http://x"}]
+    good = {"max_size": "200GiB", "max_age": "168h", "interval": "30s"}
+    config = write_toml(tmp_path / "good.toml", {"mirror": {"upstream": upstreams, "cache": good}})
+    assert main(["check", "--config", str(config)]) == 0
+    bad = {"max_size": "lots", "interval": "0s", "ttl": "1h"}
+    config = write_toml(tmp_path / "bad.toml", {"mirror": {"upstream": upstreams, "cache": bad}})
+    assert main(["check", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "mirror.cache.max_size: not a size" in err
+    assert "mirror.cache.interval:" in err
+    assert "mirror.cache.ttl: unknown key" in err

@@ -173,10 +173,9 @@ def execute(storage: Storage, planned: Plan, taken: float) -> Plan:
     blobs = []
     for blob in planned.blobs:
         last_pull = storage.blob_last_pull(blob.digest)
-        if blob.digest in kept or last_pull is None or last_pull > taken:
-            continue
-        storage.remove_blob(blob.digest)
-        blobs.append(blob)
+        if blob.digest not in kept and last_pull is not None and last_pull <= taken:
+            blobs.append(blob)
+    storage.remove_blobs([blob.digest for blob in blobs])
     freed = sum(blob.size for blob in blobs)
     return Plan(manifests, blobs, planned.size_before, planned.size_before - freed)
 

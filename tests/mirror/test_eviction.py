@@ -170,7 +170,7 @@ def test_an_open_blob_reads_on_after_its_removal(storage: FilesystemStorage) -> 
     data = os.urandom(3 << 20)
     digest = put_blob(storage, data, age=0)
     reader = storage.open_blob(digest)
-    storage.remove_blob(digest)
+    storage.remove_blobs([digest])
     assert storage.blob_size(digest) is None
     assert reader.size == len(data)
     assert reader.read(0, len(data)) == data

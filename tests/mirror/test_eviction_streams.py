@@ -62,7 +62,7 @@ def test_a_warm_download_outlives_the_removal_of_its_blob(
     with serve_app(app) as url, httpx.Client(timeout=60) as client:
         with client.stream("GET", f"{url}/v2/test/big/blobs/{digest}") as response:
             assert response.headers["cache-status"] == "edgeproxy; hit"
-            body = read_slowly(response, lambda: storage.remove_blob(digest))
+            body = read_slowly(response, lambda: storage.remove_blobs([digest]))
         assert storage.blob_size(digest) is None
         assert len(body) == len(blob)
         assert hashlib.sha256(body).hexdigest() == digest[7:]
@@ -81,7 +81,7 @@ def test_a_cold_download_outlives_the_removal_of_its_fresh_blob(
 
     def evict_once_committed() -> None:
         assert wait_until(lambda: storage.blob_size(digest) is not None, timeout=120)
-        storage.remove_blob(digest)
+        storage.remove_blobs([digest])
 
     path = f"/v2/test/cold-evicted/blobs/{digest}"
     with (

@@ -153,5 +153,6 @@ class Storage(ABC):
         a repository left without manifests goes too."""
 
     @abstractmethod
-    def remove_blob(self, digest: str) -> None:
-        """Delete a blob and every repository's link to it; readers holding it open finish."""
+    def remove_blobs(self, digests: list[str]) -> None:
+        """Delete blobs and every repository's links to them; readers holding one open
+        finish. One call for many: the repositories are looked through once."""

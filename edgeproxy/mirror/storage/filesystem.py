@@ -333,15 +333,17 @@ class FilesystemStorage(Storage):
             shutil.rmtree(repo, ignore_errors=True)
             _remove_empty_parents(repo.parent, self._v2 / "repositories")
 
-    def remove_blob(self, digest: str) -> None:
+    def remove_blobs(self, digests: list[str]) -> None:
         # The links first: a repository never names a blob that is gone.
         for name, dirs in list(self._repository_dirs()):
             if "_layers" in dirs:
-                link = self._digest_link(self._repo(name) / "_layers", digest)
-                shutil.rmtree(link.parent, ignore_errors=True)
-        folder = self.blob_path(digest).parent
-        shutil.rmtree(folder, ignore_errors=True)
-        _remove_empty_parents(folder.parent, self._v2 / "blobs")
+                for digest in digests:
+                    link = self._digest_link(self._repo(name) / "_layers", digest)
+                    shutil.rmtree(link.parent, ignore_errors=True)
+        for digest in digests:
+            folder = self.blob_path(digest).parent
+            shutil.rmtree(folder, ignore_errors=True)
+            _remove_empty_parents(folder.parent, self._v2 / "blobs")
 
 
 def _subdirs(folder: Path) -> list[Path]:
