@@ -1,4 +1,4 @@
-"""`edgeproxy run|check|certs|service`: parse arguments, load the config, call in."""
+"""`edgeproxy run|check|certs|service|cache`: parse arguments, load the config, call in."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeproxy import __version__
-from edgeproxy.config import ConfigError, find_config, load_config
+from edgeproxy.config import Config, ConfigError, find_config, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     install.add_argument("--dir", type=Path, default=Path("/etc/systemd/system"))
     install.add_argument("--user", default="edgeproxy", help="the unprivileged user to run as")
+    _cache_parser(commands, common)
     return parser
 
 
@@ -76,6 +77,34 @@ def _service(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    cache = commands.add_parser("cache", help="look at, trim, fill or check the cache")
+    actions = cache.add_subparsers(dest="action", required=True)
+    actions.add_parser("ls", parents=[common], help="repositories, tags, sizes, last pulls")
+    actions.add_parser("du", parents=[common], help="bytes per repository and in all")
+    prune = actions.add_parser("prune", parents=[common], help="apply [mirror.cache] once")
+    prune.add_argument("--dry-run", action="store_true", help="print what would go; keep it")
+    warm = actions.add_parser("warm", parents=[common], help="pull images into the cache")
+    warm.add_argument("images", nargs="+", metavar="IMAGE", help="[upstream/]name[:tag|@digest]")
+    warm.add_argument("--platform", help="only this os/arch[/variant] of an index")
+    verify = actions.add_parser("verify", parents=[common], help="re-hash every blob")
+    verify.add_argument("--remove", action="store_true", help="remove the corrupt ones")
+
+
+def _cache(args: argparse.Namespace, config: Config) -> int:
+    from edgeproxy import cache_cli
+
+    if args.action == "ls":
+        return cache_cli.ls(config)
+    if args.action == "du":
+        return cache_cli.du(config)
+    if args.action == "prune":
+        return cache_cli.prune(config, args.dry_run)
+    if args.action == "warm":
+        return cache_cli.warm(config, args.images, args.platform)
+    return cache_cli.verify(config, args.remove)
+
+
 def _certs(args: argparse.Namespace) -> int:
     from edgeproxy.edge.certs import self_signed
 
@@ -103,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         print(f"{path}: ok")
         return 0
+    if args.command == "cache":
+        return _cache(args, config)
     from edgeproxy.logs import configure_logging
     from edgeproxy.server import run_worker
     from edgeproxy.service.master import run

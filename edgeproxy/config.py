@@ -119,6 +119,18 @@ class UpstreamConfig(_Model):
         return self.name == "docker.io" if self.library_prefix is None else self.library_prefix
 
 
+class CacheConfig(_Model):
+    """`[mirror.cache]`: the limits the cache keeps itself within (none by default)."""
+
+    max_size: Size | None = None  # past this, the least recently pulled content goes
+    max_age: Duration | None = None  # content not pulled for this long goes
+    interval: Annotated[Duration, Field(gt=0)] = 60.0  # how often the limits are applied
+
+    @property
+    def limited(self) -> bool:
+        return self.max_size is not None or self.max_age is not None
+
+
 class MirrorConfig(_Model):
     """The registry part: what registry:2's config.yml said."""
 
@@ -126,6 +138,7 @@ class MirrorConfig(_Model):
     listen: Address | None = None
     headers: dict[str, str] = Field(default_factory=lambda: {"X-Content-Type-Options": "nosniff"})
     upstream: list[UpstreamConfig] = Field(min_length=1)
+    cache: CacheConfig = CacheConfig()
 
     @field_validator("upstream")
     @classmethod

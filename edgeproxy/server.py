@@ -145,6 +145,7 @@ async def serve(config: Config, listeners: Listeners, report: int | None = None)
     if listeners.mirror is not None or (edge is not None and edge.embedded):
         mirror = MirrorApp(config.mirror)
         routed = _with_health(metrics.RequestMetrics(mirror), health)
+        mirror.start()
     if listeners.mirror is not None:
         server = _uvicorn(routed, access_log=True, timeout_keep_alive=120)
         servers.append((server, listeners.mirror))

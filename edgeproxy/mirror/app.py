@@ -15,8 +15,10 @@ from starlette.types import Receive, Scope, Send
 from edgeproxy.config import MirrorConfig
 from edgeproxy.mirror.blobs import BlobService
 from edgeproxy.mirror.errors import RegistryError
+from edgeproxy.mirror.eviction import Evictor
 from edgeproxy.mirror.manifests import HIT, MISS, OCI_INDEX, ManifestService
 from edgeproxy.mirror.names import Route, Target, parse_range, parse_route, resolve_target
+from edgeproxy.mirror.pulls import PullRecorder
 from edgeproxy.mirror.storage import FilesystemStorage, Storage
 from edgeproxy.mirror.upstream import UpstreamClient, UpstreamUnavailable
 
@@ -34,10 +36,17 @@ class MirrorApp:
         self.storage = storage or FilesystemStorage(config.root)
         self.manifests = ManifestService(self.storage)
         self.blobs = BlobService(self.storage)
+        self.pulls = PullRecorder(self.storage)
+        self.evictor = Evictor(config.cache, self.storage, config.root / "edgeproxy")
         self.upstreams = {u.name: UpstreamClient(u) for u in config.upstream}
         self._headers = [API_VERSION, *config.headers.items()]
 
+    def start(self) -> None:
+        """Start the background work of a serving process: the cache's eviction."""
+        self.evictor.start()
+
     async def aclose(self) -> None:
+        await self.evictor.aclose()
         await self.blobs.aclose()
         for upstream in self.upstreams.values():
             await upstream.aclose()
@@ -80,6 +89,7 @@ class MirrorApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                self.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.aclose()
@@ -117,6 +127,7 @@ class MirrorApp:
         manifest, status = await self.manifests.get(
             upstream, target, route.reference, _accept(request)
         )
+        self.pulls.manifest(target.local_name, manifest.digest)
         headers = {
             "Docker-Content-Digest": manifest.digest,
             "ETag": f'"{manifest.digest}"',
@@ -133,42 +144,34 @@ class MirrorApp:
         self, request: Request, route: Route, target: Target, upstream: UpstreamClient
     ) -> Response:
         digest = route.reference
-        size = self.blobs.size(digest)
-        body: Callable[[int, int], AsyncIterator[bytes | memoryview]]
-        if size is not None:
-            cache_status = HIT
-            body = functools.partial(self.blobs.read_stored, digest)
-        elif request.method == "HEAD":
-            return await self._head_cold_blob(target, upstream, digest)
-        else:
-            fill = await self.blobs.fill(upstream, target, digest)
-            size, cache_status = fill.size, MISS
-            body = functools.partial(self.blobs.read_fill, fill)
-            if size is None:  # an upstream that sent no length: stream it all, chunked
-                return StreamingResponse(
-                    self.blobs.read_fill(fill, 0, None),
-                    headers=_blob_headers(digest, cache_status, None),
-                    media_type="application/octet-stream",
-                )
-        headers = _blob_headers(digest, cache_status, size)
-        if _etag_matches(request, digest):
-            return Response(status_code=304, headers=headers)
-        span = parse_range(request.headers.get("range"), size)
-        status = 200
-        start, end = 0, size
-        if span is not None:
-            start, end = span
-            status = 206
-            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-            headers["Content-Length"] = str(end - start)
         if request.method == "HEAD":
-            return Response(status_code=status, headers=headers)
-        return StreamingResponse(
-            body(start, end),
-            status_code=status,
-            headers=headers,
-            media_type=headers["Content-Type"],
-        )
+            size = self.blobs.size(digest)
+            if size is None:
+                return await self._head_cold_blob(target, upstream, digest)
+            self.pulls.blob(target.local_name, digest)
+            return _blob_response(request, digest, HIT, size, None)
+        # A warm GET holds the blob open from here on: an eviction cannot cut its body short.
+        reader = self.blobs.open_stored(digest)
+        if reader is not None:
+            self.pulls.blob(target.local_name, digest)
+            body = functools.partial(self.blobs.read_stored, reader)
+            try:
+                response = _blob_response(request, digest, HIT, reader.size, body)
+            except BaseException:
+                reader.close()
+                raise
+            if not isinstance(response, StreamingResponse):  # else its body closes the reader
+                reader.close()
+            return response
+        fill = await self.blobs.fill(upstream, target, digest)
+        if fill.size is None:  # an upstream that sent no length: stream it all, chunked
+            return StreamingResponse(
+                self.blobs.read_fill(fill, 0, None),
+                headers=_blob_headers(digest, MISS, None),
+                media_type="application/octet-stream",
+            )
+        body_of_fill = functools.partial(self.blobs.read_fill, fill)
+        return _blob_response(request, digest, MISS, fill.size, body_of_fill)
 
     async def _head_cold_blob(
         self, target: Target, upstream: UpstreamClient, digest: str
@@ -230,6 +233,32 @@ class MirrorApp:
             empty = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
             return Response(json.dumps(empty).encode(), media_type=OCI_INDEX)
         raise upstream.error(answer.status, "MANIFEST_UNKNOWN", answer.headers.get("retry-after"))
+
+
+def _blob_response(
+    request: Request,
+    digest: str,
+    cache_status: str,
+    size: int,
+    body: Callable[[int, int], AsyncIterator[bytes | memoryview]] | None,
+) -> Response:
+    """The blob's answer: 304, 206 for a Range, headers only when `body` is None (HEAD)."""
+    headers = _blob_headers(digest, cache_status, size)
+    if _etag_matches(request, digest):
+        return Response(status_code=304, headers=headers)
+    span = parse_range(request.headers.get("range"), size)
+    status = 200
+    start, end = 0, size
+    if span is not None:
+        start, end = span
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        headers["Content-Length"] = str(end - start)
+    if body is None:
+        return Response(status_code=status, headers=headers)
+    return StreamingResponse(
+        body(start, end), status_code=status, headers=headers, media_type=headers["Content-Type"]
+    )
 
 
 def _blob_headers(digest: str, cache_status: str, size: int | None) -> dict[str, str]:

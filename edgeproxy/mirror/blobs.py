@@ -130,15 +130,22 @@ class BlobService:
     def size(self, digest: str) -> int | None:
         return self._storage.blob_size(digest)
 
-    async def read_stored(self, digest: str, start: int, end: int) -> AsyncIterator[bytes]:
-        """A committed blob's bytes [start, end), read in a thread (the disk may be cold)."""
-        reader = self._storage.open_blob(digest)
+    def open_stored(self, digest: str) -> BlobReader | None:
+        """An open committed blob, None when it is not cached. Opened before the response
+        starts: an eviction that removes the blob meanwhile cannot cut the body short."""
+        try:
+            return self._storage.open_blob(digest)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    async def read_stored(self, reader: BlobReader, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes [start, end) of an open blob, read in a thread (the disk may be cold)."""
         try:
             position = start
             while position < end:
                 chunk = await asyncio.to_thread(reader.read, position, min(CHUNK, end - position))
                 if not chunk:
-                    raise OSError(f"blob {digest} is shorter than its size")
+                    raise OSError("a cached blob is shorter than its size")
                 position += len(chunk)
                 yield chunk
         finally:
@@ -162,7 +169,9 @@ class BlobService:
         self, fill: Fill, start: int, end: int | None
     ) -> AsyncIterator[bytes | memoryview]:
         """Bytes [start, end) of a fill as they arrive; ends early if the fill fails."""
-        reader: BlobReader | None = None
+        # Open now: the open file is read on after the commit renames it, or an eviction
+        # removes it (a reader opened later would find nothing).
+        reader = self._storage.open_partial(fill.digest)
         position = start
         try:
             while end is None or position < end:

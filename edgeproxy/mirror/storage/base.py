@@ -4,12 +4,37 @@ Content is addressed by sha256 digest. A blob enters storage through a `PartialB
 local spool file that readers may follow while it grows) and becomes visible only through
 `commit`, after the caller verified its digest. An object-store backend keeps the same
 interface: it spools locally and uploads on commit.
+
+Every pull is recorded (`record_*_pull`, throttled by the caller) as a last-pull time that
+all worker processes see and that survives restarts; eviction lists the content with those
+times and removes what the limits say.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    """A committed blob (manifests are blobs too)."""
+
+    digest: str
+    size: int
+    last_pull: float  # seconds since the epoch
+
+
+@dataclass(frozen=True)
+class StoredManifest:
+    """A manifest revision of one repository, and the tags that point at it."""
+
+    name: str
+    digest: str
+    last_pull: float
+    tags: tuple[str, ...]
 
 
 class BlobReader(ABC):
@@ -17,6 +42,11 @@ class BlobReader(ABC):
 
     @abstractmethod
     def read(self, offset: int, length: int) -> bytes: ...
+
+    @property
+    @abstractmethod
+    def size(self) -> int:
+        """The length of what this reader holds open."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -51,7 +81,8 @@ class Storage(ABC):
         """The size of a committed blob, None when it is not in the cache."""
 
     @abstractmethod
-    def open_blob(self, digest: str) -> BlobReader: ...
+    def open_blob(self, digest: str) -> BlobReader:
+        """A reader that keeps reading the blob even if it is removed meanwhile."""
 
     @abstractmethod
     def try_begin_blob(self, digest: str) -> PartialBlob | None:
@@ -91,3 +122,37 @@ class Storage(ABC):
 
     @abstractmethod
     def repositories(self) -> list[str]: ...
+
+    # Last pulls and eviction
+    @abstractmethod
+    def record_manifest_pull(self, name: str, digest: str) -> None:
+        """Mark a manifest of repository `name` pulled now (nothing if it is not stored)."""
+
+    @abstractmethod
+    def record_blob_pull(self, name: str, digest: str) -> None:
+        """Mark a blob pulled now through repository `name`, and link it there as registry:2
+        would (a layer shared with an image cached before); nothing if it is not stored."""
+
+    @abstractmethod
+    def blobs(self) -> Iterator[StoredBlob]:
+        """Every committed blob, manifests included."""
+
+    @abstractmethod
+    def manifests(self) -> Iterator[StoredManifest]:
+        """Every manifest revision of every repository."""
+
+    @abstractmethod
+    def manifest_last_pull(self, name: str, digest: str) -> float | None: ...
+
+    @abstractmethod
+    def blob_last_pull(self, digest: str) -> float | None: ...
+
+    @abstractmethod
+    def remove_manifest(self, name: str, digest: str) -> None:
+        """Forget a revision and the tags pointing at it (its bytes stay: they are a blob);
+        a repository left without manifests goes too."""
+
+    @abstractmethod
+    def remove_blobs(self, digests: list[str]) -> None:
+        """Delete blobs and every repository's links to them; readers holding one open
+        finish. One call for many: the repositories are looked through once."""

@@ -13,35 +13,70 @@ processes sharing the root fetch each blob once.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import secrets
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
-from edgeproxy.mirror.storage.base import BlobReader, PartialBlob, Storage
+from edgeproxy.mirror.storage.base import (
+    BlobReader,
+    PartialBlob,
+    Storage,
+    StoredBlob,
+    StoredManifest,
+)
 
 
 class FileReader(BlobReader):
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
+    """An open file: on Linux it reads on after the file is renamed or unlinked. A FileIO,
+    so that a reader dropped without `close` (a response never started) frees its fd."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
 
     def read(self, offset: int, length: int) -> bytes:
-        return os.pread(self._fd, length, offset)
+        return os.pread(self._file.fileno(), length, offset)
+
+    @property
+    def size(self) -> int:
+        return os.fstat(self._file.fileno()).st_size
 
     def close(self) -> None:
-        os.close(self._fd)
+        self._file.close()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write a whole small file so that readers see the old content or the new, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    for attempt in range(2):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+            return
+        except FileNotFoundError:  # an eviction removed the folder meanwhile: once more
+            tmp.unlink(missing_ok=True)
+            if attempt:
+                raise
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def _touch(path: Path) -> None:
+    """Set the mtime to now: the last-pull time. A read-only or vanished file is left be."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
+def _mtime(path: Path) -> float | None:
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        return path.stat().st_mtime
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def _read_link(path: Path) -> str | None:
@@ -128,7 +163,7 @@ class FilesystemStorage(Storage):
             return None
 
     def open_blob(self, digest: str) -> BlobReader:
-        return FileReader(os.open(self.blob_path(digest), os.O_RDONLY))
+        return FileReader(self.blob_path(digest))
 
     def _lock(self, digest: str) -> int | None:
         """An fd holding the fill lock for `digest`, or None when another holder has it."""
@@ -175,7 +210,7 @@ class FilesystemStorage(Storage):
     def open_partial(self, digest: str) -> BlobReader | None:
         for path in (self.fill_path(digest, "partial"), self.blob_path(digest)):
             try:
-                return FileReader(os.open(path, os.O_RDONLY))
+                return FileReader(path)
             except FileNotFoundError:
                 continue
         return None
@@ -226,10 +261,102 @@ class FilesystemStorage(Storage):
             return []
 
     def repositories(self) -> list[str]:
+        return sorted(name for name, dirs in self._repository_dirs() if "_manifests" in dirs)
+
+    def _repository_dirs(self) -> Iterator[tuple[str, list[str]]]:
+        """(name, its _ folders) of every repository, with manifests or only layer links."""
         base = self._v2 / "repositories"
-        names = []
         for folder, dirs, _ in os.walk(base):
-            if "_manifests" in dirs:
-                names.append(os.path.relpath(folder, base))
+            own = [d for d in dirs if d.startswith("_")]
+            if own:
+                yield os.path.relpath(folder, base), own
             dirs[:] = [d for d in dirs if not d.startswith("_")]
-        return sorted(names)
+
+    # Last pulls: the mtimes of registry:2's own files (the revision link of a manifest, the
+    # data of a blob), which registry:2 ignores. Written at most once a minute per item by
+    # the caller; a registry:2 cache brings its write times as the last pulls.
+    def _revision(self, name: str, digest: str) -> Path:
+        return self._digest_link(self._repo(name) / "_manifests" / "revisions", digest)
+
+    def record_manifest_pull(self, name: str, digest: str) -> None:
+        _touch(self._revision(name, digest))
+
+    def record_blob_pull(self, name: str, digest: str) -> None:
+        _touch(self.blob_path(digest))
+        if self.blob_size(digest) is not None:
+            self.link_blob(name, digest)
+
+    def manifest_last_pull(self, name: str, digest: str) -> float | None:
+        return _mtime(self._revision(name, digest))
+
+    def blob_last_pull(self, digest: str) -> float | None:
+        return _mtime(self.blob_path(digest))
+
+    def blobs(self) -> Iterator[StoredBlob]:
+        for algorithm in _subdirs(self._v2 / "blobs"):
+            for prefix in _subdirs(algorithm):
+                for folder in _subdirs(prefix):
+                    try:
+                        stat = (folder / "data").stat()
+                    except (FileNotFoundError, NotADirectoryError):
+                        continue
+                    digest = f"{algorithm.name}:{folder.name}"
+                    yield StoredBlob(digest, stat.st_size, stat.st_mtime)
+
+    def manifests(self) -> Iterator[StoredManifest]:
+        for name in self.repositories():
+            folder = self._repo(name) / "_manifests"
+            tags: dict[str, list[str]] = {}
+            for tag in _subdirs(folder / "tags"):
+                digest = _read_link(tag / "current" / "link")
+                if digest:
+                    tags.setdefault(digest, []).append(tag.name)
+            for algorithm in _subdirs(folder / "revisions"):
+                for revision in _subdirs(algorithm):
+                    digest = f"{algorithm.name}:{revision.name}"
+                    last_pull = _mtime(revision / "link")
+                    if last_pull is not None:
+                        yield StoredManifest(
+                            name, digest, last_pull, tuple(sorted(tags.get(digest, [])))
+                        )
+
+    def remove_manifest(self, name: str, digest: str) -> None:
+        repo = self._repo(name)
+        manifests = repo / "_manifests"
+        for tag in _subdirs(manifests / "tags"):
+            if _read_link(tag / "current" / "link") == digest:
+                shutil.rmtree(tag, ignore_errors=True)
+            else:  # the tag moved on: forget that it once pointed here
+                shutil.rmtree(self._digest_link(tag / "index", digest).parent, ignore_errors=True)
+        shutil.rmtree(self._revision(name, digest).parent, ignore_errors=True)
+        if not any(True for a in _subdirs(manifests / "revisions") for _ in _subdirs(a)):
+            shutil.rmtree(repo, ignore_errors=True)
+            _remove_empty_parents(repo.parent, self._v2 / "repositories")
+
+    def remove_blobs(self, digests: list[str]) -> None:
+        # The links first: a repository never names a blob that is gone.
+        for name, dirs in list(self._repository_dirs()):
+            if "_layers" in dirs:
+                for digest in digests:
+                    link = self._digest_link(self._repo(name) / "_layers", digest)
+                    shutil.rmtree(link.parent, ignore_errors=True)
+        for digest in digests:
+            folder = self.blob_path(digest).parent
+            shutil.rmtree(folder, ignore_errors=True)
+            _remove_empty_parents(folder.parent, self._v2 / "blobs")
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    try:
+        return [entry for entry in folder.iterdir() if entry.is_dir()]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _remove_empty_parents(folder: Path, stop: Path) -> None:
+    while folder != stop and stop in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or already gone)
+            return
+        folder = folder.parent

@@ -1,0 +1,248 @@
+"""`[mirror.cache]`: the cache keeps itself within `max_size` and `max_age`.
+
+The unit of eviction is a manifest of a repository (the tags pointing at it go with it); its
+age is that of its last pull, or of its index's when an index references it. A blob is
+removed only when no kept manifest references it (an index its child manifests, an image its
+config and layers); a blob no manifest references goes by its own last pull. Past `max_age`
+everything goes; past `max_size` the least recently pulled goes first until the cache fits.
+The limits apply to whatever is stored, whenever it came. Whatever is pulled while a pass
+runs (after its scan began) is kept, with what it references.
+
+One process at a time applies them (a `flock`), in a thread, every `interval`. Removing a
+blob never cuts a transfer short: readers hold it open (Linux keeps an unlinked file's data
+until the last fd closes), and fills in progress are outside the blob store until committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import heapq
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeproxy.config import CacheConfig
+from edgeproxy.mirror.storage import Storage, StoredBlob, StoredManifest
+
+log = logging.getLogger("edgeproxy.eviction")
+
+
+def references(data: bytes) -> frozenset[str]:
+    """The digests a manifest points at: an index's manifests, an image's config and layers
+    (schema 1: its fsLayers). Unparsable bytes reference nothing."""
+    try:
+        document = json.loads(data)
+    except ValueError:
+        return frozenset()
+    if not isinstance(document, dict):
+        return frozenset()
+    descriptors = [document.get("config")]
+    for key in ("manifests", "layers", "blobs"):
+        items = document.get(key)
+        if isinstance(items, list):
+            descriptors.extend(items)
+    found = {d.get("digest") for d in descriptors if isinstance(d, dict)}
+    for layer in document.get("fsLayers") or []:
+        if isinstance(layer, dict):
+            found.add(layer.get("blobSum"))
+    return frozenset(d for d in found if isinstance(d, str))
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A stored manifest and the digests it references."""
+
+    manifest: StoredManifest
+    refs: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What the cache held when it was looked at (`taken`, before any listing began)."""
+
+    entries: list[Entry]
+    blobs: dict[str, StoredBlob]
+    taken: float
+
+    @property
+    def size(self) -> int:
+        return sum(blob.size for blob in self.blobs.values())
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Manifests and blobs to remove, and the cache's size before and after."""
+
+    manifests: list[Entry]
+    blobs: list[StoredBlob]
+    size_before: int
+    size_after: int
+
+
+def scan(storage: Storage, known: dict[str, frozenset[str]] | None = None) -> Inventory:
+    """List the cache. `known` remembers manifests' references between scans (immutable)."""
+    known = {} if known is None else known
+    taken = time.time()
+    blobs = {blob.digest: blob for blob in storage.blobs()}
+    entries = []
+    for manifest in storage.manifests():
+        refs = known.get(manifest.digest)
+        if refs is None:
+            data = storage.read_manifest(manifest.name, manifest.digest)
+            refs = frozenset() if data is None else references(data)
+            if data is not None:
+                known[manifest.digest] = refs
+        entries.append(Entry(manifest, refs))
+    return Inventory(entries, blobs, taken)
+
+
+def plan(inventory: Inventory, limits: CacheConfig, now: float) -> Plan:
+    """What the limits remove from `inventory`, least recently pulled first."""
+    blobs = inventory.blobs
+    keyed = {(e.manifest.name, e.manifest.digest): e for e in inventory.entries}
+    # A child manifest counts as pulled whenever its index was, and goes after it.
+    pulled = {key: e.manifest.last_pull for key, e in keyed.items()}
+    depth = dict.fromkeys(keyed, 0)
+    for _ in range(len(keyed)):  # bounded: a cycle of manifests cannot loop forever
+        changed = False
+        for key, entry in keyed.items():
+            for child in ((key[0], ref) for ref in entry.refs):
+                if child in keyed and child != key and depth[child] <= depth[key]:
+                    depth[child] = depth[key] + 1
+                    changed = True
+                if child in keyed and pulled[child] < pulled[key]:
+                    pulled[child] = pulled[key]
+                    changed = True
+        if not changed:
+            break
+    users: Counter[str] = Counter()
+    for key, entry in keyed.items():
+        users.update(d for d in entry.refs | {key[1]} if d in blobs)
+    # (last pull, depth, sequence, manifest key or blob digest): the oldest first.
+    heap: list[tuple[float, int, int, tuple[str, str] | str]] = []
+    for key in keyed:
+        heap.append((pulled[key], depth[key], len(heap), key))
+    for digest, blob in blobs.items():
+        if users[digest] == 0:
+            heap.append((blob.last_pull, 0, len(heap), digest))
+    heapq.heapify(heap)
+    size = inventory.size
+    cutoff = None if limits.max_age is None else now - limits.max_age
+    removed_manifests: list[Entry] = []
+    removed_blobs: list[StoredBlob] = []
+    while heap:
+        last_pull, _, _, item = heap[0]
+        too_old = cutoff is not None and last_pull < cutoff
+        too_big = limits.max_size is not None and size > limits.max_size
+        if not (too_old or too_big):
+            break
+        heapq.heappop(heap)
+        if isinstance(item, str):
+            removed_blobs.append(blobs[item])
+            size -= blobs[item].size
+            continue
+        entry = keyed[item]
+        removed_manifests.append(entry)
+        for digest in sorted(entry.refs | {item[1]}):
+            if digest in blobs:
+                users[digest] -= 1
+                if users[digest] == 0:  # nothing kept references it: it goes too
+                    removed_blobs.append(blobs[digest])
+                    size -= blobs[digest].size
+    return Plan(removed_manifests, removed_blobs, inventory.size, size)
+
+
+def execute(storage: Storage, planned: Plan, taken: float) -> Plan:
+    """Remove what was planned, except what was pulled since the scan began (and what such
+    a manifest references); return what was removed."""
+    kept: set[str] = set()
+    manifests = []
+    for entry in planned.manifests:
+        name, digest = entry.manifest.name, entry.manifest.digest
+        last_pull = storage.manifest_last_pull(name, digest)
+        if last_pull is not None and last_pull > taken:
+            kept |= entry.refs | {digest}
+            continue
+        storage.remove_manifest(name, digest)
+        manifests.append(entry)
+    blobs = []
+    for blob in planned.blobs:
+        last_pull = storage.blob_last_pull(blob.digest)
+        if blob.digest not in kept and last_pull is not None and last_pull <= taken:
+            blobs.append(blob)
+    storage.remove_blobs([blob.digest for blob in blobs])
+    freed = sum(blob.size for blob in blobs)
+    return Plan(manifests, blobs, planned.size_before, planned.size_before - freed)
+
+
+class Evictor:
+    """Applies the limits: once (`prune`), or every `interval` in the background."""
+
+    def __init__(self, limits: CacheConfig, storage: Storage, state_dir: Path) -> None:
+        self.limits = limits
+        self._storage = storage
+        self._lock_path = state_dir / "evict.lock"  # its content: when the limits last ran
+        self._known: dict[str, frozenset[str]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.limits.limited and self._task is None:
+            self._task = asyncio.create_task(self._loop())
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.limits.interval)
+            try:
+                done = await asyncio.to_thread(self.prune, wait=False)
+            except Exception:
+                log.exception("eviction failed")
+                continue
+            if done is not None and (done.manifests or done.blobs):
+                log.info(
+                    "evicted %d manifests and %d blobs (%d bytes); the cache holds %d bytes",
+                    len(done.manifests),
+                    len(done.blobs),
+                    done.size_before - done.size_after,
+                    done.size_after,
+                )
+
+    def prune(self, *, dry_run: bool = False, wait: bool = True) -> Plan | None:
+        """Apply the limits once. Without `wait`: None when another process is applying them
+        or did so less than half an interval ago (every worker runs the loop; one works)."""
+        self._lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._lock_path, "a+") as lock:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                return None
+            lock.seek(0)
+            if not wait and time.time() - _number(lock.read()) < self.limits.interval / 2:
+                return None
+            inventory = scan(self._storage, self._known)
+            planned = plan(inventory, self.limits, inventory.taken)
+            if dry_run:
+                return planned
+            done = execute(self._storage, planned, inventory.taken)
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"{time.time():.3f}\n")
+            return done
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return 0.0

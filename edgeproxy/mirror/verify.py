@@ -1,0 +1,42 @@
+"""Re-hash what the cache holds: a blob (manifests are blobs too) must match its digest."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+
+from edgeproxy.mirror.storage import Storage, StoredBlob
+
+CHUNK = 1024 * 1024
+
+
+def rehash(storage: Storage, digest: str, progress: Callable[[int], object] | None = None) -> str:
+    """The digest of the stored bytes of `digest` (FileNotFoundError when it is gone)."""
+    algorithm = digest.partition(":")[0]
+    hasher = hashlib.new(algorithm)
+    reader = storage.open_blob(digest)
+    try:
+        position = 0
+        while chunk := reader.read(position, CHUNK):
+            hasher.update(chunk)
+            position += len(chunk)
+            if progress is not None:
+                progress(len(chunk))
+    finally:
+        reader.close()
+    return f"{algorithm}:{hasher.hexdigest()}"
+
+
+def corrupt(
+    storage: Storage, progress: Callable[[int], object] | None = None
+) -> Iterator[tuple[StoredBlob, str]]:
+    """(blob, digest of its bytes) for each stored blob whose bytes do not match its name."""
+    for blob in storage.blobs():
+        try:
+            actual = rehash(storage, blob.digest, progress)
+        except FileNotFoundError:  # removed meanwhile (an eviction)
+            continue
+        except ValueError:  # a folder named after no hash algorithm
+            actual = "an unknown algorithm"
+        if actual != blob.digest:
+            yield blob, actual

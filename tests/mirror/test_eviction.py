@@ -1,0 +1,210 @@
+"""Eviction decided on a real FilesystemStorage: LRU past max_size, max_age from the last pull,
+references kept, open readers never cut, one evictor at a time."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+from edgeproxy.config import CacheConfig
+from edgeproxy.mirror.eviction import Evictor, execute, plan, references, scan
+from edgeproxy.mirror.pulls import PullRecorder
+from edgeproxy.mirror.storage import FilesystemStorage
+
+DAY = 86400.0
+NOW = time.time()
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def put_blob(storage: FilesystemStorage, data: bytes, age: float) -> str:
+    digest = digest_of(data)
+    if storage.blob_size(digest) is None:
+        partial = storage.try_begin_blob(digest)
+        assert partial is not None
+        partial.write(data)
+        partial.commit()
+    os.utime(storage.blob_path(digest), (NOW - age, NOW - age))
+    return digest
+
+
+def put_manifest(
+    storage: FilesystemStorage, name: str, document: Mapping[str, object], age: float, tag: str = ""
+) -> str:
+    data = json.dumps(document).encode()
+    digest = digest_of(data)
+    storage.write_manifest(name, digest, data)
+    if tag:
+        storage.write_tag(name, tag, digest)
+    stamp = (NOW - age, NOW - age)
+    os.utime(storage.blob_path(digest), stamp)
+    link = storage.root / "docker/registry/v2/repositories" / name / "_manifests/revisions"
+    os.utime(link / "sha256" / digest[7:] / "link", stamp)
+    return digest
+
+
+def put_image(
+    storage: FilesystemStorage, name: str, layers: list[bytes], age: float, tag: str = "v1"
+) -> str:
+    diff_ids = [digest_of(layer) for layer in layers]
+    config = put_blob(storage, json.dumps({"name": name, "diff_ids": diff_ids}).encode(), age)
+    descriptors = []
+    for layer in layers:
+        digest = put_blob(storage, layer, age)
+        storage.link_blob(name, digest)
+        descriptors.append({"digest": digest, "size": len(layer)})
+    document = {"mediaType": MANIFEST, "config": {"digest": config}, "layers": descriptors}
+    return put_manifest(storage, name, document, age, tag)
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> FilesystemStorage:
+    return FilesystemStorage(tmp_path / "cache")
+
+
+def removed(storage: FilesystemStorage, limits: CacheConfig) -> tuple[set[str], set[str]]:
+    """(repositories whose manifests go, blob digests that go)."""
+    inventory = scan(storage)
+    planned = plan(inventory, limits, NOW)
+    if limits.max_size is not None:
+        assert planned.size_after <= limits.max_size
+    return {e.manifest.name for e in planned.manifests}, {b.digest for b in planned.blobs}
+
+
+def test_references_of_every_manifest_kind() -> None:
+    image = {"config": {"digest": "sha256:c"}, "layers": [{"digest": "sha256:l"}]}
+    assert references(json.dumps(image).encode()) == {"sha256:c", "sha256:l"}
+    index = {"manifests": [{"digest": "sha256:a"}, {"digest": "sha256:b"}]}
+    assert references(json.dumps(index).encode()) == {"sha256:a", "sha256:b"}
+    schema1 = {"schemaVersion": 1, "fsLayers": [{"blobSum": "sha256:x"}]}
+    assert references(json.dumps(schema1).encode()) == {"sha256:x"}
+    assert references(b"not json") == frozenset()
+
+
+def test_past_max_size_the_least_recently_pulled_goes(storage: FilesystemStorage) -> None:
+    put_image(storage, "old", [os.urandom(1000)], age=3 * DAY)
+    put_image(storage, "mid", [os.urandom(1000)], age=2 * DAY)
+    put_image(storage, "new", [os.urandom(1000)], age=1 * DAY)
+    total = scan(storage).size
+    names, _ = removed(storage, CacheConfig(max_size=total - 1))
+    assert names == {"old"}
+    names, _ = removed(storage, CacheConfig(max_size=total // 2))
+    assert names == {"old", "mid"}
+    assert removed(storage, CacheConfig(max_size=total)) == (set(), set())
+
+
+def test_a_shared_layer_stays_while_a_kept_image_uses_it(storage: FilesystemStorage) -> None:
+    shared, own = os.urandom(5000), os.urandom(5000)
+    put_image(storage, "a", [shared, own], age=3 * DAY)
+    put_image(storage, "b", [shared], age=1 * DAY)
+    names, blobs = removed(storage, CacheConfig(max_age=2 * DAY))
+    assert names == {"a"}
+    assert digest_of(own) in blobs
+    assert digest_of(shared) not in blobs
+
+
+def test_max_age_counts_from_the_last_pull(storage: FilesystemStorage) -> None:
+    put_image(storage, "a", [os.urandom(100)], age=10 * DAY)
+    manifest = put_image(storage, "b", [os.urandom(100)], age=10 * DAY)
+    storage.record_manifest_pull("b", manifest)  # pulled again just now
+    names, blobs = removed(storage, CacheConfig(max_age=7 * DAY))
+    assert names == {"a"}
+    assert len(blobs) == 3  # a's manifest, config and layer
+
+
+def test_an_index_keeps_its_children_and_their_blobs(storage: FilesystemStorage) -> None:
+    amd64 = put_image(storage, "multi", [os.urandom(100)], age=9 * DAY, tag="")
+    arm64 = put_image(storage, "multi", [os.urandom(100)], age=9 * DAY, tag="")
+    index = {"mediaType": INDEX, "manifests": [{"digest": amd64}, {"digest": arm64}]}
+    put_manifest(storage, "multi", index, age=1 * DAY, tag="v1")  # pulled recently
+    assert removed(storage, CacheConfig(max_age=7 * DAY)) == (set(), set())
+    names, blobs = removed(storage, CacheConfig(max_age=0.5 * DAY))
+    assert names == {"multi"}
+    assert len(blobs) == 7  # the index, 2 manifests, 2 configs, 2 layers
+
+
+def test_a_blob_no_manifest_references_goes_by_its_own_last_pull(
+    storage: FilesystemStorage,
+) -> None:
+    old, recent = put_blob(storage, b"old" * 100, age=10 * DAY), put_blob(storage, b"new", age=0)
+    put_image(storage, "a", [os.urandom(1000)], age=DAY)
+    assert removed(storage, CacheConfig(max_age=7 * DAY)) == (set(), {old})
+    assert removed(storage, CacheConfig(max_size=scan(storage).size - 1)) == (set(), {old})
+    everything = plan(scan(storage), CacheConfig(max_size=0), NOW).blobs
+    assert [everything[0].digest, everything[-1].digest] == [old, recent]  # oldest first
+
+
+def test_prune_removes_content_and_keeps_the_layout_consistent(storage: FilesystemStorage) -> None:
+    shared = os.urandom(2000)
+    put_image(storage, "team/a", [shared, os.urandom(2000)], age=10 * DAY)
+    put_image(storage, "team/b", [shared], age=1 * DAY)
+    evictor = Evictor(CacheConfig(max_age=7 * DAY), storage, storage.root / "edgeproxy")
+    dry = evictor.prune(dry_run=True)
+    assert dry is not None and len(dry.blobs) == 3
+    assert storage.repositories() == ["team/a", "team/b"]
+    done = evictor.prune()
+    assert done is not None and len(done.manifests) == 1 and len(done.blobs) == 3
+    assert storage.repositories() == ["team/b"]
+    assert storage.list_tags("team/a") == []
+    assert storage.blob_size(digest_of(shared)) == len(shared)
+    repos = storage.root / "docker/registry/v2/repositories"
+    assert not (repos / "team/a").exists()
+    linked = list((repos / "team/b/_layers/sha256").iterdir())
+    assert [p.name for p in linked] == [digest_of(shared)[7:]]
+    assert done.size_after == scan(storage).size
+    assert scan(storage).entries[0].manifest.tags == ("v1",)
+
+
+def test_an_open_blob_reads_on_after_its_removal(storage: FilesystemStorage) -> None:
+    data = os.urandom(3 << 20)
+    digest = put_blob(storage, data, age=0)
+    reader = storage.open_blob(digest)
+    storage.remove_blobs([digest])
+    assert storage.blob_size(digest) is None
+    assert reader.size == len(data)
+    assert reader.read(0, len(data)) == data
+    reader.close()
+
+
+def test_content_pulled_after_the_scan_is_not_removed(storage: FilesystemStorage) -> None:
+    manifest = put_image(storage, "a", [os.urandom(100)], age=10 * DAY)
+    inventory = scan(storage)
+    planned = plan(inventory, CacheConfig(max_age=7 * DAY), inventory.taken)
+    time.sleep(0.01)
+    storage.record_manifest_pull("a", manifest)
+    done = execute(storage, planned, inventory.taken)
+    assert (done.manifests, done.blobs) == ([], [])
+    assert storage.repositories() == ["a"]
+
+
+def test_one_evictor_at_a_time(storage: FilesystemStorage) -> None:
+    put_image(storage, "a", [os.urandom(100)], age=10 * DAY)
+    evictor = Evictor(CacheConfig(max_age=7 * DAY), storage, storage.root / "edgeproxy")
+    with open(storage.root / "edgeproxy" / "evict.lock", "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        assert evictor.prune(wait=False) is None  # another process is at it
+    assert evictor.prune(wait=False) is not None
+    assert evictor.prune(wait=False) is None  # done less than half an interval ago
+    assert storage.repositories() == []
+
+
+def test_pulls_are_recorded_at_most_once_a_minute(storage: FilesystemStorage) -> None:
+    digest = put_blob(storage, b"x" * 10, age=DAY)
+    recorder = PullRecorder(storage)
+    recorder.blob("x", digest)
+    first = storage.blob_last_pull(digest)
+    assert first is not None and first > NOW - 60
+    os.utime(storage.blob_path(digest), (NOW - DAY, NOW - DAY))
+    recorder.blob("x", digest)  # within the minute: no write
+    assert storage.blob_last_pull(digest) == pytest.approx(NOW - DAY)

@@ -1,0 +1,95 @@
+"""A blob removed (as eviction removes it) while a client downloads it: the download finishes
+whole, warm or cold, because the mirror holds the file open."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from edgeproxy.config import config_from_dict
+from edgeproxy.mirror.app import MirrorApp
+from edgeproxy.mirror.storage import FilesystemStorage
+from tests.conftest import TEST_TAG
+from tests.support.images import RandomLayer, build_image, push
+from tests.support.registry import Registry
+from tests.support.servers import serve_app
+from tests.support.wait import wait_until
+
+BIG = 48 << 20  # well past the socket buffers and the fill's 8 MiB memory window
+
+
+def mirror_app(root: Path, upstream_url: str) -> MirrorApp:
+    config = config_from_dict(
+        {"mirror": {"root": str(root), "upstream": [{"name": "docker.io", "url": upstream_url}]}}
+    )
+    return MirrorApp(config.mirror)
+
+
+def read_slowly(response: httpx.Response, between: Callable[[], None]) -> bytes:
+    """Read the first MiB, call `between()`, then read the rest."""
+    body = bytearray()
+    pieces = response.iter_bytes(1 << 20)
+    body += next(pieces)
+    between()
+    for piece in pieces:
+        body += piece
+    return bytes(body)
+
+
+@pytest.fixture
+def warm_blob(tmp_path: Path) -> Iterator[tuple[FilesystemStorage, str, bytes]]:
+    storage = FilesystemStorage(tmp_path / "cache")
+    data = RandomLayer(BIG, seed=5)
+    image = build_image(tmp_path / "image", TEST_TAG, [data])
+    digest = image.layer_digests[0]
+    blob = image.blob_path(digest).read_bytes()
+    partial = storage.try_begin_blob(digest)
+    assert partial is not None
+    partial.write(blob)
+    partial.commit()
+    yield storage, digest, blob
+
+
+def test_a_warm_download_outlives_the_removal_of_its_blob(
+    warm_blob: tuple[FilesystemStorage, str, bytes],
+) -> None:
+    storage, digest, blob = warm_blob
+    app = mirror_app(storage.root, "http://127.0.0.1:9")  # no upstream: served from the cache
+    with serve_app(app) as url, httpx.Client(timeout=60) as client:
+        with client.stream("GET", f"{url}/v2/test/big/blobs/{digest}") as response:
+            assert response.headers["cache-status"] == "edgeproxy; hit"
+            body = read_slowly(response, lambda: storage.remove_blobs([digest]))
+        assert storage.blob_size(digest) is None
+        assert len(body) == len(blob)
+        assert hashlib.sha256(body).hexdigest() == digest[7:]
+
+
+@pytest.mark.e2e
+def test_a_cold_download_outlives_the_removal_of_its_fresh_blob(
+    registry_none: Registry, tmp_path: Path
+) -> None:
+    image = build_image(tmp_path / "image", TEST_TAG, [RandomLayer(BIG, seed=6)])
+    push(image, registry_none, "test/cold-evicted", TEST_TAG)
+    digest = image.layer_digests[0]
+    app = mirror_app(tmp_path / "cache", registry_none.url)
+    storage = app.storage
+    assert isinstance(storage, FilesystemStorage)
+
+    def evict_once_committed() -> None:
+        assert wait_until(lambda: storage.blob_size(digest) is not None, timeout=120)
+        storage.remove_blobs([digest])
+
+    path = f"/v2/test/cold-evicted/blobs/{digest}"
+    with (
+        serve_app(app) as url,
+        httpx.Client(base_url=url, timeout=120) as client,
+        client.stream("GET", path) as response,
+    ):
+        assert response.headers["cache-status"] == "edgeproxy; fwd=miss"
+        body = read_slowly(response, evict_once_committed)
+    assert hashlib.sha256(body).hexdigest() == digest[7:]
+    assert storage.blob_size(digest) is None

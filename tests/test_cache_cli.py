@@ -1,0 +1,128 @@
+"""`edgeproxy cache warm|verify|ls|du` against a cache filled from the real registry."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from edgeproxy.cli import main
+from edgeproxy.mirror.storage import FilesystemStorage
+from tests.conftest import TEST_TAG
+from tests.e2e.test_mirror_pull import pull, pulled_digest, upstream_entry
+from tests.support.images import build_image, build_index, push, random_layer
+from tests.support.registry import Registry, start_registry
+from tests.support.servers import run_edgeproxy, write_toml
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[Registry]:
+    """A registry of this test's own, so that it can be stopped."""
+    registry = start_registry(tmp_path / "upstream")
+    yield registry
+    registry.close()
+
+
+def config_file(tmp_path: Path, upstream: Registry) -> list[str]:
+    """`--config FILE` for a mirror of `upstream` cached in tmp_path/mirror/cache."""
+    mirror = {"root": str(tmp_path / "mirror" / "cache"), "upstream": [upstream_entry(upstream)]}
+    return ["--config", str(write_toml(tmp_path / "cli.toml", {"mirror": mirror}))]
+
+
+def test_warm_then_pull_with_the_upstream_stopped(
+    upstream: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    index = build_index(tmp_path / "index", TEST_TAG, [("linux", "amd64"), ("linux", "arm64")])
+    single = build_image(tmp_path / "single", TEST_TAG, [random_layer(500_000, seed=7)])
+    push(index, upstream, "test/multi")
+    push(single, upstream, "test/single")
+    config = config_file(tmp_path, upstream)
+    assert main(["cache", "warm", *config, "test/multi:v1", "docker.io/test/single:v1"]) == 0
+    err = capsys.readouterr().err
+    assert "test/multi:v1: 4 blobs cached" in err  # 2 platforms: a config and a layer each
+    assert "docker.io/test/single:v1: 2 blobs cached" in err
+    assert main(["cache", "warm", *config, "test/nothing:v1"]) == 1
+    upstream.stop()
+    with run_edgeproxy(tmp_path / "mirror", [upstream_entry(upstream)]) as mirror:
+        pull(mirror, "test/multi:v1", tmp_path / "multi")  # every platform
+        pull(mirror, "test/single:v1", tmp_path / "single-pulled")
+    assert pulled_digest(tmp_path / "multi") == index.manifest_digest
+    assert pulled_digest(tmp_path / "single-pulled") == single.manifest_digest
+    assert main(["cache", "ls", *config]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[1].startswith("test/multi") and " v1 " in listing[1]
+    assert listing[2].startswith("test/single")
+    assert main(["cache", "du", *config]) == 0
+    assert "total: 10 blobs (0 used by no manifest" in capsys.readouterr().out
+
+
+def test_warm_one_platform(upstream: Registry, tmp_path: Path) -> None:
+    index = build_index(tmp_path / "index", TEST_TAG, [("linux", "amd64"), ("linux", "arm64")])
+    push(index, upstream, "test/multi")
+    config = config_file(tmp_path, upstream)
+    assert main(["cache", "warm", *config, "--platform", "linux/arm64", "test/multi"]) == 1
+    assert main(["cache", "warm", *config, "--platform", "linux/arm64", "test/multi:v1"]) == 0
+    storage = FilesystemStorage(tmp_path / "mirror" / "cache")
+    amd64, arm64 = index.children
+    assert all(storage.blob_size(d) is not None for d in arm64.layer_digests)
+    assert all(storage.blob_size(d) is None for d in amd64.layer_digests)
+
+
+def test_verify_finds_a_flipped_byte_and_remove_makes_a_pull_refetch_it(
+    registry_none: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = build_image(tmp_path / "image", TEST_TAG, [random_layer(200_000, seed=8)])
+    push(image, registry_none, "test/verify")
+    config = config_file(tmp_path, registry_none)
+    assert main(["cache", "warm", *config, "test/verify:v1"]) == 0
+    assert main(["cache", "verify", *config]) == 0
+    assert "checked 3 blobs: 0 corrupt" in capsys.readouterr().out
+    layer = image.layer_digests[0]
+    storage = FilesystemStorage(tmp_path / "mirror" / "cache")
+    with storage.blob_path(layer).open("r+b") as data:
+        data.seek(100_000)
+        byte = data.read(1)
+        data.seek(100_000)
+        data.write(bytes([byte[0] ^ 0xFF]))
+    assert main(["cache", "verify", *config]) == 1
+    assert f"corrupt: {layer}" in capsys.readouterr().out
+    assert storage.blob_size(layer) is not None  # reported, not removed
+    assert main(["cache", "verify", "--remove", *config]) == 0
+    assert f"removed: {layer}" in capsys.readouterr().out
+    assert storage.blob_size(layer) is None
+    before = registry_none.count("GET", f"/blobs/{layer}")
+    with run_edgeproxy(tmp_path / "mirror", [upstream_entry(registry_none)]) as mirror:
+        response = httpx.get(f"{mirror.url}/v2/test/verify/blobs/{layer}", timeout=60)
+    assert response.content == image.blob_path(layer).read_bytes()
+    assert registry_none.wait_count("GET", f"/blobs/{layer}", before + 1) == before + 1
+    assert main(["cache", "verify", *config]) == 0
+
+
+def test_the_cache_commands_need_a_cache(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mirror = {"root": str(tmp_path / "none"), "upstream": [{"name": "x", "url": "http://x"}]}
+    config = write_toml(tmp_path / "proxy.toml", {"mirror": mirror})
+    for action in ("ls", "du", "prune", "verify"):
+        assert main(["cache", action, "--config", str(config)]) == 1
+        assert "no cache at" in capsys.readouterr().err
+
+
+def test_check_reads_and_names_the_cache_limits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    upstreams = [{"name": "x", "url": "http://x"}]
+    good = {"max_size": "200GiB", "max_age": "168h", "interval": "30s"}
+    config = write_toml(tmp_path / "good.toml", {"mirror": {"upstream": upstreams, "cache": good}})
+    assert main(["check", "--config", str(config)]) == 0
+    bad = {"max_size": "lots", "interval": "0s", "ttl": "1h"}
+    config = write_toml(tmp_path / "bad.toml", {"mirror": {"upstream": upstreams, "cache": bad}})
+    assert main(["check", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "mirror.cache.max_size: not a size" in err
+    assert "mirror.cache.interval:" in err
+    assert "mirror.cache.ttl: unknown key" in err
