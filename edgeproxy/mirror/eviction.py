@@ -26,6 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeproxy import metrics
 from edgeproxy.config import CacheConfig
 from edgeproxy.mirror.storage import Storage, StoredBlob, StoredManifest
 
@@ -210,6 +211,8 @@ class Evictor:
                 log.exception("eviction failed")
                 continue
             if done is not None and (done.manifests or done.blobs):
+                metrics.evicted("manifest", len(done.manifests))
+                metrics.evicted("blob", len(done.blobs), done.size_before - done.size_after)
                 log.info(
                     "evicted %d manifests and %d blobs (%d bytes); the cache holds %d bytes",
                     len(done.manifests),
