@@ -133,6 +133,11 @@ def request(
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+def chunked(*pieces: bytes) -> bytes:
+    """A chunked request body, one chunk per piece."""
+    return b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
+
+
 # Normalized views: what must be equal between nginx and edgeproxy.
 
 _TRANSPORT_RESPONSE = {"date", "server"}  # each proxy's own
@@ -295,6 +300,11 @@ def auth_pair(registry_htpasswd: Registry, make_pair: Callable[[Registry], Pair]
     return make_pair(registry_htpasswd)
 
 
+@pytest.fixture(scope="module")
+def token_pair(registry_token: Registry, make_pair: Callable[[Registry], Pair]) -> Pair:
+    return make_pair(registry_token)
+
+
 def basic(registry: Registry, password: str | None = None) -> str:
     assert registry.creds is not None
     user, real = registry.creds
@@ -354,7 +364,7 @@ def test_push_sequence_matches_nginx(open_pair: Pair, framing: str) -> None:
         {"schemaVersion": 2, "mediaType": MT_OCI, "config": descriptor, "layers": [descriptor]}
     ).encode()
     if framing == "chunked":
-        framed, body = ["Transfer-Encoding: chunked"], b"%x\r\n%s\r\n0\r\n\r\n" % (len(blob), blob)
+        framed, body = ["Transfer-Encoding: chunked"], chunked(blob)
     else:
         framed, body = [f"Content-Length: {len(blob)}"], blob
     repo = f"/v2/parity/push-{framing}"
@@ -395,6 +405,48 @@ def test_limits_and_redirect_match_nginx(open_pair: Pair) -> None:
         ours.answer.header("location") == f"https://127.0.0.1:{open_pair.edge.https_port}/v2/x?y=1"
     )
     assert theirs.backend == ours.backend == []
+    for answer in (theirs.answer, ours.answer):  # the rest of the answer is the same
+        answer.headers = [(k, v) for k, v in answer.headers if k != "location"]
+    assert response_view(ours.answer) == response_view(theirs.answer)
+
+
+def test_chunked_body_over_the_limit(open_pair: Pair) -> None:
+    """A chunked body crossing client_max_body_size into an open upload: 413 from both. nginx
+    reads the whole body before contacting the registry, so the registry sees no PATCH;
+    edgeproxy streams, so the registry sees a PATCH cut short (never a whole one)."""
+    body = chunked(*[b"x" * (256 << 10)] * 8)  # 2 MiB
+    seen = {}
+    for front in (open_pair.nginx, open_pair.edge):
+        start = send(front, request("POST", "/v2/parity/over/blobs/uploads/", length=0))
+        path = str(start.answer.header("location")).removeprefix(f"https://{HOST}")
+        seen[front.name] = send(front, request("PATCH", path, "Transfer-Encoding: chunked"), body)
+    theirs, ours = seen["nginx"], seen["edgeproxy"]
+    assert response_view(ours.answer) == response_view(theirs.answer)
+    assert ours.answer.status == 413
+    assert log_view(ours.log, True) == log_view(theirs.log, True)
+    assert theirs.backend == []
+    assert all(r.body_size <= 1 << 20 for r in ours.backend)
+
+
+def test_known_early_answer_to_a_chunked_body_over_the_limit(open_pair: Pair) -> None:
+    """The same body to an upload the registry does not know: it answers 404 before reading
+    the body, and edgeproxy (streaming) passes that on; nginx (reading first) answers 413."""
+    body = chunked(*[b"x" * (256 << 10)] * 8)  # 2 MiB
+    case = request("PATCH", "/v2/parity/over/blobs/uploads/nothing", "Transfer-Encoding: chunked")
+    assert send(open_pair.nginx, case, body).answer.status == 413
+    assert send(open_pair.edge, case, body).answer.status == 404
+
+
+def test_backend_closing_without_an_answer_is_a_502(open_pair: Pair) -> None:
+    """The registry's side closes before answering (the tap finds nothing to connect to):
+    nginx's 502 page, and a log line, from both."""
+    targets = open_pair.nginx.tap.target_port, open_pair.edge.tap.target_port
+    open_pair.nginx.tap.target_port = open_pair.edge.tap.target_port = free_port()
+    try:
+        failed = open_pair.both(request("GET", "/v2/"))
+    finally:
+        open_pair.nginx.tap.target_port, open_pair.edge.tap.target_port = targets
+    assert failed.answer.status == 502
 
 
 def test_auth_challenges_pass_through(auth_pair: Pair) -> None:
@@ -408,6 +460,20 @@ def test_auth_challenges_pass_through(auth_pair: Pair) -> None:
         request("POST", "/v2/parity/auth/blobs/uploads/", basic(registry), length=0)
     )
     assert start.answer.status == 202
+
+
+def test_bearer_challenges_pass_through(token_pair: Pair) -> None:
+    """A registry with token auth: its Bearer challenge (realm, service, scope) unchanged."""
+    registry = token_pair.registry
+    assert registry.token_server is not None
+    challenge = token_pair.both(request("GET", "/v2/"))
+    assert challenge.answer.status == 401
+    realm = f'Bearer realm="{registry.token_server.realm}"'
+    assert str(challenge.answer.header("www-authenticate")).startswith(realm)
+    scoped = token_pair.both(request("GET", "/v2/parity/small/manifests/v1"))
+    assert 'scope="repository:parity/small:pull"' in str(scoped.answer.header("www-authenticate"))
+    token = token_pair.both(request("GET", "/v2/", "Authorization: Bearer not-a-token"))
+    assert token.answer.status == 401
 
 
 def test_odd_requests_reach_the_registry_as_through_nginx(open_pair: Pair) -> None:
