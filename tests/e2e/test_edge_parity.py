@@ -18,6 +18,9 @@ Differences kept on purpose (asserted in `assert_same` or a `test_known_*`):
 - the 301 Location: edgeproxy adds the https port when it is not 443 (nginx's `$server_name$1`
   has no port, so the seed only works on 443);
 - TLS 1.3: nginx 1.22 without ssl_protocols serves TLS 1.2 at most, edgeproxy 1.2 and 1.3.
+- a chunked body over the limit that the registry answers before reading (an unknown upload):
+  nginx, reading first, always answers 413; edgeproxy, streaming, passes on the registry's
+  answer when it comes before the limit is crossed (a race, so not tested).
 Differences in code this suite does not own are `xfail` tests at the end (access log fields,
 a bare `?`).
 """
@@ -426,15 +429,6 @@ def test_chunked_body_over_the_limit(open_pair: Pair) -> None:
     assert log_view(ours.log, True) == log_view(theirs.log, True)
     assert theirs.backend == []
     assert all(r.body_size <= 1 << 20 for r in ours.backend)
-
-
-def test_known_early_answer_to_a_chunked_body_over_the_limit(open_pair: Pair) -> None:
-    """The same body to an upload the registry does not know: it answers 404 before reading
-    the body, and edgeproxy (streaming) passes that on; nginx (reading first) answers 413."""
-    body = chunked(*[b"x" * (256 << 10)] * 8)  # 2 MiB
-    case = request("PATCH", "/v2/parity/over/blobs/uploads/nothing", "Transfer-Encoding: chunked")
-    assert send(open_pair.nginx, case, body).answer.status == 413
-    assert send(open_pair.edge, case, body).answer.status == 404
 
 
 def test_backend_closing_without_an_answer_is_a_502(open_pair: Pair) -> None:
