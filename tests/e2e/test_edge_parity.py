@@ -295,6 +295,7 @@ def open_pair(
     registry_none: Registry, make_pair: Callable[[Registry], Pair], test_images: dict[str, Image]
 ) -> Pair:
     push(test_images["small"], registry_none, "parity/small", "v1")
+    push(test_images["multi"], registry_none, "parity/multi", "v1")
     return make_pair(registry_none)
 
 
@@ -322,6 +323,7 @@ ACCEPT_GZIP = "Accept-Encoding: gzip"
 def test_registry_reads_match_nginx(open_pair: Pair, test_images: dict[str, Image]) -> None:
     image = test_images["small"]
     layer = image.layer_digests[0]
+    big = test_images["multi"].layer_digests[1]
     accept = f"Accept: {MT_OCI}"
     manifest = "/v2/parity/small/manifests"
     cases = [
@@ -339,6 +341,9 @@ def test_registry_reads_match_nginx(open_pair: Pair, test_images: dict[str, Imag
         request("GET", f"/v2/parity/small/blobs/{layer}", "Range: bytes=0-99"),
         request("GET", f"/v2/parity/small/blobs/{layer}", "Range: bytes=100-"),
         request("HEAD", f"/v2/parity/small/blobs/{layer}"),
+        # 4 MiB, whole and a range across the proxies' 1 MiB pieces.
+        request("GET", f"/v2/parity/multi/blobs/{big}", ACCEPT_GZIP),
+        request("GET", f"/v2/parity/multi/blobs/{big}", "Range: bytes=1000000-3000000"),
         request("GET", "/v2/parity/small/tags/list?n=10", ACCEPT_GZIP),
         request("GET", "/v2/_catalog", ACCEPT_GZIP),
         request("GET", f"{manifest}/{'t' * 120}", accept, ACCEPT_GZIP),
