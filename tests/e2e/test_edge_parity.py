@@ -127,10 +127,9 @@ def send(
     return Observed(answer, front.tap.requests(), front.log_lines()[before:])
 
 
-def request(
-    method: str, target: str, *headers: str, length: int | None = None, host: str = HOST
-) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Connection: close", *headers]
+def request(method: str, target: str, *headers: str, length: int | None = None) -> bytes:
+    """An HTTP/1.1 request head naming HOST, one request per connection."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {HOST}", "Connection: close", *headers]
     if length is not None:
         lines.append(f"Content-Length: {length}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
