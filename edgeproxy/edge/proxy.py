@@ -73,6 +73,10 @@ class ProxyBackend:
             for name, value in scope["headers"]
             if name not in _NOT_FORWARDED
         ]
+        if not any(name == b"host" for name, _ in scope["headers"]):
+            # An HTTP/1.0 client sent none: nginx's `Host $http_host` then sends none, and an
+            # empty Host is HTTP/1.1's "none" (aiohttp would otherwise name the backend).
+            headers.append(("Host", ""))
         started = False
         try:
             body = await _request_body(receive)

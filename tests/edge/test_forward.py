@@ -56,3 +56,11 @@ def test_hop_by_hop_removed_with_the_fields_connection_names() -> None:
 def test_response_header_names_compared_case_insensitively() -> None:
     backend = [(b"Connection", b"X-Hop"), (b"X-Hop", b"1"), (b"Location", b"/v2/x")]
     assert strip_hop_by_hop(backend) == [(b"Location", b"/v2/x")]
+
+
+def test_names_nginx_ignores_are_not_forwarded() -> None:
+    client = [(b"host", b"h"), (b"x_real_ip", b"6.6.6.6"), (b"x.dot", b"1"), (b"x-ok-9", b"2")]
+    out = forwarded_headers(client, "https", "192.0.2.1")
+    assert [name for name, _ in out] == [
+        b"host", b"x-ok-9", b"x-forwarded-proto", b"x-real-ip", b"x-forwarded-for"
+    ]  # fmt: skip

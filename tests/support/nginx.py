@@ -42,11 +42,28 @@ SEED_HTTP = """
     gzip_disable "MSIE [1-6]\\.(?!.*SV1)";
 """
 
+# The seed's `log_format main`, as written there (the line ends with a space).
+SEED_LOG_FORMAT = """
+    log_format main '$server_name $remote_addr - $remote_user [$time_local] "$request" - '
+                    '$request_body $status $body_bytes_sent "$http_referer" '
+                    '"$http_user_agent" "$http_x_forwarded_for" '
+                    '$ssl_protocol $ssl_cipher $request_time ';
+"""
+
+# The seed's mirror.conf plain server: every request redirected to https.
+SEED_REDIRECT = """
+    server {{
+        listen 127.0.0.1:{port};
+        server_name 127.0.0.1;
+        rewrite ^(.*) https://$server_name$1 permanent;
+    }}
+"""
+
 # The seed's mirror.conf `location /`, on a loopback port.
 SEED_SERVER = """
     server {{
         listen 127.0.0.1:{port}{ssl};
-        server_name 127.0.0.1;{certificates}
+        server_name 127.0.0.1;{access_log}{certificates}
         location / {{
             proxy_pass {backend};
             proxy_read_timeout 300;
@@ -77,9 +94,13 @@ def run_nginx(
     client_max_body_size: str = "1024m",
     tls: tuple[Path, Path] | None = None,
     workers: str = "1",
+    access_log: Path | None = None,
+    http_port: int | None = None,
 ) -> Iterator[int]:
     """nginx with the seed's config in front of `backend` (a URL); yield its port. With `tls`
-    (certificate, key) the port speaks TLS (nginx's default protocols and ciphers)."""
+    (certificate, key) the port speaks TLS (nginx's default protocols and ciphers). With
+    `access_log`, that server logs there in the seed's `main` format; with `http_port`, the
+    seed's plain server (301 to https://$server_name$1) listens there."""
     prefix.mkdir(parents=True, exist_ok=True)
     port = free_port()
     temp = "".join(
@@ -98,9 +119,12 @@ def run_nginx(
         + "http {\n    access_log off;\n"
         + temp
         + SEED_HTTP.replace("{client_max_body_size}", client_max_body_size)
+        + SEED_LOG_FORMAT
+        + (SEED_REDIRECT.format(port=http_port) if http_port else "")
         + SEED_SERVER.format(
             port=port,
             ssl=" ssl" if tls else "",
+            access_log=f"\n        access_log {access_log} main;" if access_log else "",
             certificates=certificates,
             backend=backend,
         )

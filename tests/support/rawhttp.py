@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 from dataclasses import dataclass
 
 
@@ -21,10 +22,18 @@ class Answer:
         return found[0] if found else None
 
 
-def exchange(port: int, request: bytes, *, body: bytes = b"", timeout: float = 30) -> Answer:
+def exchange(
+    port: int,
+    request: bytes,
+    *,
+    body: bytes = b"",
+    timeout: float = 30,
+    tls: ssl.SSLContext | None = None,
+) -> Answer:
     """Send `request` (then `body`, tolerating a server that stops reading and closes) to
-    127.0.0.1:`port`; the answer, read until the connection closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+    127.0.0.1:`port`, over TLS with `tls`; the answer, read until the connection closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as plain:
+        conn = tls.wrap_socket(plain, server_hostname="127.0.0.1") if tls else plain
         conn.sendall(request)
         # It may answer early and close: the answer is still readable.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
@@ -33,13 +42,16 @@ def exchange(port: int, request: bytes, *, body: bytes = b"", timeout: float = 3
         try:
             while chunk := conn.recv(65536):
                 raw += chunk
-        except ConnectionResetError:
+        except (ConnectionResetError, ssl.SSLEOFError):
             pass  # closed with unread request bytes: what arrived before the reset counts
     return parse(raw)
 
 
 def parse(raw: bytes) -> Answer:
+    """The final answer in `raw` (an interim 100 Continue before it is skipped)."""
     head, _, rest = raw.partition(b"\r\n\r\n")
+    while head.startswith(b"HTTP/1.1 100 "):
+        head, _, rest = rest.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ")[1])
     headers = []
