@@ -13,6 +13,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from edgeproxy.config import MirrorConfig
+from edgeproxy.mirror.auth import TOKEN_PATH, Authenticator
 from edgeproxy.mirror.blobs import BlobService
 from edgeproxy.mirror.errors import RegistryError
 from edgeproxy.mirror.manifests import HIT, MISS, OCI_INDEX, ManifestService
@@ -35,6 +36,7 @@ class MirrorApp:
         self.manifests = ManifestService(self.storage)
         self.blobs = BlobService(self.storage)
         self.upstreams = {u.name: UpstreamClient(u) for u in config.upstream}
+        self.auth = Authenticator(config.auth, config.root) if config.auth else None
         self._headers = [API_VERSION, *config.headers.items()]
 
     async def aclose(self) -> None:
@@ -87,6 +89,8 @@ class MirrorApp:
                 return
 
     async def handle(self, request: Request) -> Response:
+        if self.auth is not None and request.scope["path"] == TOKEN_PATH:
+            return await self.auth.token(request)
         route = parse_route(request.scope["path"])
         if request.method not in ("GET", "HEAD"):
             raise RegistryError(
@@ -94,14 +98,18 @@ class MirrorApp:
             )
         if route is None:
             raise RegistryError("UNSUPPORTED", "not a registry API path", status=404)
+        target = None
+        if route.kind not in ("base", "catalog"):
+            target = resolve_target(
+                route.name, request.query_params.get("ns"), list(self.config.upstream)
+            )
+        if self.auth is not None:
+            await self.auth.check(request, self.auth.access(route, target))
         if route.kind == "base":
             return _json({})
-        if route.kind == "catalog":
+        if route.kind == "catalog" or target is None:
             names = self.storage.repositories()
             return _paginated(request, "repositories", names, "/v2/_catalog", {})
-        target = resolve_target(
-            route.name, request.query_params.get("ns"), list(self.config.upstream)
-        )
         upstream = self.upstreams[target.upstream.name]
         if route.kind == "manifests":
             return await self._manifest(request, route, target, upstream)
