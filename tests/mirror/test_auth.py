@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
 import stat
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,18 +18,10 @@ from edgeproxy.config import AuthConfig, ConfigError, config_from_dict, load_con
 from edgeproxy.mirror.app import MirrorApp
 from edgeproxy.mirror.auth import KEY_FILE, Htpasswd, signing_key
 from tests.mirror.fake_upstream import FakeUpstream, fake_upstream
+from tests.support.htpasswd import htpasswd_entry
 from tests.support.servers import serve_app, write_toml
 
 USER, PASSWORD = "alice", "correct horse"
-
-
-def htpasswd_entry(user: str, password: str) -> bytes:
-    """A bcrypt line as Debian's `htpasswd -B` writes it."""
-    binary = shutil.which("htpasswd")
-    if binary is None:
-        raise RuntimeError("htpasswd not found: install apache2-utils (scripts/install --test)")
-    command = [binary, "-Bbn", user, password]
-    return subprocess.run(command, check=True, capture_output=True).stdout.strip() + b"\n"
 
 
 def basic(user: str, password: str) -> dict[str, str]:
@@ -248,10 +238,8 @@ def test_htpasswd_is_read_again_when_it_changes(setup: Setup) -> None:
 
 def test_htpasswd_skips_what_is_not_bcrypt(tmp_path: Path) -> None:
     path = tmp_path / "htpasswd"
-    md5 = subprocess.run(
-        ["htpasswd", "-mbn", "md5user", "pw"], check=True, capture_output=True
-    ).stdout
-    path.write_bytes(md5 + b"\n# a comment\n" + htpasswd_entry("b", "pw"))
+    md5 = htpasswd_entry("md5user", "pw", flag="-m")
+    path.write_bytes(md5 + b"# a comment\n" + htpasswd_entry("b", "pw"))
     htpasswd = Htpasswd(path)
     assert not htpasswd.verify("md5user", "pw")
     assert htpasswd.verify("b", "pw")
