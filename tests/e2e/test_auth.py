@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.containerd import run_containerd
 from tests.support.edge import ca_dir, make_certificate
 from tests.support.htpasswd import htpasswd_entry
 from tests.support.images import Pushed
@@ -202,7 +203,7 @@ def test_login_through_the_tls_edge_with_two_workers(
             "https": f"127.0.0.1:{port}",
             "http": f"127.0.0.1:{free_port()}",
             "tls": {"certificate": str(certificate), "key": str(key)},
-            "access_log": "off",
+            "access_log": str(tmp_path / "access.log"),
             "workers": 2,
         },
     }
@@ -219,6 +220,10 @@ def test_login_through_the_tls_edge_with_two_workers(
                 f"{url}/v2/", headers={"Authorization": f"Bearer {token}"}, verify=trust
             )
             assert answer.status_code == 200
+        # containerd's OAuth2 form: the seed's log has $request_body, but not this password.
+        form = {"grant_type": "password", "username": USER, "password": PASSWORD}
+        posted = httpx.post(f"{url}/token", data=form, verify=trust)
+        assert posted.status_code == 200
         authfile = str(tmp_path / "auth.json")
         skopeo("login", "--cert-dir", certs, "--authfile", authfile, "-u", USER, "-p", PASSWORD,
                f"127.0.0.1:{port}")  # fmt: skip
@@ -231,3 +236,43 @@ def test_login_through_the_tls_edge_with_two_workers(
     finally:
         edge.stop()
     assert PASSWORD not in edge.log()
+    access_log = (tmp_path / "access.log").read_text()
+    assert f"grant_type=password&username={USER}&password=***" in access_log
+    assert PASSWORD not in access_log
+
+
+def test_containerd_pulls_with_credentials(
+    registry_none: Registry, pushed: dict[str, Pushed], tmp_path: Path
+) -> None:
+    """containerd POSTs its password to the realm (OAuth2 password grant); without one, 401."""
+    small = pushed["small"]
+    with (
+        run_edgeproxy(
+            tmp_path / "mirror", [upstream_entry(registry_none)], auth=auth_section(tmp_path)
+        ) as mirror,
+        run_containerd() as socket,
+    ):
+        hosts = tmp_path / "hosts" / "docker.io"
+        hosts.mkdir(parents=True)
+        (hosts / "hosts.toml").write_text(
+            'server = "https://registry-1.docker.io"\n'
+            f'[host."http://{mirror.host}"]\n  capabilities = ["pull", "resolve"]\n'
+        )
+
+        def ctr_pull(*user: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                ["ctr", "--address", str(socket), "images", "pull", *user,
+                 "--hosts-dir", str(tmp_path / "hosts"), f"docker.io/{small.repo}:v1"],
+                capture_output=True, text=True, timeout=300, check=False,
+            )  # fmt: skip
+
+        anonymous = ctr_pull()
+        assert anonymous.returncode != 0
+        assert "401 Unauthorized" in anonymous.stderr, anonymous.stderr
+        wrong = ctr_pull("--user", f"{USER}:nope")
+        assert wrong.returncode != 0
+        pulled = ctr_pull("--user", f"{USER}:{PASSWORD}")
+        assert pulled.returncode == 0, pulled.stderr + pulled.stdout
+        log = mirror.log()
+    assert '"POST /token HTTP/1.1" 200' in log
+    assert PASSWORD not in log
