@@ -97,6 +97,9 @@ def bind_listeners(config: Config) -> Listeners:
             server_context(edge.tls)  # fail here, naming the file, not in the middle of start-up
         except TlsError as exc:
             raise SystemExit(f"edgeproxy: edge.tls: {exc}") from exc
+    auth = config.mirror.auth
+    if auth is not None and not os.access(auth.htpasswd, os.R_OK):  # else every client gets 401
+        raise SystemExit(f"edgeproxy: mirror.auth.htpasswd: cannot read {auth.htpasswd}")
     listeners = Listeners()
     if config.mirror.listen is not None:
         listeners.mirror = bind(*config.mirror.listen)

@@ -17,6 +17,7 @@ import pytest
 from edgeproxy.config import AuthConfig, ConfigError, config_from_dict, load_config
 from edgeproxy.mirror.app import MirrorApp
 from edgeproxy.mirror.auth import KEY_FILE, Htpasswd, signing_key
+from edgeproxy.server import bind_listeners
 from tests.mirror.fake_upstream import FakeUpstream, fake_upstream
 from tests.support.htpasswd import htpasswd_entry
 from tests.support.servers import serve_app, write_toml
@@ -270,3 +271,17 @@ def test_config(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"mirror\.upstream\.0\.url") as info:
         load_config(write_toml(tmp_path / "userinfo.toml", userinfo))
     assert "secret" not in str(info.value)
+
+
+def test_run_refuses_a_missing_htpasswd(tmp_path: Path) -> None:
+    config = config_from_dict(
+        {
+            "mirror": {
+                "listen": "127.0.0.1:0",
+                "upstream": [{"name": "docker.io", "url": "https://r.example"}],
+                "auth": {"htpasswd": str(tmp_path / "missing")},
+            }
+        }
+    )
+    with pytest.raises(SystemExit, match=r"mirror\.auth\.htpasswd: cannot read .*missing"):
+        bind_listeners(config)
