@@ -21,7 +21,7 @@ from tests.support.edge import ca_dir, make_certificate
 from tests.support.htpasswd import htpasswd_entry
 from tests.support.images import Pushed
 from tests.support.ports import free_port
-from tests.support.registry import Registry
+from tests.support.registry import Registry, start_registry
 from tests.support.servers import EdgeproxyProcess, run_edgeproxy, write_toml
 from tests.support.skopeo import SkopeoError, skopeo
 
@@ -159,19 +159,28 @@ def test_podman_login_and_pull(
         assert PASSWORD not in mirror.log()
 
 
+@pytest.fixture(scope="module")
+def registry_token_own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A token-auth registry of this module's own: the tests count its token requests."""
+    registry = start_registry(tmp_path_factory.mktemp("registry-token-own"), "token")
+    yield registry
+    registry.close()
+
+
 @pytest.mark.parametrize("allowed", [False, True])
 def test_upstream_token_realm_on_another_host(
-    registry_token: Registry,
+    registry_token_own: Registry,
     push_all: Callable[[Registry], dict[str, Pushed]],
     tmp_path: Path,
     allowed: bool,
 ) -> None:
     """The upstream is reached as "localhost", its token realm is on "127.0.0.1": another
     host, which gets the upstream's password only when token_realms lists it."""
-    small = push_all(registry_token)["small"]
-    token_server = registry_token.token_server
+    registry = registry_token_own
+    small = push_all(registry)["small"]
+    token_server = registry.token_server
     assert token_server is not None
-    entry = upstream_entry(registry_token, host="localhost")
+    entry = upstream_entry(registry, host="localhost")
     if allowed:
         entry["token_realms"] = ["127.0.0.1"]
     before = token_server.token_requests
@@ -180,8 +189,8 @@ def test_upstream_token_realm_on_another_host(
         assert digest == small.image.manifest_digest  # anonymous tokens may pull here
         log = mirror.log()
     users = {request.user for request in token_server.requests[before:]}
-    assert users == ({registry_token.username} if allowed else {None})
-    assert registry_token.password is not None and registry_token.password not in log
+    assert users == ({registry.username} if allowed else {None})
+    assert registry.password is not None and registry.password not in log
     assert ("may not receive its credentials" in log) is not allowed
 
 
