@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from edgeproxy.config import AuthConfig, ConfigError, config_from_dict, load_config
 from edgeproxy.mirror.app import MirrorApp
-from edgeproxy.mirror.auth import KEY_FILE, Htpasswd, signing_key
+from edgeproxy.mirror.auth import KEY_FILE, Access, Authenticator, Htpasswd, signing_key
 from edgeproxy.server import bind_listeners
 from tests.mirror.fake_upstream import FakeUpstream, fake_upstream
 from tests.support.htpasswd import htpasswd_entry
@@ -285,3 +286,27 @@ def test_run_refuses_a_missing_htpasswd(tmp_path: Path) -> None:
     )
     with pytest.raises(SystemExit, match=r"mirror\.auth\.htpasswd: cannot read .*missing"):
         bind_listeners(config)
+
+
+def test_a_remembered_token_is_verified_again_once_expired(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "htpasswd").write_bytes(b"")
+    authenticator = Authenticator(AuthConfig(htpasswd=tmp_path / "htpasswd"), tmp_path)
+    token = authenticator._issue(USER, ["repository:a/b:pull"])["token"]
+    access = Access("repository:a/b:pull", anonymous=False)
+    decoded: list[str] = []
+    decode = jwt.decode
+
+    def counting_decode(token: str, *args: Any, **kwargs: Any) -> Any:
+        decoded.append(token)
+        return decode(token, *args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counting_decode)
+    assert authenticator._token_grants(token, access)
+    assert authenticator._token_grants(token, access)
+    assert len(decoded) == 1, "the second check came from memory"
+    later = time.time() + 3600
+    monkeypatch.setattr(time, "time", lambda: later)
+    authenticator._token_grants(token, access)
+    assert len(decoded) == 2, "an expired remembered token is checked again (and refused)"
