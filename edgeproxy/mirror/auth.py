@@ -89,21 +89,28 @@ class Htpasswd:
         self._users, self._mtime = users, stat.st_mtime_ns
         self._verified.clear()
 
+    def remembered(self, user: str, password: str) -> bool:
+        """True when this pair was verified in the last minute (and the file did not change):
+        cheap, so a client sending Basic on every request costs no bcrypt and no thread."""
+        self._load()
+        return self._verified.get(self._pair(user, password), 0.0) > time.monotonic()
+
     def verify(self, user: str, password: str) -> bool:
         """True when `password` is `user`'s; blocks for bcrypt's time (call it in a thread)."""
-        self._load()
-        hashed = self._users.get(user)
-        key = hashlib.sha256(b"\0".join([user.encode(), password.encode(), hashed or b""]))
-        now = time.monotonic()
-        if hashed is not None and self._verified.get(key.digest(), 0.0) > now:
+        if self.remembered(user, password):
             return True
+        hashed = self._users.get(user)
         try:
             ok = bcrypt.checkpw(password.encode(), hashed or _DUMMY_HASH) and hashed is not None
         except ValueError:  # a malformed hash in the file
             ok = False
         if ok:
-            self._verified[key.digest()] = now + _VERIFIED_TTL
+            self._verified[self._pair(user, password)] = time.monotonic() + _VERIFIED_TTL
         return ok
+
+    def _pair(self, user: str, password: str) -> bytes:
+        hashed = self._users.get(user, b"")
+        return hashlib.sha256(b"\0".join([user.encode(), password.encode(), hashed])).digest()
 
 
 def signing_key(root: Path) -> bytes:
@@ -231,6 +238,8 @@ class Authenticator:
             return None
         if not sep or not user:
             return None
+        if self.htpasswd.remembered(user, password):
+            return user
         ok = await asyncio.to_thread(self.htpasswd.verify, user, password)
         return user if ok else None
 
