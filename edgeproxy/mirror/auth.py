@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -46,6 +47,7 @@ _ALGORITHM = "HS256"
 # does (no telling users apart by the time an answer takes).
 _DUMMY_HASH = bcrypt.hashpw(b"not a password", bcrypt.gensalt(5))
 MAX_FORM = 64 * 1024
+_HOST = re.compile(r"[A-Za-z0-9.\-]+(:\d+)?|\[[0-9A-Fa-f:.]+\](:\d+)?")
 MAX_REMEMBERED_TOKENS = 4096
 _VERIFIED_TTL = 60.0  # seconds a verified user:password pair skips bcrypt
 
@@ -226,7 +228,9 @@ class Authenticator:
         """The configured realm, or this mirror's token URL as the client reached it."""
         if self.config.realm:
             return self.config.realm
-        host = request.headers.get("host") or "localhost"
+        host = request.headers.get("host", "")
+        if not _HOST.fullmatch(host):  # a quote would end the realm's quoted string
+            host = "localhost"
         return f"{request.url.scheme}://{host}{TOKEN_PATH}"
 
     async def _basic_user(self, credentials: str) -> str | None:
@@ -271,7 +275,8 @@ class Authenticator:
         else:
             raise RegistryError("UNSUPPORTED", "use GET or POST", headers={"Allow": "GET, POST"})
         if refused:
-            log.info("token: credentials refused")
+            client = request.client.host if request.client else "-"
+            log.info("token: credentials refused for a client at %s", client)
             raise RegistryError(
                 "UNAUTHORIZED",
                 "incorrect username or password",

@@ -310,3 +310,11 @@ def test_a_remembered_token_is_verified_again_once_expired(
     monkeypatch.setattr(time, "time", lambda: later)
     authenticator._token_grants(token, access)
     assert len(decoded) == 2, "an expired remembered token is checked again (and refused)"
+
+
+@pytest.mark.parametrize("host", ['evil",service="x', "a b", ""])
+def test_a_strange_host_never_shapes_the_challenge(setup: Setup, host: str) -> None:
+    response = setup.client.get("/v2/", headers={"Host": host})
+    assert response.status_code == 401
+    challenge = response.headers["www-authenticate"]
+    assert challenge == 'Bearer realm="http://localhost/token",service="edgeproxy"'
