@@ -28,6 +28,7 @@ from edgeproxy.edge.protocol import EdgeHttpProtocol
 from edgeproxy.edge.proxy import ProxyBackend
 from edgeproxy.edge.tls import CIPHERS, TlsError, server_context
 from edgeproxy.mirror.app import MirrorApp
+from edgeproxy.mirror.auth import exposed_credentials
 
 log = logging.getLogger("edgeproxy")
 
@@ -100,6 +101,8 @@ def bind_listeners(config: Config) -> Listeners:
     auth = config.mirror.auth
     if auth is not None and not os.access(auth.htpasswd, os.R_OK):  # else every client gets 401
         raise SystemExit(f"edgeproxy: mirror.auth.htpasswd: cannot read {auth.htpasswd}")
+    for warning in exposed_credentials(config.mirror):
+        log.warning("%s", warning)
     listeners = Listeners()
     if config.mirror.listen is not None:
         listeners.mirror = bind(*config.mirror.listen)

@@ -33,7 +33,7 @@ import jwt
 from starlette.requests import Request
 from starlette.responses import Response
 
-from edgeproxy.config import AuthConfig
+from edgeproxy.config import AuthConfig, MirrorConfig
 from edgeproxy.mirror.errors import RegistryError
 from edgeproxy.mirror.names import Route, Target
 
@@ -113,6 +113,28 @@ class Htpasswd:
     def _pair(self, user: str, password: str) -> bytes:
         hashed = self._users.get(user, b"")
         return hashlib.sha256(b"\0".join([user.encode(), password.encode(), hashed])).digest()
+
+
+def exposed_credentials(config: MirrorConfig) -> list[str]:
+    """Warnings for upstream credentials anyone may use through the mirror: its pulls are
+    authorized with them, so a private image becomes as public as the mirror."""
+    warnings = []
+    for upstream in config.upstream:
+        if not upstream.username:
+            continue
+        if config.auth is None:
+            reason = "and [mirror.auth] is not set"
+        elif upstream.name in config.auth.anonymous_upstreams:
+            reason = "and mirror.auth.anonymous_upstreams lets anyone pull from it"
+        elif config.auth.anonymous:
+            reason = "and mirror.auth.anonymous patterns may cover its repositories"
+        else:
+            continue
+        warnings.append(
+            f"upstream {upstream.name} has credentials {reason}: "
+            "whoever reaches the mirror may pull what they can"
+        )
+    return warnings
 
 
 def signing_key(root: Path) -> bytes:

@@ -17,7 +17,14 @@ import pytest
 
 from edgeproxy.config import AuthConfig, ConfigError, config_from_dict, load_config
 from edgeproxy.mirror.app import MirrorApp
-from edgeproxy.mirror.auth import KEY_FILE, Access, Authenticator, Htpasswd, signing_key
+from edgeproxy.mirror.auth import (
+    KEY_FILE,
+    Access,
+    Authenticator,
+    Htpasswd,
+    exposed_credentials,
+    signing_key,
+)
 from edgeproxy.server import bind_listeners
 from tests.mirror.fake_upstream import FakeUpstream, fake_upstream
 from tests.support.htpasswd import htpasswd_entry
@@ -318,3 +325,30 @@ def test_a_strange_host_never_shapes_the_challenge(setup: Setup, host: str) -> N
     assert response.status_code == 401
     challenge = response.headers["www-authenticate"]
     assert challenge == 'Bearer realm="http://localhost/token",service="edgeproxy"'
+
+
+def test_exposed_upstream_credentials_are_warned_about() -> None:
+    def warnings(auth: dict[str, Any] | None) -> list[str]:
+        upstreams = [
+            {
+                "name": "private.example",
+                "url": "https://p.example",
+                "username": "u",
+                "password": "p",
+            },
+            {"name": "public.example", "url": "https://q.example"},
+        ]
+        mirror: dict[str, Any] = {"upstream": upstreams}
+        if auth is not None:
+            mirror["auth"] = {"htpasswd": "h", **auth}
+        return exposed_credentials(config_from_dict({"mirror": mirror}).mirror)
+
+    assert warnings(None) == [
+        "upstream private.example has credentials and [mirror.auth] is not set: "
+        "whoever reaches the mirror may pull what they can"
+    ]
+    assert warnings({}) == []
+    assert warnings({"anonymous_upstreams": ["public.example"]}) == []
+    assert "anonymous_upstreams" in warnings({"anonymous_upstreams": ["private.example"]})[0]
+    assert "patterns" in warnings({"anonymous": ["library/*"]})[0]
+    assert "hunter2" not in " ".join(warnings(None) + warnings({"anonymous": ["*"]}))
