@@ -95,7 +95,9 @@ class UpstreamConfig(_Model):
     """One registry the mirror pulls through."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9.\-]*(:\d+)?$")
-    url: str = Field(pattern=r"^https?://[^/\s]+/?$")
+    # No user:password@ in the URL: credentials live in username/password, never in a URL
+    # that could be logged.
+    url: str = Field(pattern=r"^https?://[^/\s@]+/?$")
     username: str = ""
     password: str = Field(default="", repr=False)
     ca: Path | None = None
@@ -104,6 +106,9 @@ class UpstreamConfig(_Model):
     read_timeout: Duration = 60.0
     # Docker Hub serves one-component names ("alpine") as "library/alpine".
     library_prefix: bool | None = None
+    # Token realm hosts, besides the upstream's own, that may receive username/password
+    # (Docker Hub's auth.docker.io is allowed for registry-1.docker.io without saying so).
+    token_realms: list[str] = Field(default_factory=list)
 
     @field_validator("ca", mode="before")
     @classmethod
@@ -131,6 +136,17 @@ class CacheConfig(_Model):
         return self.max_size is not None or self.max_age is not None
 
 
+class AuthConfig(_Model):
+    """`[mirror.auth]`: clients must authenticate, as htpasswd users (bcrypt entries)."""
+
+    htpasswd: Path
+    service: str = "edgeproxy"  # the `service` of the challenge and the tokens' audience
+    realm: str = ""  # the token URL clients are sent to; empty: <scheme>://<Host>/token
+    token_ttl: Duration = 300.0
+    anonymous: list[str] = Field(default_factory=list)  # repository globs anyone may pull
+    anonymous_upstreams: list[str] = Field(default_factory=list)  # upstreams anyone may pull
+
+
 class MirrorConfig(_Model):
     """The registry part: what registry:2's config.yml said."""
 
@@ -139,6 +155,7 @@ class MirrorConfig(_Model):
     headers: dict[str, str] = Field(default_factory=lambda: {"X-Content-Type-Options": "nosniff"})
     upstream: list[UpstreamConfig] = Field(min_length=1)
     cache: CacheConfig = CacheConfig()
+    auth: AuthConfig | None = None
 
     @field_validator("upstream")
     @classmethod
@@ -148,6 +165,15 @@ class MirrorConfig(_Model):
         if duplicates:
             raise ValueError(f"upstream names must be unique; repeated: {', '.join(duplicates)}")
         return upstreams
+
+    @model_validator(mode="after")
+    def _anonymous_upstreams_exist(self) -> MirrorConfig:
+        names = {u.name for u in self.upstream}
+        wanted = self.auth.anonymous_upstreams if self.auth else []
+        unknown = [n for n in wanted if n not in names]
+        if unknown:
+            raise ValueError(f"auth.anonymous_upstreams: no such upstream: {', '.join(unknown)}")
+        return self
 
 
 class TlsConfig(_Model):
@@ -282,8 +308,11 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     upstreams = [
         u.model_copy(update={"ca": absolute(u.ca)}) if u.ca else u for u in config.mirror.upstream
     ]
+    auth = config.mirror.auth
+    if auth is not None:
+        auth = auth.model_copy(update={"htpasswd": absolute(auth.htpasswd)})
     mirror = config.mirror.model_copy(
-        update={"root": absolute(config.mirror.root), "upstream": upstreams}
+        update={"root": absolute(config.mirror.root), "upstream": upstreams, "auth": auth}
     )
     edge = config.edge
     if edge is not None:

@@ -33,6 +33,7 @@ from edgeproxy.health import PATH as HEALTH_PATH
 from edgeproxy.health import HealthMonitor
 from edgeproxy.logs import set_secrets
 from edgeproxy.mirror.app import MirrorApp
+from edgeproxy.mirror.auth import exposed_credentials
 
 log = logging.getLogger("edgeproxy")
 
@@ -117,6 +118,11 @@ def bind_listeners(config: Config, bound: Bound | None = None) -> Listeners:
             server_context(edge.tls)  # fail here, naming the file, not in the middle of start-up
         except TlsError as exc:
             raise SystemExit(f"edgeproxy: edge.tls: {exc}") from exc
+    auth = config.mirror.auth
+    if auth is not None and not os.access(auth.htpasswd, os.R_OK):  # else every client gets 401
+        raise SystemExit(f"edgeproxy: mirror.auth.htpasswd: cannot read {auth.htpasswd}")
+    for warning in exposed_credentials(config.mirror):
+        log.warning("%s", warning)
     listeners = Listeners()
     if config.mirror.listen is not None:
         listeners.mirror = get(config.mirror.listen)

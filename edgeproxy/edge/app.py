@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from datetime import datetime
 from typing import Any
@@ -176,10 +177,16 @@ class _Exchange:
         await self._send(message)
 
     def logged_body(self) -> bytes | None:
-        """$request_body: the body if it fit nginx's in-memory buffer, else None."""
+        """$request_body: the body if it fit nginx's in-memory buffer, else None; unlike nginx,
+        with the secrets of a urlencoded form masked."""
         if not self._body_size or self._body_size > REQUEST_BODY_LOGGED:
             return None
-        return b"".join(self._body)
+        return _FORM_SECRET.sub(rb"\1\2=***", b"".join(self._body))
+
+
+# A password in a form body, as containerd POSTs one to a token endpoint (OAuth2's password
+# grant): nginx would log it with $request_body; a log is no place for it.
+_FORM_SECRET = re.compile(rb"(?i)(^|&)(password|refresh_token|client_secret)=[^&]*")
 
 
 def _too_large(length: bytes, limit: int) -> bool:

@@ -13,6 +13,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from edgeproxy.config import MirrorConfig
+from edgeproxy.mirror.auth import TOKEN_PATH, Authenticator
 from edgeproxy.mirror.blobs import BlobService
 from edgeproxy.mirror.errors import RegistryError
 from edgeproxy.mirror.eviction import Evictor
@@ -39,6 +40,7 @@ class MirrorApp:
         self.pulls = PullRecorder(self.storage)
         self.evictor = Evictor(config.cache, self.storage, config.root / "edgeproxy")
         self.upstreams = {u.name: UpstreamClient(u) for u in config.upstream}
+        self.auth = Authenticator(config.auth, config.root) if config.auth else None
         self._headers = [API_VERSION, *config.headers.items()]
 
     def start(self) -> None:
@@ -97,6 +99,8 @@ class MirrorApp:
                 return
 
     async def handle(self, request: Request) -> Response:
+        if self.auth is not None and request.scope["path"] == TOKEN_PATH:
+            return await self.auth.token(request)
         route = parse_route(request.scope["path"])
         if request.method not in ("GET", "HEAD"):
             raise RegistryError(
@@ -104,14 +108,18 @@ class MirrorApp:
             )
         if route is None:
             raise RegistryError("UNSUPPORTED", "not a registry API path", status=404)
+        target = None
+        if route.kind not in ("base", "catalog"):
+            target = resolve_target(
+                route.name, request.query_params.get("ns"), list(self.config.upstream)
+            )
+        if self.auth is not None:
+            await self.auth.check(request, self.auth.access(route, target))
         if route.kind == "base":
             return _json({})
-        if route.kind == "catalog":
+        if route.kind == "catalog" or target is None:
             names = self.storage.repositories()
             return _paginated(request, "repositories", names, "/v2/_catalog", {})
-        target = resolve_target(
-            route.name, request.query_params.get("ns"), list(self.config.upstream)
-        )
         upstream = self.upstreams[target.upstream.name]
         if route.kind == "manifests":
             return await self._manifest(request, route, target, upstream)

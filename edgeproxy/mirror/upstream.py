@@ -26,6 +26,10 @@ log = logging.getLogger("edgeproxy.upstream")
 
 MAX_METADATA_BODY = 4 * 1024 * 1024  # registry:2's manifest size limit
 BLOB_READ_SIZE = 1024 * 1024
+# Docker Hub's registry hosts send clients to auth.docker.io for tokens: another host, but
+# Docker Hub's own, so it gets the credentials without a `token_realms` entry.
+_DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
+_DOCKER_HUB_REALM = "auth.docker.io"
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
 
 
@@ -55,6 +59,22 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), params
 
 
+def may_send_credentials(upstream: httpx.URL, realm: httpx.URL, allowed: list[str]) -> bool:
+    """Whether a token realm may receive the upstream's username and password.
+
+    dockerd and containerd send them to whatever realm a 401 names; a mirror holding
+    credentials for many clients is stricter: only the upstream's own host, Docker Hub's
+    auth.docker.io for Docker Hub, or a host in `token_realms`, and never over plain HTTP when
+    the upstream itself is HTTPS.
+    """
+    if upstream.scheme == "https" and realm.scheme != "https":
+        return False
+    hosts = {upstream.host, *(host.lower() for host in allowed)}
+    if upstream.host in _DOCKER_HUB_HOSTS:
+        hosts.add(_DOCKER_HUB_REALM)
+    return realm.host in hosts
+
+
 def ssl_context(ca: str | None) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=certifi.where())
     if ca:
@@ -80,6 +100,7 @@ class UpstreamClient:
         self._probed = False
         self._tokens: dict[str, tuple[str, float]] = {}  # scope -> (Authorization, expiry)
         self._token_locks: dict[str, asyncio.Lock] = {}
+        self._warned_realms: set[str] = set()
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -136,9 +157,24 @@ class UpstreamClient:
         query = {"scope": scope}
         if "service" in params:
             query["service"] = params["service"]
-        auth = (self.config.username, self.config.password) if self.config.username else None
+        base = httpx.URL(self.config.base_url)
+        realm = base.join(params["realm"])
+        auth = None
+        if self.config.username:
+            if may_send_credentials(base, realm, self.config.token_realms):
+                auth = (self.config.username, self.config.password)
+            elif realm.host not in self._warned_realms:
+                self._warned_realms.add(realm.host)
+                log.warning(
+                    "upstream %s: token realm %s://%s may not receive its credentials; asking "
+                    "it anonymously (list the host in token_realms to allow it)",
+                    self.name,
+                    realm.scheme,
+                    realm.host,
+                )
         try:
-            response = await self._http.get(params["realm"], params=query, auth=auth)
+            # httpx drops the Authorization of a redirect to another origin.
+            response = await self._http.get(realm, params=query, auth=auth)
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(self.name, f"token server: {type(exc).__name__}") from exc
         if response.status_code in (401, 403):
