@@ -283,8 +283,10 @@ class FilesystemStorage(Storage):
 
     def record_blob_pull(self, name: str, digest: str) -> None:
         _touch(self.blob_path(digest))
-        if self.blob_size(digest) is not None:
-            self.link_blob(name, digest)
+        # Bookkeeping never fails a pull (a read-only or full disk still serves the cache).
+        with contextlib.suppress(OSError):
+            if self.blob_size(digest) is not None:
+                self.link_blob(name, digest)
 
     def manifest_last_pull(self, name: str, digest: str) -> float | None:
         return _mtime(self._revision(name, digest))
