@@ -99,6 +99,8 @@ def scan(storage: Storage, known: dict[str, frozenset[str]] | None = None) -> In
             if data is not None:
                 known[manifest.digest] = refs
         entries.append(Entry(manifest, refs))
+    for gone in set(known) - {e.manifest.digest for e in entries}:
+        del known[gone]
     return Inventory(entries, blobs, taken)
 
 

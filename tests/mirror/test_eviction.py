@@ -208,3 +208,13 @@ def test_pulls_are_recorded_at_most_once_a_minute(storage: FilesystemStorage) ->
     os.utime(storage.blob_path(digest), (NOW - DAY, NOW - DAY))
     recorder.blob("x", digest)  # within the minute: no write
     assert storage.blob_last_pull(digest) == pytest.approx(NOW - DAY)
+
+
+def test_recording_a_pull_never_fails_the_pull(storage: FilesystemStorage) -> None:
+    """The link cannot be written (here: a file where its folder should be; in real life a
+    read-only or full disk): the pull is still recorded and nothing is raised."""
+    digest = put_blob(storage, b"ro" * 10, age=DAY)
+    (storage.root / "docker/registry/v2/repositories/blocked").write_text("")
+    storage.record_blob_pull("blocked/repo", digest)
+    last_pull = storage.blob_last_pull(digest)
+    assert last_pull is not None and last_pull > NOW - 60

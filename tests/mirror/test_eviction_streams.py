@@ -1,19 +1,24 @@
 """A blob removed (as eviction removes it) while a client downloads it: the download finishes
-whole, warm or cold, because the mirror holds the file open."""
+whole, warm or cold, because the mirror holds the file open; a fill is never evicted."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from edgeproxy.config import config_from_dict
+from edgeproxy.config import CacheConfig, config_from_dict
 from edgeproxy.mirror.app import MirrorApp
+from edgeproxy.mirror.eviction import Evictor, Plan
+from edgeproxy.mirror.names import resolve_target
 from edgeproxy.mirror.storage import FilesystemStorage
 from tests.conftest import TEST_TAG
+from tests.mirror.fake_upstream import fake_upstream, mirror_of
 from tests.support.images import RandomLayer, build_image, push
 from tests.support.registry import Registry
 from tests.support.servers import serve_app
@@ -93,3 +98,32 @@ def test_a_cold_download_outlives_the_removal_of_its_fresh_blob(
         body = read_slowly(response, evict_once_committed)
     assert hashlib.sha256(body).hexdigest() == digest[7:]
     assert storage.blob_size(digest) is None
+
+
+def test_a_fill_in_progress_is_never_evicted(tmp_path: Path) -> None:
+    """A fill lives outside the blob store until committed: a pass told to remove everything
+    does not see it. (The fake upstream sends half the blob, then stalls.)"""
+    data = os.urandom(4 << 20)
+    with fake_upstream() as upstream:
+        digest = upstream.add_blob(data)
+        upstream.faults[digest] = "stall"
+        app = mirror_of(upstream, tmp_path / "cache", read_timeout="60s")
+        storage = app.storage
+        assert isinstance(storage, FilesystemStorage)
+        partial = storage.fill_path(digest, "partial")
+        evictor = Evictor(CacheConfig(max_size=0), storage, storage.root / "edgeproxy")
+
+        async def fill_and_evict() -> Plan | None:
+            target = resolve_target("test/x", None, list(app.config.upstream))
+            await app.blobs.fill(app.upstreams["fake"], target, digest)
+            half = len(data) // 2
+            while not (partial.exists() and partial.stat().st_size >= half):
+                await asyncio.sleep(0.01)
+            try:
+                return await asyncio.to_thread(evictor.prune)
+            finally:
+                assert partial.stat().st_size == half  # untouched, still being filled
+                await app.aclose()
+
+        done = asyncio.run(fill_and_evict())
+    assert done is not None and done.blobs == []

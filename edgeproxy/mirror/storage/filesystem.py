@@ -283,8 +283,10 @@ class FilesystemStorage(Storage):
 
     def record_blob_pull(self, name: str, digest: str) -> None:
         _touch(self.blob_path(digest))
-        if self.blob_size(digest) is not None:
-            self.link_blob(name, digest)
+        # Bookkeeping never fails a pull (a read-only or full disk still serves the cache).
+        with contextlib.suppress(OSError):
+            if self.blob_size(digest) is not None:
+                self.link_blob(name, digest)
 
     def manifest_last_pull(self, name: str, digest: str) -> float | None:
         return _mtime(self._revision(name, digest))
@@ -334,12 +336,15 @@ class FilesystemStorage(Storage):
             _remove_empty_parents(repo.parent, self._v2 / "repositories")
 
     def remove_blobs(self, digests: list[str]) -> None:
-        # The links first: a repository never names a blob that is gone.
+        # The links first: a repository never names a blob that is gone. Each repository's
+        # links are listed once (far fewer look-ups than repositories x digests).
+        doomed = set(digests)
         for name, dirs in list(self._repository_dirs()):
             if "_layers" in dirs:
-                for digest in digests:
-                    link = self._digest_link(self._repo(name) / "_layers", digest)
-                    shutil.rmtree(link.parent, ignore_errors=True)
+                for algorithm in _subdirs(self._repo(name) / "_layers"):
+                    for link in _subdirs(algorithm):
+                        if f"{algorithm.name}:{link.name}" in doomed:
+                            shutil.rmtree(link, ignore_errors=True)
         for digest in digests:
             folder = self.blob_path(digest).parent
             shutil.rmtree(folder, ignore_errors=True)
