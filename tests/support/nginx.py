@@ -21,7 +21,7 @@ SEED_HTTP = """
     client_header_buffer_size 32k;
     large_client_header_buffers 4 32k;
     client_max_body_size {client_max_body_size};
-    keepalive_timeout 120;
+    keepalive_timeout {keepalive_timeout};
     server_tokens off;
 
     gzip  on;
@@ -40,6 +40,13 @@ SEED_HTTP = """
         font/opentype application/x-font-ttf application/vnd.ms-fontobject
         image/x-icon;
     gzip_disable "MSIE [1-6]\\.(?!.*SV1)";
+"""
+
+# The seed's `log_format main`.
+SEED_LOG_FORMAT = """    log_format main '$server_name $remote_addr - $remote_user [$time_local] '
+        '"$request" - $request_body $status $body_bytes_sent "$http_referer" '
+        '"$http_user_agent" "$http_x_forwarded_for" '
+        '$ssl_protocol $ssl_cipher $request_time ';
 """
 
 # The seed's mirror.conf `location /`, on a loopback port.
@@ -77,9 +84,14 @@ def run_nginx(
     client_max_body_size: str = "1024m",
     tls: tuple[Path, Path] | None = None,
     workers: str = "1",
+    keepalive_timeout: str = "120",
+    access_log: Path | None = None,
+    directives: str = "",
 ) -> Iterator[int]:
     """nginx with the seed's config in front of `backend` (a URL); yield its port. With `tls`
-    (certificate, key) the port speaks TLS (nginx's default protocols and ciphers)."""
+    (certificate, key) the port speaks TLS (nginx's default protocols and ciphers); with
+    `access_log`, the seed's `main` format is written there; `directives` are added to the
+    `http` block (e.g. "client_header_timeout 1s;")."""
     prefix.mkdir(parents=True, exist_ok=True)
     port = free_port()
     temp = "".join(
@@ -95,9 +107,14 @@ def run_nginx(
         + f"worker_processes {workers};\npid {prefix / 'nginx.pid'};\n"
         + f"error_log {prefix / 'error.log'} info;\n"
         + "events { worker_connections 1024; }\n"
-        + "http {\n    access_log off;\n"
+        + "http {\n"
+        + (f"{SEED_LOG_FORMAT}    access_log {access_log} main;\n" if access_log else "")
+        + ("" if access_log else "    access_log off;\n")
         + temp
-        + SEED_HTTP.replace("{client_max_body_size}", client_max_body_size)
+        + SEED_HTTP.replace("{client_max_body_size}", client_max_body_size).replace(
+            "{keepalive_timeout}", keepalive_timeout
+        )
+        + f"    {directives}\n"
         + SEED_SERVER.format(
             port=port,
             ssl=" ssl" if tls else "",
