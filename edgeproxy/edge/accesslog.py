@@ -103,6 +103,45 @@ def format_json(e: Entry) -> str:
     return json.dumps(record, separators=(",", ":"))
 
 
+def request_entry(
+    server_name: str,
+    client: tuple[str, int] | None,
+    headers: list[tuple[bytes, bytes]],
+    request: str,
+    status: int,
+    *,
+    body_bytes_sent: int = 0,
+    tls: tuple[str, str] | None = None,
+    seconds: float = 0.0,
+    request_body: bytes | None = None,
+    cache: str = "",
+) -> Entry:
+    """The entry for a request: its headers (names lowercased) give $remote_user and the
+    $http_* fields; `tls` is the session's (protocol, cipher); it ends now."""
+
+    def text(name: bytes) -> str:
+        return next((value for key, value in headers if key == name), b"").decode("latin-1")
+
+    protocol, cipher = tls or ("", "")
+    return Entry(
+        server_name=server_name,
+        remote_addr=client[0] if client else "",
+        remote_user=basic_user(next((v for k, v in headers if k == b"authorization"), None)),
+        time=datetime.now().astimezone(),
+        request=request,
+        request_body=request_body,
+        status=status,
+        body_bytes_sent=body_bytes_sent,
+        http_referer=text(b"referer"),
+        http_user_agent=text(b"user-agent"),
+        http_x_forwarded_for=text(b"x-forwarded-for"),
+        ssl_protocol=protocol,
+        ssl_cipher=cipher,
+        request_time=seconds,
+        cache=cache,
+    )
+
+
 def basic_user(authorization: bytes | None) -> str:
     """nginx's $remote_user: the user of a Basic Authorization header, else empty."""
     if not authorization:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,12 +23,13 @@ from edgeproxy.edge.accesslog import (
     REQUEST_BODY_LOGGED,
     AccessLog,
     Entry,
-    basic_user,
     cache_state,
+    request_entry,
 )
 from edgeproxy.edge.forward import forwarded_headers, header
 from edgeproxy.edge.gzip import GzipMiddleware
 from edgeproxy.edge.pages import send_page
+from edgeproxy.edge.protocol import REQUEST_LINE_KEY
 
 log = logging.getLogger("edgeproxy.edge")
 
@@ -52,6 +52,11 @@ class EdgeApp:
             return
         began = time.monotonic()
         exchange = _Exchange(receive, send, self.config.client_max_body_size)
+        # nginx reads a body before it answers; the embedded mirror answers writes (405)
+        # without reading them: a chunked body over the limit must still get the 413.
+        exchange.read_before_answer = self.config.embedded and any(
+            name == b"transfer-encoding" for name, _ in scope["headers"]
+        )
         try:
             await self._handle(scope, exchange)
         except Exception:
@@ -96,31 +101,24 @@ class EdgeApp:
         return b"https://" + authority.encode("latin-1") + uri
 
     def _entry(self, scope: Scope, exchange: _Exchange, seconds: float) -> Entry:
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
-        uri = scope["raw_path"].decode("latin-1")
-        if scope["query_string"]:
-            uri += "?" + scope["query_string"].decode("latin-1")
-        client = scope.get("client")
-        protocol, cipher = scope.get(tls.SCOPE_KEY) or ("", "")
-
-        def text(name: bytes) -> str:
-            return (header(headers, name) or b"").decode("latin-1")
-
-        return Entry(
-            server_name=self.config.server_name,
-            remote_addr=client[0] if client else "",
-            remote_user=basic_user(header(headers, b"authorization")),
-            time=datetime.now().astimezone(),
-            request=f"{scope['method']} {uri} HTTP/{scope['http_version']}",
-            request_body=exchange.logged_body(),
-            status=exchange.status or 499,  # nginx's code for a client gone before the answer
+        line = scope.get(REQUEST_LINE_KEY)
+        if line is not None:
+            request = line.decode("latin-1")  # as received: nginx's $request
+        else:
+            uri = scope["raw_path"].decode("latin-1")
+            if scope["query_string"]:
+                uri += "?" + scope["query_string"].decode("latin-1")
+            request = f"{scope['method']} {uri} HTTP/{scope['http_version']}"
+        return request_entry(
+            self.config.server_name,
+            scope.get("client"),
+            scope["headers"],
+            request,
+            exchange.status or 499,  # nginx's code for a client gone before the answer
             body_bytes_sent=exchange.body_bytes_sent,
-            http_referer=text(b"referer"),
-            http_user_agent=text(b"user-agent"),
-            http_x_forwarded_for=text(b"x-forwarded-for"),
-            ssl_protocol=protocol,
-            ssl_cipher=cipher,
-            request_time=seconds,
+            tls=scope.get(tls.SCOPE_KEY),
+            seconds=seconds,
+            request_body=exchange.logged_body(),
             cache=cache_state(exchange.cache_status),
         )
 
@@ -134,6 +132,8 @@ class _Exchange:
         self._send = send
         self._body_limit = body_limit
         self._refused = False
+        self._body_done = False
+        self.read_before_answer = False
         self.started = False
         self.status = 0
         self.cache_status: bytes | None = None
@@ -145,6 +145,8 @@ class _Exchange:
         if self._refused:
             return {"type": "http.disconnect"}
         message = await self._receive()
+        if not message.get("more_body"):
+            self._body_done = True
         chunk = message.get("body", b"")
         if chunk:
             if self._body_size + len(chunk) <= REQUEST_BODY_LOGGED:
@@ -164,6 +166,9 @@ class _Exchange:
         self._refused = True
 
     async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start" and self.read_before_answer:
+            while not (self._body_done or self._refused):
+                await self.receive()  # counted, then dropped
         if self._refused:
             return
         if message["type"] == "http.response.start":
