@@ -148,7 +148,9 @@ async def serve(config: Config, listeners: Listeners) -> None:
 def _edge_servers(
     edge: EdgeConfig, app: EdgeApp, access_log: AccessLog, listeners: Listeners
 ) -> list[tuple[_Server, socket.socket]]:
-    settings = ConnectionSettings(access_log, edge.server_name, edge.client_header_timeout)
+    settings = ConnectionSettings(
+        access_log, edge.server_name, edge.client_header_timeout, edge.client_body_timeout
+    )
     options: dict[str, Any] = {
         "access_log": False,  # the edge writes its own, in nginx's format
         # $remote_addr and $scheme are the connection's: never taken from a client's headers.

@@ -29,7 +29,7 @@ from edgeproxy.edge.accesslog import (
 from edgeproxy.edge.forward import forwarded_headers, header
 from edgeproxy.edge.gzip import GzipMiddleware
 from edgeproxy.edge.pages import send_page
-from edgeproxy.edge.protocol import REQUEST_LINE_KEY
+from edgeproxy.edge.protocol import REQUEST_LINE_KEY, TIMED_OUT_KEY
 
 log = logging.getLogger("edgeproxy.edge")
 
@@ -114,7 +114,8 @@ class EdgeApp:
             scope.get("client"),
             scope["headers"],
             request,
-            exchange.status or 499,  # nginx's code for a client gone before the answer
+            # A client gone before the answer: nginx's 499, or 408 if it was too slow to send.
+            exchange.status or (408 if scope.get(TIMED_OUT_KEY) else 499),
             body_bytes_sent=exchange.body_bytes_sent,
             tls=scope.get(tls.SCOPE_KEY),
             seconds=seconds,

@@ -7,7 +7,8 @@ connection level before a request reaches the app:
 - plain HTTP on the https port (see `sniff.py`): nginx's 400 "The plain HTTP request was sent
   to HTTPS port", once the head is read;
 - client_header_timeout: a head not complete in time closes the connection without an answer
-  (logged 408 if any of it came, as nginx does);
+  (logged 408 if any of it came, as nginx does); client_body_timeout likewise between two
+  reads of a body (the app logs the request 408);
 - lingering close: after an answer to a request whose bytes still arrive, stop sending but go
   on reading (and dropping) them for a while, so the client reads the answer, not a reset;
 - every refusal here gets its access log line; the TLS session's protocol and cipher go in the
@@ -35,6 +36,9 @@ log = logging.getLogger("edgeproxy.edge")
 # scope[REQUEST_LINE_KEY]: the request line as received, for $request.
 REQUEST_LINE_KEY = "edgeproxy.request_line"
 
+# scope[TIMED_OUT_KEY] is True once the client took longer than client_body_timeout.
+TIMED_OUT_KEY = "edgeproxy.timed_out"
+
 # nginx's lingering_timeout and lingering_time defaults.
 LINGERING_TIMEOUT = 5.0
 LINGERING_TIME = 30.0
@@ -47,6 +51,7 @@ class ConnectionSettings:
     access_log: AccessLog = field(default_factory=lambda: AccessLog("off"))
     server_name: str = ""
     header_timeout: float = 60.0  # client_header_timeout
+    body_timeout: float = 60.0  # client_body_timeout
 
 
 class EdgeHttpProtocol(HttpToolsProtocol):
@@ -79,6 +84,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._began = 0.0  # when this request's first byte came, for $request_time
         self._linger_timer: asyncio.TimerHandle | None = None
         self._linger_end = 0.0
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body_read = 0.0  # when a piece of the body last came (loop time)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -88,7 +95,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._head_timer = self.loop.call_at(deadline, self._head_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for timer in (self._head_timer, self._linger_timer):
+        for timer in (self._head_timer, self._linger_timer, self._body_timer):
             if timer is not None:
                 timer.cancel()
         super().connection_lost(exc)
@@ -144,15 +151,24 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             self.cycle.transport = _CycleTransport(self)
             if self._meter.request_line_done:  # not for a pipelined request the meter missed
                 self.scope[REQUEST_LINE_KEY] = self._meter.request_line  # type: ignore[literal-required]
+            if _has_body(self.headers):
+                self._body_read = self.loop.time()
+                self._body_timer = self.loop.call_later(
+                    self.settings.body_timeout, self._body_timed_out
+                )
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
+            self._body_read = self.loop.time()  # cheaper than a new timer for each piece
             super().on_body(body)
 
     def on_message_complete(self) -> None:
         if self._refused:
             return  # httptools went on with a refused request: nothing more of it counts
         super().on_message_complete()
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
         self._receiving = False
         self._meter.reset()  # the next request on this connection has its own head
         self._line_checked = False
@@ -174,6 +190,26 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         if self._meter.begun:
             log.info("client %s timed out sending a request head", self._client_addr())
             self._log(408, 0)
+        self.transport.close()
+
+    def _body_timed_out(self) -> None:
+        """client_body_timeout, counted while reading (not while the app is slow to take the
+        body): nginx closes without an answer and logs 408; the app sees the client gone."""
+        now = self.loop.time()
+        if self.flow.read_paused:
+            self._body_read = now  # the app is slow to take the body, not the client to send it
+        idle = now - self._body_read
+        if idle < self.settings.body_timeout:
+            self._body_timer = self.loop.call_later(
+                self.settings.body_timeout - idle, self._body_timed_out
+            )
+            return
+        self._body_timer = None
+        if self.transport.is_closing() or self._linger_timer is not None:
+            return
+        log.info("client %s timed out sending a request body", self._client_addr())
+        if self.cycle is not None and not self.cycle.response_started:
+            self.cycle.scope[TIMED_OUT_KEY] = True  # type: ignore[literal-required]
         self.transport.close()
 
     def _refuse(self, status: int, detail: str = "") -> None:
@@ -239,6 +275,13 @@ class EdgeHttpProtocol(HttpToolsProtocol):
 
     def _client_addr(self) -> str:
         return self.client[0] if self.client else "-"
+
+
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
 
 
 def _request_line_for_llhttp(data: bytes, start: int, end: int) -> bytes:

@@ -27,8 +27,8 @@ from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 
-TIMEOUTS = {"client_header_timeout": "1s", "keepalive_timeout": "1s"}
-NGINX_TIMEOUTS = "client_header_timeout 1s;"
+TIMEOUTS = {"client_header_timeout": "1s", "client_body_timeout": "1s", "keepalive_timeout": "1s"}
+NGINX_TIMEOUTS = "client_header_timeout 1s; client_body_timeout 1s;"
 OFFLINE = [{"name": "docker.io", "url": "http://127.0.0.1:9"}]
 
 
@@ -246,6 +246,27 @@ def test_the_slow_head_is_logged_408(sides: tuple[Server, Server]) -> None:
     with closing(stalled(edge.port, b"GET /slow HTTP/1.1\r\nHost: x\r\n")) as slow:
         assert read_all(slow) == b""
     assert ' "GET /slow HTTP/1.1" - - 408 0 ' in logged(edge, before)
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789",
+        b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\n",
+    ],
+    ids=["length", "chunked"],
+)
+def test_a_slow_body_is_closed_as_nginx(sent: bytes, sides: tuple[Server, Server]) -> None:
+    results = []
+    for server in sides:
+        before = len(server.lines())
+        with closing(stalled(server.port, sent)) as slow:
+            assert exchange(server.port, get()).status == 200  # served meanwhile
+            assert read_all(slow) == b""  # closed after client_body_timeout, no answer
+        assert wait_until(lambda: len(server.lines()) == before + 2, timeout=10)  # noqa: B023
+        results.append(sorted(fields(line) for line in server.lines()[before:]))
+    assert results[1] == results[0]
+    assert " 408 size " in "".join(results[0])
 
 
 def test_an_idle_keepalive_connection_is_closed_as_nginx(sides: tuple[Server, Server]) -> None:
