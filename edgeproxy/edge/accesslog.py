@@ -34,7 +34,7 @@ class Entry:
     remote_user: str
     time: datetime  # aware, local time, when the request ended (as nginx's $time_local)
     request: str  # the request line: `GET /v2/ HTTP/1.1`
-    request_body: bytes | None  # None: no body, or one too large to keep
+    request_body: bytes | None  # None: no body, or one too large to keep; b"": declared empty
     status: int
     body_bytes_sent: int
     http_referer: str
@@ -71,9 +71,12 @@ def time_local(moment: datetime) -> str:
 
 def format_main(e: Entry) -> str:
     """The line nginx writes with the seed's `main` format (it ends with a space, as there)."""
+    # An empty body declared (Content-Length: 0) is printed empty: nginx's $request_body is
+    # found, of length 0; without a body it is not found: "-".
+    body = "" if e.request_body == b"" else escape(e.request_body or b"")
     fields = (
         f"{escape(e.server_name)} {escape(e.remote_addr)} - {escape(e.remote_user)} "
-        f'[{time_local(e.time)}] "{escape(e.request)}" - {escape(e.request_body or b"")} '
+        f'[{time_local(e.time)}] "{escape(e.request)}" - {body} '
         f'{e.status} {e.body_bytes_sent} "{escape(e.http_referer)}" '
         f'"{escape(e.http_user_agent)}" "{escape(e.http_x_forwarded_for)}" '
         f"{escape(e.ssl_protocol)} {escape(e.ssl_cipher)} {e.request_time:.3f} "

@@ -51,12 +51,10 @@ class EdgeApp:
         if scope["type"] != "http":
             return
         began = time.monotonic()
-        exchange = _Exchange(receive, send, self.config.client_max_body_size)
+        exchange = _Exchange(receive, send, self.config.client_max_body_size, scope)
         # nginx reads a body before it answers; the embedded mirror answers writes (405)
         # without reading them: a chunked body over the limit must still get the 413.
-        exchange.read_before_answer = self.config.embedded and any(
-            name == b"transfer-encoding" for name, _ in scope["headers"]
-        )
+        exchange.read_before_answer = self.config.embedded and exchange.chunked_request
         try:
             await self._handle(scope, exchange)
         except Exception:
@@ -128,10 +126,17 @@ class _Exchange:
     """The client's side of one request: what was received and sent, for the access log; and
     the body limit for a body sent without Content-Length (0: none, as in nginx)."""
 
-    def __init__(self, receive: Receive, send: Send, body_limit: int) -> None:
+    def __init__(self, receive: Receive, send: Send, body_limit: int, scope: Scope) -> None:
         self._receive = receive
         self._send = send
         self._body_limit = body_limit
+        headers = scope["headers"]
+        self.chunked_request = header(headers, b"transfer-encoding") is not None
+        length = header(headers, b"content-length")
+        # nginx logs a body declared and empty as "" (one not declared, or not read: "-").
+        self._empty_body = length is not None and length.strip() == b"0"
+        self._head = scope["method"] == "HEAD"
+        self._chunked = False  # the response goes chunked (uvicorn's rule, below)
         self._refused = False
         self._body_done = False
         self.read_before_answer = False
@@ -148,6 +153,8 @@ class _Exchange:
         message = await self._receive()
         if not message.get("more_body"):
             self._body_done = True
+            if self.chunked_request and message["type"] == "http.request":
+                self._empty_body = self._empty_body or not (self._body_size or message["body"])
         chunk = message.get("body", b"")
         if chunk:
             if self._body_size + len(chunk) <= REQUEST_BODY_LOGGED:
@@ -177,13 +184,28 @@ class _Exchange:
             self.status = message["status"]
             raw: Any = message.get("headers", [])
             self.cache_status = header(raw, b"cache-status")
+            # As uvicorn frames it: chunked without a length, but for HEAD, 204 and 304.
+            encoding = header(raw, b"transfer-encoding")
+            self._chunked = (encoding or b"").lower() == b"chunked" or (
+                header(raw, b"content-length") is None
+                and not self._head
+                and self.status not in (204, 304)
+            )
         elif message["type"] == "http.response.body":
-            self.body_bytes_sent += len(message.get("body", b""))
+            # $body_bytes_sent: the body as sent, with its chunk framing, as nginx counts.
+            size = len(message.get("body", b""))
+            if self._chunked:
+                size += len(b"%x\r\n\r\n" % size) if size else 0
+                size += 0 if message.get("more_body") else len(b"0\r\n\r\n")
+            self.body_bytes_sent += size
         await self._send(message)
 
     def logged_body(self) -> bytes | None:
-        """$request_body: the body if it fit nginx's in-memory buffer, else None."""
-        if not self._body_size or self._body_size > REQUEST_BODY_LOGGED:
+        """$request_body: the body if it fit nginx's in-memory buffer ("" for a body declared
+        and empty), else None."""
+        if not self._body_size:
+            return b"" if self._empty_body else None
+        if self._body_size > REQUEST_BODY_LOGGED:
             return None
         return b"".join(self._body)
 

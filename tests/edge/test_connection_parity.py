@@ -143,8 +143,9 @@ MALFORMED: dict[str, bytes] = {
     "dots in a name": b"GET /a..b/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     "Transfer-Encoding: Chunked": (
         b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n"
-        b"Connection: close\r\n\r\n1\r\na\r\n0\r\n\r\n"
+        b"Connection: close\r\n\r\n0\r\n\r\n"  # an empty body: logged ""
     ),
+    "empty body by length": b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
     "bad Content-Length": b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
     "Content-Length and chunked": (
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
