@@ -136,6 +136,10 @@ class _Exchange:
         # nginx logs a body declared and empty as "" (one not declared, or not read: "-").
         self._empty_body = length is not None and length.strip() == b"0"
         self._head = scope["method"] == "HEAD"
+        # uvicorn sends "100 Continue" at the first receive() before the answer; nginx counts
+        # it in $body_bytes_sent.
+        expect = header(headers, b"expect")
+        self._continue = expect is not None and expect.lower() == b"100-continue"
         self._chunked = False  # the response goes chunked (uvicorn's rule, below)
         self._refused = False
         self._body_done = False
@@ -150,6 +154,9 @@ class _Exchange:
     async def receive(self) -> Message:
         if self._refused:
             return {"type": "http.disconnect"}
+        if self._continue and not self.started:
+            self.body_bytes_sent += len(CONTINUE)
+        self._continue = False
         message = await self._receive()
         if not message.get("more_body"):
             self._body_done = True
@@ -208,6 +215,9 @@ class _Exchange:
         if self._body_size > REQUEST_BODY_LOGGED:
             return None
         return b"".join(self._body)
+
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def _too_large(length: bytes, limit: int) -> bool:

@@ -270,6 +270,23 @@ def test_a_slow_body_is_closed_as_nginx(sent: bytes, sides: tuple[Server, Server
     assert " 408 size " in "".join(results[0])
 
 
+def test_a_100_continue_is_counted_as_nginx(sides: tuple[Server, Server]) -> None:
+    """Both answer "100 Continue" before reading the body, and count it in $body_bytes_sent."""
+    request = b"POST /c HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n"
+    results = []
+    for server in sides:
+        before = len(server.lines())
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
+            conn.sendall(request + b"Connection: close\r\n\r\n")
+            assert conn.recv(25) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            conn.sendall(b"abc")
+            assert parse(read_all(conn)).body == b"got 3"
+        line = logged(server, before)
+        results.append(re.sub(r" [0-9.]+ $", " time ", re.sub(r"\[[^]]+\]", "[time]", line)))
+    assert results[1] == results[0]
+    assert " abc 200 30 " in results[0]  # 25 + 5
+
+
 def test_an_idle_keepalive_connection_is_closed_as_nginx(sides: tuple[Server, Server]) -> None:
     for server in sides:
         with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
