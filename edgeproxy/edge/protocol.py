@@ -216,7 +216,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         """nginx's answer to a request refused before the app; then close, lingering."""
         if self._refused:
             return
-        log.info("client %s sent a bad request: %d %s", self._client_addr(), status, detail)
+        what = f"{status} ({detail})" if detail else str(status)
+        log.info("client %s sent a bad request: %s", self._client_addr(), what)
         self._refused = True
         if self.cycle is not None and not self.cycle.response_complete:
             self.transport.close()  # a pipelined request's answer would cut into this one

@@ -294,7 +294,9 @@ def test_an_idle_keepalive_connection_is_closed_as_nginx(sides: tuple[Server, Se
                 conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
                 head = b""
                 while b"got 0" not in head:
-                    head += conn.recv(65536)
+                    chunk = conn.recv(65536)
+                    assert chunk, f"{server.name} closed a kept-alive connection early"
+                    head += chunk
                 assert head.startswith(b"HTTP/1.1 200 ")
             assert read_all(conn) == b"", server.name  # closed by keepalive_timeout
 
