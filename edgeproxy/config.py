@@ -202,6 +202,8 @@ class EdgeConfig(_Model):
     connect_timeout: Duration = 300.0
     read_timeout: Duration = 300.0
     keepalive_timeout: Duration = 120.0
+    client_header_timeout: Duration = 60.0  # nginx's default: the head must arrive in this time
+    client_body_timeout: Duration = 60.0  # nginx's default: between two reads of a body
     client_max_body_size: Size = 1024 << 20
     access_log: str = "-"  # a file, "-" for stdout, or "off"
     access_log_format: Literal["main", "json"] = "main"

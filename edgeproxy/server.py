@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -26,9 +27,10 @@ from edgeproxy import metrics
 from edgeproxy.config import Config, EdgeConfig
 from edgeproxy.edge.accesslog import AccessLog
 from edgeproxy.edge.app import EdgeApp
-from edgeproxy.edge.protocol import EdgeHttpProtocol
+from edgeproxy.edge.protocol import ConnectionSettings, EdgeHttpProtocol
 from edgeproxy.edge.proxy import ProxyBackend
-from edgeproxy.edge.tls import CIPHERS, TlsError, server_context
+from edgeproxy.edge.sniff import TlsSniffer
+from edgeproxy.edge.tls import TlsError, server_context
 from edgeproxy.health import PATH as HEALTH_PATH
 from edgeproxy.health import HealthMonitor
 from edgeproxy.logs import set_secrets
@@ -167,7 +169,7 @@ async def serve(config: Config, listeners: Listeners, report: int | None = None)
             backend = metrics.RequestMetrics(proxy)  # the registry behind it, by route
         access_log = AccessLog(edge.access_log, edge.access_log_format)
         app = EdgeApp(edge, backend, access_log)
-        servers.extend(_edge_servers(edge, app, listeners))
+        servers.extend(_edge_servers(edge, app, access_log, listeners))
     if listeners.metrics is not None:
         debug = _with_health(metrics.metrics_app(config.mirror.root), health)
         servers.append((_uvicorn(debug, http=_UnloggedProtocol), listeners.metrics))
@@ -189,10 +191,12 @@ async def serve(config: Config, listeners: Listeners, report: int | None = None)
 
 
 def _edge_servers(
-    edge: EdgeConfig, app: EdgeApp, listeners: Listeners
+    edge: EdgeConfig, app: EdgeApp, access_log: AccessLog, listeners: Listeners
 ) -> list[tuple[_Server, socket.socket]]:
+    settings = ConnectionSettings(
+        access_log, edge.server_name, edge.client_header_timeout, edge.client_body_timeout
+    )
     options: dict[str, Any] = {
-        "http": EdgeHttpProtocol,
         "access_log": False,  # the edge writes its own, in nginx's format
         # $remote_addr and $scheme are the connection's: never taken from a client's headers.
         "proxy_headers": False,
@@ -202,17 +206,16 @@ def _edge_servers(
     target = "the mirror, embedded" if edge.embedded else edge.backend_url
     if listeners.http is not None:
         host, port = listeners.http.getsockname()[:2]
-        servers.append((_uvicorn(app, **options), listeners.http))
+        http = functools.partial(EdgeHttpProtocol, settings=settings)
+        servers.append((_uvicorn(app, http=http, **options), listeners.http))
         mode = "redirects to https" if edge.tls is not None else f"serves {target}"
         log.info("edge listening on http://%s:%d (%s)", host, port, mode)
     if listeners.https is not None and edge.tls is not None:
         host, port = listeners.https.getsockname()[:2]
-        tls_options = {
-            "ssl_certfile": str(edge.tls.certificate),
-            "ssl_keyfile": str(edge.tls.key),
-            "ssl_ciphers": CIPHERS,
-        }
-        servers.append((_uvicorn(app, **options, **tls_options), listeners.https))
+        # TLS is started by the protocol (sniff.py): plain HTTP there gets nginx's 400 page.
+        context = server_context(edge.tls)
+        sniffer = functools.partial(TlsSniffer, settings=settings, context=context)
+        servers.append((_uvicorn(app, http=sniffer, **options), listeners.https))
         log.info("edge listening on https://%s:%d (serves %s)", host, port, target)
     return servers
 

@@ -34,7 +34,7 @@ class Entry:
     remote_user: str
     time: datetime  # aware, local time, when the request ended (as nginx's $time_local)
     request: str  # the request line: `GET /v2/ HTTP/1.1`
-    request_body: bytes | None  # None: no body, or one too large to keep
+    request_body: bytes | None  # None: no body, or one too large to keep; b"": declared empty
     status: int
     body_bytes_sent: int
     http_referer: str
@@ -71,9 +71,12 @@ def time_local(moment: datetime) -> str:
 
 def format_main(e: Entry) -> str:
     """The line nginx writes with the seed's `main` format (it ends with a space, as there)."""
+    # An empty body declared (Content-Length: 0) is printed empty: nginx's $request_body is
+    # found, of length 0; without a body it is not found: "-".
+    body = "" if e.request_body == b"" else escape(e.request_body or b"")
     fields = (
         f"{escape(e.server_name)} {escape(e.remote_addr)} - {escape(e.remote_user)} "
-        f'[{time_local(e.time)}] "{escape(e.request)}" - {escape(e.request_body or b"")} '
+        f'[{time_local(e.time)}] "{escape(e.request)}" - {body} '
         f'{e.status} {e.body_bytes_sent} "{escape(e.http_referer)}" '
         f'"{escape(e.http_user_agent)}" "{escape(e.http_x_forwarded_for)}" '
         f"{escape(e.ssl_protocol)} {escape(e.ssl_cipher)} {e.request_time:.3f} "
@@ -101,6 +104,45 @@ def format_json(e: Entry) -> str:
         "cache": e.cache,
     }
     return json.dumps(record, separators=(",", ":"))
+
+
+def request_entry(
+    server_name: str,
+    client: tuple[str, int] | None,
+    headers: list[tuple[bytes, bytes]],
+    request: str,
+    status: int,
+    *,
+    body_bytes_sent: int = 0,
+    tls: tuple[str, str] | None = None,
+    seconds: float = 0.0,
+    request_body: bytes | None = None,
+    cache: str = "",
+) -> Entry:
+    """The entry for a request: its headers (names lowercased) give $remote_user and the
+    $http_* fields; `tls` is the session's (protocol, cipher); it ends now."""
+
+    def text(name: bytes) -> str:
+        return next((value for key, value in headers if key == name), b"").decode("latin-1")
+
+    protocol, cipher = tls or ("", "")
+    return Entry(
+        server_name=server_name,
+        remote_addr=client[0] if client else "",
+        remote_user=basic_user(next((v for k, v in headers if k == b"authorization"), None)),
+        time=datetime.now().astimezone(),
+        request=request,
+        request_body=request_body,
+        status=status,
+        body_bytes_sent=body_bytes_sent,
+        http_referer=text(b"referer"),
+        http_user_agent=text(b"user-agent"),
+        http_x_forwarded_for=text(b"x-forwarded-for"),
+        ssl_protocol=protocol,
+        ssl_cipher=cipher,
+        request_time=seconds,
+        cache=cache,
+    )
 
 
 def basic_user(authorization: bytes | None) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from datetime import datetime
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -25,12 +24,13 @@ from edgeproxy.edge.accesslog import (
     REQUEST_BODY_LOGGED,
     AccessLog,
     Entry,
-    basic_user,
     cache_state,
+    request_entry,
 )
 from edgeproxy.edge.forward import forwarded_headers, header
 from edgeproxy.edge.gzip import GzipMiddleware
 from edgeproxy.edge.pages import send_page
+from edgeproxy.edge.protocol import REQUEST_LINE_KEY, TIMED_OUT_KEY
 
 log = logging.getLogger("edgeproxy.edge")
 
@@ -52,7 +52,10 @@ class EdgeApp:
         if scope["type"] != "http":
             return
         began = time.monotonic()
-        exchange = _Exchange(receive, send, self.config.client_max_body_size)
+        exchange = _Exchange(receive, send, self.config.client_max_body_size, scope)
+        # nginx reads a body before it answers; the embedded mirror answers writes (405)
+        # without reading them: a chunked body over the limit must still get the 413.
+        exchange.read_before_answer = self.config.embedded and exchange.chunked_request
         try:
             await self._handle(scope, exchange)
         except Exception:
@@ -97,31 +100,25 @@ class EdgeApp:
         return b"https://" + authority.encode("latin-1") + uri
 
     def _entry(self, scope: Scope, exchange: _Exchange, seconds: float) -> Entry:
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
-        uri = scope["raw_path"].decode("latin-1")
-        if scope["query_string"]:
-            uri += "?" + scope["query_string"].decode("latin-1")
-        client = scope.get("client")
-        protocol, cipher = scope.get(tls.SCOPE_KEY) or ("", "")
-
-        def text(name: bytes) -> str:
-            return (header(headers, name) or b"").decode("latin-1")
-
-        return Entry(
-            server_name=self.config.server_name,
-            remote_addr=client[0] if client else "",
-            remote_user=basic_user(header(headers, b"authorization")),
-            time=datetime.now().astimezone(),
-            request=f"{scope['method']} {uri} HTTP/{scope['http_version']}",
-            request_body=exchange.logged_body(),
-            status=exchange.status or 499,  # nginx's code for a client gone before the answer
+        line = scope.get(REQUEST_LINE_KEY)
+        if line is not None:
+            request = line.decode("latin-1")  # as received: nginx's $request
+        else:
+            uri = scope["raw_path"].decode("latin-1")
+            if scope["query_string"]:
+                uri += "?" + scope["query_string"].decode("latin-1")
+            request = f"{scope['method']} {uri} HTTP/{scope['http_version']}"
+        return request_entry(
+            self.config.server_name,
+            scope.get("client"),
+            scope["headers"],
+            request,
+            # A client gone before the answer: nginx's 499, or 408 if it was too slow to send.
+            exchange.status or (408 if scope.get(TIMED_OUT_KEY) else 499),
             body_bytes_sent=exchange.body_bytes_sent,
-            http_referer=text(b"referer"),
-            http_user_agent=text(b"user-agent"),
-            http_x_forwarded_for=text(b"x-forwarded-for"),
-            ssl_protocol=protocol,
-            ssl_cipher=cipher,
-            request_time=seconds,
+            tls=scope.get(tls.SCOPE_KEY),
+            seconds=seconds,
+            request_body=exchange.logged_body(),
             cache=cache_state(exchange.cache_status),
         )
 
@@ -130,11 +127,24 @@ class _Exchange:
     """The client's side of one request: what was received and sent, for the access log; and
     the body limit for a body sent without Content-Length (0: none, as in nginx)."""
 
-    def __init__(self, receive: Receive, send: Send, body_limit: int) -> None:
+    def __init__(self, receive: Receive, send: Send, body_limit: int, scope: Scope) -> None:
         self._receive = receive
         self._send = send
         self._body_limit = body_limit
+        headers = scope["headers"]
+        self.chunked_request = header(headers, b"transfer-encoding") is not None
+        length = header(headers, b"content-length")
+        # nginx logs a body declared and empty as "" (one not declared, or not read: "-").
+        self._empty_body = length is not None and length.strip() == b"0"
+        self._head = scope["method"] == "HEAD"
+        # uvicorn sends "100 Continue" at the first receive() before the answer; nginx counts
+        # it in $body_bytes_sent.
+        expect = header(headers, b"expect")
+        self._continue = expect is not None and expect.lower() == b"100-continue"
+        self._chunked = False  # the response goes chunked (uvicorn's rule, below)
         self._refused = False
+        self._body_done = False
+        self.read_before_answer = False
         self.started = False
         self.status = 0
         self.cache_status: bytes | None = None
@@ -145,7 +155,14 @@ class _Exchange:
     async def receive(self) -> Message:
         if self._refused:
             return {"type": "http.disconnect"}
+        if self._continue and not self.started:
+            self.body_bytes_sent += len(CONTINUE)
+        self._continue = False
         message = await self._receive()
+        if not message.get("more_body"):
+            self._body_done = True
+            if self.chunked_request and message["type"] == "http.request":
+                self._empty_body = self._empty_body or not (self._body_size or message["body"])
         chunk = message.get("body", b"")
         if chunk:
             if self._body_size + len(chunk) <= REQUEST_BODY_LOGGED:
@@ -165,6 +182,9 @@ class _Exchange:
         self._refused = True
 
     async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start" and self.read_before_answer:
+            while not (self._body_done or self._refused):
+                await self.receive()  # counted, then dropped
         if self._refused:
             return
         if message["type"] == "http.response.start":
@@ -172,14 +192,28 @@ class _Exchange:
             self.status = message["status"]
             raw: Any = message.get("headers", [])
             self.cache_status = header(raw, b"cache-status")
+            # As uvicorn frames it: chunked without a length, but for HEAD, 204 and 304.
+            encoding = header(raw, b"transfer-encoding")
+            self._chunked = (encoding or b"").lower() == b"chunked" or (
+                header(raw, b"content-length") is None
+                and not self._head
+                and self.status not in (204, 304)
+            )
         elif message["type"] == "http.response.body":
-            self.body_bytes_sent += len(message.get("body", b""))
+            # $body_bytes_sent: the body as sent, with its chunk framing, as nginx counts.
+            size = len(message.get("body", b""))
+            if self._chunked:
+                size += len(b"%x\r\n\r\n" % size) if size else 0
+                size += 0 if message.get("more_body") else len(b"0\r\n\r\n")
+            self.body_bytes_sent += size
         await self._send(message)
 
     def logged_body(self) -> bytes | None:
-        """$request_body: the body if it fit nginx's in-memory buffer, else None; unlike nginx,
-        with the secrets of a urlencoded form masked."""
-        if not self._body_size or self._body_size > REQUEST_BODY_LOGGED:
+        """$request_body: the body if it fit nginx's in-memory buffer ("" for a body declared
+        and empty), else None; unlike nginx, with the secrets of a urlencoded form masked."""
+        if not self._body_size:
+            return b"" if self._empty_body else None
+        if self._body_size > REQUEST_BODY_LOGGED:
             return None
         return _FORM_SECRET.sub(rb"\1\2=***", b"".join(self._body))
 
@@ -187,6 +221,9 @@ class _Exchange:
 # A password in a form body, as containerd POSTs one to a token endpoint (OAuth2's password
 # grant): nginx would log it with $request_body; a log is no place for it.
 _FORM_SECRET = re.compile(rb"(?i)(^|&)(password|refresh_token|client_secret)=[^&]*")
+
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def _too_large(length: bytes, limit: int) -> bool:

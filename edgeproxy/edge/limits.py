@@ -33,6 +33,12 @@ class HeadMeter:
     def reset(self) -> None:
         """Ready for the next request's head."""
         self.active = True
+        self.begun = False  # a byte of this request arrived
+        self.head = bytearray()  # this head's bytes so far (the buffers bound it)
+        self.request_line_done = False
+        # Where the request line ends in the data last fed (its LF) and starts (0 if before).
+        self.line_end: int | None = None
+        self.line_start = 0
         self._request_line = True
         self._size = BUFFER  # the buffer the current line is in
         self._start = 0  # where the current line starts in it
@@ -43,15 +49,32 @@ class HeadMeter:
         """Meter `data`, the next bytes of the connection; once the head's blank line is seen,
         the rest (the body, or a pipelined request) is not this head's and `active` is False."""
         position = 0
+        self.line_end = None
         while self.active and position < len(data):
             end = data.find(b"\n", position)
             complete = end >= 0
             stop = end + 1 if complete else len(data)
+            self.begun = True
+            self.head += data[position:stop]
             self._line += stop - position
             position = stop
             self._check()
             if complete:
+                if self._request_line and self._line > 2:
+                    self.line_start, self.line_end = max(0, end + 1 - self._line), end
                 self._line_done()
+
+    @property
+    def request_line(self) -> bytes:
+        """The request line as received so far (up to a CR or LF): nginx's $request."""
+        end = self.head.find(b"\n", 0, BUFFER)  # nginx logs what its buffer holds
+        return bytes(self.head[: end if end >= 0 else BUFFER]).partition(b"\r")[0]
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """The header lines received whole so far (names lowercased), for the log."""
+        lines = bytes(self.head).split(b"\n")[1:-1]  # the last one is not whole
+        fields = (line.rstrip(b"\r").partition(b":") for line in lines)
+        return [(name.strip().lower(), value.strip()) for name, colon, value in fields if colon]
 
     def _check(self) -> None:
         if self._start + self._line <= self._size:
@@ -68,7 +91,10 @@ class HeadMeter:
         blank = self._line <= 2  # "\r\n" or "\n"
         if self._request_line and blank:
             self._line = 0  # empty lines before a request line are skipped, as nginx does
+            self.head.clear()
             return
+        if self._request_line:
+            self.request_line_done = True
         if blank:
             self.active = False  # the head is complete
             return

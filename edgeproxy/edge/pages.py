@@ -14,6 +14,8 @@ _REASONS = {
 }
 # nginx's 494 page, sent with status 400 for a header or head over the header buffers.
 HEADER_TOO_LARGE = "Request Header Or Cookie Too Large"
+# nginx's 497 page, sent with status 400 for plain HTTP on the https port.
+PLAIN_HTTP = "The plain HTTP request was sent to HTTPS port"
 
 
 def reason(status: int) -> str:

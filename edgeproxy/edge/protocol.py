@@ -1,61 +1,228 @@
-"""The edge listeners' HTTP protocol: uvicorn's httptools protocol, plus
+"""The edge listeners' HTTP protocol: uvicorn's httptools protocol, plus what nginx does at the
+connection level before a request reaches the app:
 
-- nginx's request head limits (`limits.py`): a request line or head over the seed's header
-  buffers gets nginx's 414 or 400 page and the connection is closed, before httptools has
-  gathered more than the buffers would hold;
-- the TLS session's protocol and cipher in the scope, for the access log.
+- the request head limits (`limits.py`): a request line or head over the seed's header
+  buffers gets nginx's 414 or 400 page, before httptools has gathered more than they hold;
+- nginx's checks of the request line and head (`validate.py`): its 400 / 501 / 505 pages;
+- plain HTTP on the https port (see `sniff.py`): nginx's 400 "The plain HTTP request was sent
+  to HTTPS port", once the head is read;
+- client_header_timeout: a head not complete in time closes the connection without an answer
+  (logged 408 if any of it came, as nginx does); client_body_timeout likewise between two
+  reads of a body (the app logs the request 408);
+- lingering close: after an answer to a request whose bytes still arrive, stop sending but go
+  on reading (and dropping) them for a while, so the client reads the answer, not a reset;
+- every refusal here gets its access log line; the TLS session's protocol and cipher go in the
+  scope for the app's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from edgeproxy.edge import tls
+from edgeproxy.edge.accesslog import AccessLog, request_entry
 from edgeproxy.edge.limits import HeadMeter, HeadTooLarge
-from edgeproxy.edge.pages import HEADER_TOO_LARGE, page, reason
+from edgeproxy.edge.pages import HEADER_TOO_LARGE, PLAIN_HTTP, page, reason
+from edgeproxy.edge.validate import head_status, request_line_status
 
 log = logging.getLogger("edgeproxy.edge")
+
+# scope[REQUEST_LINE_KEY]: the request line as received, for $request.
+REQUEST_LINE_KEY = "edgeproxy.request_line"
+
+# scope[TIMED_OUT_KEY] is True once the client took longer than client_body_timeout.
+TIMED_OUT_KEY = "edgeproxy.timed_out"
+
+# nginx's lingering_timeout and lingering_time defaults.
+LINGERING_TIMEOUT = 5.0
+LINGERING_TIME = 30.0
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """What an edge connection needs from `[edge]` beyond uvicorn's config."""
+
+    access_log: AccessLog = field(default_factory=lambda: AccessLog("off"))
+    server_name: str = ""
+    header_timeout: float = 60.0  # client_header_timeout
+    body_timeout: float = 60.0  # client_body_timeout
 
 
 class EdgeHttpProtocol(HttpToolsProtocol):
     _tls: tuple[str, str] | None = None
 
+    def __init__(
+        self,
+        *args: Any,
+        settings: ConnectionSettings | None = None,
+        plain_on_tls: bool = False,
+        head_deadline: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        # nginx takes what llhttp refuses by default: a bare LF ending a line, HTTP/1.2
+        # (`validate.py` has refused a version nginx refuses before httptools sees it), any
+        # Transfer-Encoding (nginx answers 501 to one it does not know: `head_status`).
+        self.parser.set_dangerous_leniencies(
+            lenient_optional_cr_before_lf=True,
+            lenient_version=True,
+            lenient_transfer_encoding=True,
+        )
+        self.settings = settings or ConnectionSettings()
+        self._plain_on_tls = plain_on_tls
+        self._head_deadline = head_deadline  # the first head's, from the accept (sniff.py)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._receiving = False  # a request's bytes are still arriving
+        self._line_checked = False  # this request's line went through request_line_status
+        self._refused = False
+        self._began = 0.0  # when this request's first byte came, for $request_time
+        self._linger_timer: asyncio.TimerHandle | None = None
+        self._linger_end = 0.0
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body_read = 0.0  # when a piece of the body last came (loop time)
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._tls = tls.session(transport)
         self._meter = HeadMeter()
+        deadline = self._head_deadline or self.loop.time() + self.settings.header_timeout
+        self._head_timer = self.loop.call_at(deadline, self._head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for timer in (self._head_timer, self._linger_timer, self._body_timer):
+            if timer is not None:
+                timer.cancel()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._linger_timer is not None:
+            self._linger_on()
+            return
         if self.transport.is_closing():
             return  # refused already
         if self._meter.active:
+            if not self._meter.begun:
+                self._began = time.monotonic()
+                if self._head_timer is None:  # the next request of a kept-alive connection
+                    self._head_timer = self.loop.call_later(
+                        self.settings.header_timeout, self._head_timed_out
+                    )
             try:
                 self._meter.feed(data)
             except HeadTooLarge as exc:
-                self._refuse(exc.status)
+                self._refuse(exc.status, HEADER_TOO_LARGE if exc.status == 400 else "")
                 return
+            if self._meter.request_line_done and not self._line_checked:
+                self._line_checked = True
+                status = request_line_status(self._meter.request_line)
+                if status is not None:
+                    self._refuse(status)
+                    return
+            if self._meter.line_end is not None:
+                data = _request_line_for_llhttp(data, self._meter.line_start, self._meter.line_end)
         super().data_received(data)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._receiving = True
         if self._tls is not None:
             self.scope[tls.SCOPE_KEY] = self._tls  # type: ignore[literal-required]
 
-    def on_message_complete(self) -> None:
-        super().on_message_complete()
-        self._meter.reset()  # the next request on this connection has its own head
+    def on_headers_complete(self) -> None:
+        if self._refused:
+            return  # a request pipelined after a refused one: never answered
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        version = self.parser.get_http_version()
+        status = head_status(version, self.headers, self.url.partition(b"?")[0])
+        if status is not None:
+            self._refuse(status)
+        elif self._plain_on_tls:
+            self._refuse(400, PLAIN_HTTP)  # nginx checks this last, once the head is read
+        else:
+            super().on_headers_complete()
+            self.cycle.transport = _CycleTransport(self)
+            if self._meter.request_line_done:  # not for a pipelined request the meter missed
+                self.scope[REQUEST_LINE_KEY] = self._meter.request_line  # type: ignore[literal-required]
+            if _has_body(self.headers):
+                self._body_read = self.loop.time()
+                self._body_timer = self.loop.call_later(
+                    self.settings.body_timeout, self._body_timed_out
+                )
 
-    def _refuse(self, status: int) -> None:
-        """nginx's answer to a head over its buffers, then close (nginx closes too)."""
-        what = "too long request line" if status == 414 else "too large request head"
-        log.info("client %s sent a %s: %d", self.client and self.client[0], what, status)
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            self._body_read = self.loop.time()  # cheaper than a new timer for each piece
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return  # httptools went on with a refused request: nothing more of it counts
+        super().on_message_complete()
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        self._receiving = False
+        self._meter.reset()  # the next request on this connection has its own head
+        self._line_checked = False
+
+    def on_response_complete(self) -> None:
+        if self._linger_timer is None:  # lingering: no next request, no keep-alive timer
+            super().on_response_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        """What httptools cannot parse: nginx's 400 page (uvicorn's is plain text)."""
+        self._refuse(400)
+
+    def _head_timed_out(self) -> None:
+        """client_header_timeout: nginx closes without an answer; a request begun is logged
+        with 408 (one not begun is not)."""
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._meter.begun:
+            log.info("client %s timed out sending a request head", self._client_addr())
+            self._log(408, 0)
+        self.transport.close()
+
+    def _body_timed_out(self) -> None:
+        """client_body_timeout, counted while reading (not while the app is slow to take the
+        body): nginx closes without an answer and logs 408; the app sees the client gone."""
+        now = self.loop.time()
+        if self.flow.read_paused:
+            self._body_read = now  # the app is slow to take the body, not the client to send it
+        idle = now - self._body_read
+        if idle < self.settings.body_timeout:
+            self._body_timer = self.loop.call_later(
+                self.settings.body_timeout - idle, self._body_timed_out
+            )
+            return
+        self._body_timer = None
+        if self.transport.is_closing() or self._linger_timer is not None:
+            return
+        log.info("client %s timed out sending a request body", self._client_addr())
+        if self.cycle is not None and not self.cycle.response_started:
+            self.cycle.scope[TIMED_OUT_KEY] = True  # type: ignore[literal-required]
+        self.transport.close()
+
+    def _refuse(self, status: int, detail: str = "") -> None:
+        """nginx's answer to a request refused before the app; then close, lingering."""
+        if self._refused:
+            return
+        what = f"{status} ({detail})" if detail else str(status)
+        log.info("client %s sent a bad request: %s", self._client_addr(), what)
+        self._refused = True
         if self.cycle is not None and not self.cycle.response_complete:
             self.transport.close()  # a pipelined request's answer would cut into this one
             return
-        body = page(status, HEADER_TOO_LARGE if status == 400 else "")
+        body = page(status, detail)
         lines = [f"HTTP/1.1 {status} {reason(status)}".encode()]
         lines += [name + b": " + value for name, value in self.server_state.default_headers]
         lines += [
@@ -64,4 +231,86 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             b"connection: close",
         ]
         self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
-        self.transport.close()
+        self._log(status, len(body))
+        self._linger()
+
+    def _log(self, status: int, body_bytes_sent: int) -> None:
+        request = self._meter.request_line
+        entry = request_entry(
+            self.settings.server_name,
+            self.client,
+            self._meter.headers(),
+            request.decode("latin-1"),
+            status,
+            body_bytes_sent=body_bytes_sent,
+            tls=self._tls,
+            seconds=time.monotonic() - self._began,
+        )
+        self.settings.access_log.write(entry)
+
+    def close_after_response(self) -> None:
+        """The app answered with Connection: close; linger if the request is still arriving
+        (a body refused with 413, or not read)."""
+        if self._receiving:
+            self._linger()
+        else:
+            self.transport.close()
+
+    def _linger(self) -> None:
+        """nginx's lingering close: the answer is sent and the sending side shut (FIN, on plain
+        TCP: a TLS transport cannot half-close), the client's bytes are read and dropped until
+        none came for LINGERING_TIMEOUT or LINGERING_TIME passed; then close."""
+        if self._linger_timer is not None or self.transport.is_closing():
+            return
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.transport.resume_reading()  # uvicorn may have paused it for a body
+        self._linger_end = self.loop.time() + LINGERING_TIME
+        self._linger_on()
+
+    def _linger_on(self) -> None:
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        delay = min(LINGERING_TIMEOUT, self._linger_end - self.loop.time())
+        self._linger_timer = self.loop.call_later(max(delay, 0), self.transport.close)
+
+    def _client_addr(self) -> str:
+        return self.client[0] if self.client else "-"
+
+
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
+
+
+def _request_line_for_llhttp(data: bytes, start: int, end: int) -> bytes:
+    """nginx takes a request line ended by a bare LF, or with spaces after the version; llhttp
+    does not (it takes a bare LF in headers only): end it with CR LF and no spaces for it."""
+    if data[end - 1 : end] == b"\r" and data[end - 2 : end - 1] != b" ":
+        return data  # as nearly every client sends it
+    line = data[start:end].rstrip(b"\r ")
+    return data[:start] + line + b"\r\n" + data[end + 1 :]
+
+
+class _CycleTransport(asyncio.Transport):
+    """What uvicorn's request cycle writes to: the connection, but closing it after an answer
+    goes through `close_after_response` (a lingering close when the request still arrives)."""
+
+    def __init__(self, protocol: EdgeHttpProtocol) -> None:
+        super().__init__()
+        self._protocol = protocol
+        self._transport = protocol.transport
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._transport.write(data)
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing() or self._protocol._linger_timer is not None
+
+    def close(self) -> None:
+        self._protocol.close_after_response()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)

@@ -65,6 +65,11 @@ def test_plain_http_with_a_body_a_user_and_a_forwarded_for() -> None:
     )
 
 
+def test_an_empty_body_declared_is_printed_empty() -> None:
+    assert ' HTTP/1.1" -  200 ' in format_main(entry(request_body=b""))
+    assert ' HTTP/1.1" - - 200 ' in format_main(entry(request_body=None))
+
+
 def test_escaping_as_nginx() -> None:
     assert escape("") == "-"
     assert escape('a"b\\c\x01\x7f') == "a\\x22b\\x5Cc\\x01\\x7F"

@@ -21,7 +21,7 @@ SEED_HTTP = """
     client_header_buffer_size 32k;
     large_client_header_buffers 4 32k;
     client_max_body_size {client_max_body_size};
-    keepalive_timeout 120;
+    keepalive_timeout {keepalive_timeout};
     server_tokens off;
 
     gzip  on;
@@ -94,13 +94,16 @@ def run_nginx(
     client_max_body_size: str = "1024m",
     tls: tuple[Path, Path] | None = None,
     workers: str = "1",
+    keepalive_timeout: str = "120",
     access_log: Path | None = None,
     http_port: int | None = None,
+    directives: str = "",
 ) -> Iterator[int]:
     """nginx with the seed's config in front of `backend` (a URL); yield its port. With `tls`
     (certificate, key) the port speaks TLS (nginx's default protocols and ciphers). With
     `access_log`, that server logs there in the seed's `main` format; with `http_port`, the
-    seed's plain server (301 to https://$server_name$1) listens there."""
+    seed's plain server (301 to https://$server_name$1) listens there; `directives` are added
+    to the `http` block (e.g. "client_header_timeout 1s;")."""
     prefix.mkdir(parents=True, exist_ok=True)
     port = free_port()
     temp = "".join(
@@ -118,7 +121,10 @@ def run_nginx(
         + "events { worker_connections 1024; }\n"
         + "http {\n    access_log off;\n"
         + temp
-        + SEED_HTTP.replace("{client_max_body_size}", client_max_body_size)
+        + SEED_HTTP.replace("{client_max_body_size}", client_max_body_size).replace(
+            "{keepalive_timeout}", keepalive_timeout
+        )
+        + f"    {directives}\n"
         + SEED_LOG_FORMAT
         + (SEED_REDIRECT.format(port=http_port) if http_port else "")
         + SEED_SERVER.format(

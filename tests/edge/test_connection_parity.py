@@ -1,0 +1,361 @@
+"""Connection-level behaviour against nginx as the oracle, over raw sockets: malformed request
+lines and heads, plain HTTP on the TLS port, slow heads (client_header_timeout), the keepalive
+idle close, lingering close after a refusal, a chunked body over the limit to the embedded
+mirror. Each compares nginx (the seed's config, 1 s header and keepalive timeouts, a 1m body
+limit) with an `edgeproxy run` configured alike, both in front of the same backend; the
+access log lines are compared field for field (but the time, the request time and the page
+size: the pages say edgeproxy where nginx's say nginx)."""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+from collections.abc import Iterator
+from contextlib import ExitStack, closing, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.edge.test_limits_parity import Counter, chunked, get
+from tests.support.edge import make_certificate, run_edge
+from tests.support.nginx import run_nginx
+from tests.support.rawhttp import Answer, exchange, parse
+from tests.support.servers import serve_app
+from tests.support.wait import wait_until
+
+pytestmark = pytest.mark.e2e
+
+TIMEOUTS = {"client_header_timeout": "1s", "client_body_timeout": "1s", "keepalive_timeout": "1s"}
+NGINX_TIMEOUTS = "client_header_timeout 1s; client_body_timeout 1s;"
+OFFLINE = [{"name": "docker.io", "url": "http://127.0.0.1:9"}]
+
+
+@dataclass
+class Server:
+    """One side: its plain port, its TLS port, its access log."""
+
+    name: str
+    port: int
+    tls_port: int
+    log: Path
+    certificate: Path
+
+    def lines(self) -> list[str]:
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+
+@pytest.fixture(scope="module")
+def sides(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server]]:
+    work = Path(tmp_path_factory.mktemp("connection"))
+    certificate, key = make_certificate(work / "certs", "127.0.0.1")
+    with ExitStack() as stack:
+        backend = stack.enter_context(serve_app(Counter()))
+        nginx = {}
+        for kind, tls in (("plain", None), ("tls", (certificate, key))):
+            nginx[kind] = stack.enter_context(
+                run_nginx(
+                    work / f"nginx-{kind}",
+                    backend,
+                    client_max_body_size="1m",
+                    tls=tls,
+                    keepalive_timeout="1",
+                    access_log=work / "nginx.log",
+                    directives=NGINX_TIMEOUTS,
+                )
+            )
+        edges = {
+            tls: stack.enter_context(
+                run_edge(
+                    work / f"edge-{tls}",
+                    OFFLINE,
+                    tls=tls,
+                    backend=backend,
+                    client_max_body_size="1m",
+                    workers=1,
+                    access_log=str(work / "edge.log"),  # both edges, one log
+                    **TIMEOUTS,
+                )
+            )
+            for tls in (False, True)
+        }
+        https = edges[True]
+        assert https.https_port is not None and https.certificate is not None
+        yield (
+            Server("nginx", nginx["plain"], nginx["tls"], work / "nginx.log", certificate),
+            Server(
+                "edge",
+                edges[False].http_port,
+                https.https_port,
+                work / "edge.log",
+                https.certificate,
+            ),
+        )
+
+
+def fields(line: str) -> str:
+    """A log line without what differs by nature: the time, the request time, the page size."""
+    line = re.sub(r"\[[^]]+\]", "[time]", line)
+    line = re.sub(r' (\d{3}) \d+ "', r' \1 size "', line)
+    return re.sub(r" [0-9.]+ $", " time ", line)
+
+
+def logged(server: Server, before: int) -> str:
+    """The line logged after `before` lines (each request here writes one)."""
+    assert wait_until(lambda: len(server.lines()) > before, timeout=10), server.name
+    return server.lines()[before]
+
+
+def outcome(answer: Answer) -> tuple[int, str]:
+    title = re.search(rb"<title>(.*)</title>", answer.body)
+    return answer.status, (title.group(1) if title else answer.body).decode()
+
+
+MALFORMED: dict[str, bytes] = {
+    "garbage": b"\x00\x01garbage\r\n\r\n",
+    "lowercase method": b"get / HTTP/1.1\r\nHost: x\r\n\r\n",
+    "tab for a space": b"GET\t/ HTTP/1.1\r\nHost: x\r\n\r\n",
+    "no URI": b"GET HTTP/1.1\r\nHost: x\r\n\r\n",
+    "URI without a slash": b"GET abc HTTP/1.1\r\nHost: x\r\n\r\n",
+    "space in the URI": b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n",
+    "NUL in the URI": b"GET /a\x00b HTTP/1.1\r\nHost: x\r\n\r\n",
+    "control byte in the URI": b"GET /a\x01b HTTP/1.1\r\nHost: x\r\n\r\n",
+    "DEL in the URI": b"GET /a\x7fb HTTP/1.1\r\nHost: x\r\n\r\n",
+    "method with a dash": b"M-SEARCH / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    "two spaces before the version": b"GET /  HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    "spaces after the version": b"GET / HTTP/1.1  \r\nHost: x\r\nConnection: close\r\n\r\n",
+    "NUL in a header": b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+    "bad version": b"GET / HTTP/1.x\r\nHost: x\r\n\r\n",
+    "HTTP/0.9 named": b"GET / HTTP/0.9\r\nHost: x\r\n\r\n",
+    "HTTP/2.0": b"GET / HTTP/2.0\r\nHost: x\r\n\r\n",
+    "HTTP/10.0": b"GET / HTTP/10.0\r\nHost: x\r\n\r\n",
+    "HTTP/1.2": b"GET / HTTP/1.2\r\nHost: x\r\nConnection: close\r\n\r\n",
+    "CR without LF": b"GET / HTTP/1.1\rHost: x\r\r",
+    "bare LF": b"GET / HTTP/1.1\nHost: x\nConnection: close\n\n",
+    "blank lines first": b"\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    "absolute URI": b"GET http://y/z?q HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    "HTTP/1.1 without Host": b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+    "two Hosts": b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+    "space in a header name": b"GET / HTTP/1.1\r\nHost: x\r\nX A: b\r\n\r\n",
+    "path above the root": b"GET /../x HTTP/1.1\r\nHost: x\r\n\r\n",
+    "escaped path above the root": b"GET /a/%2e%2e/../x HTTP/1.1\r\nHost: x\r\n\r\n",
+    "dots in a name": b"GET /a..b/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    "Transfer-Encoding: Chunked": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n"
+        b"Connection: close\r\n\r\n0\r\n\r\n"  # an empty body: logged ""
+    ),
+    "empty body by length": b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    "bad Content-Length": b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    "Content-Length and chunked": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ),
+    "unknown Transfer-Encoding": b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+    "request line over 32k (414)": get(40000),
+    "header over 32k (400)": get(1, (40000,)),
+    "head over the buffers (400)": get(1, (20000,) * 7),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_requests_as_nginx(case: str, sides: tuple[Server, Server]) -> None:
+    results = []
+    for server in sides:
+        before = len(server.lines())
+        answer = exchange(server.port, MALFORMED[case])
+        line = logged(server, before)
+        assert f" {answer.status} {len(answer.body)} " in line, (server.name, line)
+        results.append((outcome(answer), fields(line)))
+        assert exchange(server.port, get()).status == 200  # and it serves the next client
+    assert results[1] == results[0]
+
+
+def test_the_malformed_cases_cover_each_answer(sides: tuple[Server, Server]) -> None:
+    nginx, _ = sides
+    before = len(nginx.lines())
+    statuses = {exchange(nginx.port, request).status for request in MALFORMED.values()}
+    assert statuses == {200, 400, 414, 501, 505}
+    # A line is written when a lingering close ends: let none come late into another test.
+    assert wait_until(lambda: len(nginx.lines()) == before + len(MALFORMED))
+
+
+def test_plain_http_to_the_tls_port_as_nginx(sides: tuple[Server, Server]) -> None:
+    results = []
+    for server in sides:
+        before = len(server.lines())
+        answer = exchange(server.tls_port, b"GET /v2/ HTTP/1.1\r\nHost: x\r\nUser-Agent: u\r\n\r\n")
+        line = logged(server, before)
+        results.append((outcome(answer), answer.header("connection"), fields(line)))
+        assert tls_get(server) == 200  # TLS on that port still works
+    assert results[0][0] == (400, "400 The plain HTTP request was sent to HTTPS port")
+    assert results[1] == results[0]
+
+
+def tls_get(server: Server) -> int:
+    context = ssl.create_default_context(cafile=server.certificate)
+    with (
+        socket.create_connection(("127.0.0.1", server.tls_port), timeout=30) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as conn,
+    ):
+        conn.sendall(get())
+        data = b""
+        with suppress(ssl.SSLError):
+            while chunk := conn.recv(65536):
+                data += chunk
+    return parse(data).status
+
+
+def stalled(port: int, sent: bytes) -> socket.socket:
+    conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+    conn.sendall(sent)
+    return conn
+
+
+def read_all(conn: socket.socket) -> bytes:
+    """What the server sends until it closes (a reset counts as a close)."""
+    data = b""
+    with suppress(ConnectionResetError):
+        while chunk := conn.recv(65536):
+            data += chunk
+    return data
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"GET /slow HTTP/1.1\r\nHost: x\r\nUser-Agent: slow\r\n", b"GET /sl", b""],
+    ids=["headers", "request line", "nothing"],
+)
+def test_a_slow_head_is_closed_as_nginx(sent: bytes, sides: tuple[Server, Server]) -> None:
+    results = []
+    for server in sides:
+        before = len(server.lines())
+        with closing(stalled(server.port, sent)) as slow:
+            # Served meanwhile, on another connection.
+            assert exchange(server.port, get()).status == 200
+            assert read_all(slow) == b""  # closed after client_header_timeout, no answer
+        line = logged(server, before)  # the GET's
+        after = server.lines()[before + 1 :]
+        results.append((fields(line), [fields(extra) for extra in after]))
+    assert results[1] == results[0]
+    assert len(results[0][1]) == (1 if sent else 0)  # 408, if a request had begun
+
+
+def test_the_slow_head_is_logged_408(sides: tuple[Server, Server]) -> None:
+    _, edge = sides
+    before = len(edge.lines())
+    with closing(stalled(edge.port, b"GET /slow HTTP/1.1\r\nHost: x\r\n")) as slow:
+        assert read_all(slow) == b""
+    assert ' "GET /slow HTTP/1.1" - - 408 0 ' in logged(edge, before)
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789",
+        b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\n",
+    ],
+    ids=["length", "chunked"],
+)
+def test_a_slow_body_is_closed_as_nginx(sent: bytes, sides: tuple[Server, Server]) -> None:
+    results = []
+    for server in sides:
+        before = len(server.lines())
+        with closing(stalled(server.port, sent)) as slow:
+            assert exchange(server.port, get()).status == 200  # served meanwhile
+            assert read_all(slow) == b""  # closed after client_body_timeout, no answer
+        assert wait_until(lambda: len(server.lines()) == before + 2, timeout=10)  # noqa: B023
+        results.append(sorted(fields(line) for line in server.lines()[before:]))
+    assert results[1] == results[0]
+    assert " 408 size " in "".join(results[0])
+
+
+def test_a_100_continue_is_counted_as_nginx(sides: tuple[Server, Server]) -> None:
+    """Both answer "100 Continue" before reading the body, and count it in $body_bytes_sent."""
+    request = b"POST /c HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n"
+    results = []
+    for server in sides:
+        before = len(server.lines())
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
+            conn.sendall(request + b"Connection: close\r\n\r\n")
+            assert conn.recv(25) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            conn.sendall(b"abc")
+            assert parse(read_all(conn)).body == b"got 3"
+        line = logged(server, before)
+        results.append(re.sub(r" [0-9.]+ $", " time ", re.sub(r"\[[^]]+\]", "[time]", line)))
+    assert results[1] == results[0]
+    assert " abc 200 30 " in results[0]  # 25 + 5
+
+
+def test_an_idle_keepalive_connection_is_closed_as_nginx(sides: tuple[Server, Server]) -> None:
+    for server in sides:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
+            for _ in range(2):  # kept alive between the two, then closed when idle
+                conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                head = b""
+                while b"got 0" not in head:
+                    chunk = conn.recv(65536)
+                    assert chunk, f"{server.name} closed a kept-alive connection early"
+                    head += chunk
+                assert head.startswith(b"HTTP/1.1 200 ")
+            assert read_all(conn) == b"", server.name  # closed by keepalive_timeout
+
+
+def test_a_refused_body_is_read_on_so_the_client_gets_the_answer(
+    sides: tuple[Server, Server],
+) -> None:
+    """Lingering close: the client sends its 8 MiB body after the 413 is on its way; the server
+    reads and drops it instead of resetting, so the client still reads the whole page."""
+    body = b"z" * (8 << 20)
+    results = []
+    for server in sides:
+        head = b"PUT /v2/x/blobs/uploads/1 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
+            conn.sendall(head % len(body))
+            first = conn.recv(65536)  # the 413's start: it answered before any body
+            assert first.startswith(b"HTTP/1.1 413 "), server.name
+            conn.sendall(body)  # a reset would fail this
+            answer = parse(first + read_all(conn))
+        results.append(outcome(answer))
+    assert results[0] == results[1] == (413, "413 Request Entity Too Large")
+
+
+def test_many_stalled_connections_do_not_starve_others(tmp_path: Path) -> None:
+    """300 connections stalled (the default 60 s client_header_timeout keeps them open
+    throughout): in a head, before a first byte on the TLS port, in a TLS handshake; real
+    clients, plain and TLS, are served meanwhile."""
+    with run_edge(tmp_path, OFFLINE, workers=1, server_name="") as edge:
+        assert edge.https_port is not None and edge.certificate is not None
+        https = Server("edge", edge.http_port, edge.https_port, edge.access_log, edge.certificate)
+        answers = (exchange(edge.http_port, get()).status, tls_get(https))
+        with ExitStack() as stack:
+            kinds = [
+                (edge.http_port, b"GET / HTTP/1.1\r\nHost:"),
+                (edge.https_port, b""),
+                (edge.https_port, b"\x16\x03\x01\x02\x00\x01"),  # a ClientHello begun
+            ]
+            stalled_ones = [
+                stack.enter_context(closing(stalled(port, sent))) for port, sent in kinds * 100
+            ]
+            for _ in range(20):
+                assert (exchange(edge.http_port, get()).status, tls_get(https)) == answers
+            for conn in stalled_ones:  # they were stalled all along: open, unanswered
+                conn.setblocking(False)
+                with pytest.raises(BlockingIOError):
+                    conn.recv(1)
+
+
+def test_chunked_body_over_the_limit_to_the_embedded_mirror(
+    tmp_path: Path, sides: tuple[Server, Server]
+) -> None:
+    """nginx reads a chunked body before it answers (413 once over the limit); the embedded
+    mirror answers every write 405 without reading: the edge reads it first, as nginx."""
+    nginx, _ = sides
+    upload = b"PATCH /v2/x/blobs/uploads/1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+    upload += b"Connection: close\r\n\r\n"
+    with run_edge(tmp_path, OFFLINE, tls=False, client_max_body_size="1m", workers=1) as edge:
+        ours = exchange(edge.http_port, upload, body=chunked(3 << 20))
+        under = exchange(edge.http_port, upload, body=chunked(1 << 19))
+    theirs = exchange(nginx.port, upload, body=chunked(3 << 20))
+    assert outcome(ours) == outcome(theirs) == (413, "413 Request Entity Too Large")
+    assert under.status == 405  # under the limit: the mirror's answer to a write
