@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_V1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 # Asked for when the client names none, so that the upstream never converts to schema 1.
 DEFAULT_ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
+
+# RFC 6838's type/subtype: the declared mediaType becomes the Content-Type header.
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9][\w!#$&^.+-]{0,126}/[A-Za-z0-9][\w!#$&^.+-]{0,126}", re.ASCII)
 
 MEMORY_BYTES = 32 * 1024 * 1024  # parsed manifests kept in memory, per process
 
@@ -60,6 +64,8 @@ def media_type_of(data: bytes) -> str:
         raise RegistryError("MANIFEST_INVALID", "manifest is not a JSON object")
     declared = document.get("mediaType")
     if isinstance(declared, str) and declared:
+        if not _MEDIA_TYPE.fullmatch(declared):
+            raise RegistryError("MANIFEST_INVALID", "manifest declares an invalid mediaType")
         return declared
     if document.get("schemaVersion") == 1:
         return DOCKER_V1_SIGNED
