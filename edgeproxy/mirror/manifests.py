@@ -58,7 +58,7 @@ def media_type_of(data: bytes) -> str:
     """The media type a manifest declares, or the one its shape implies (as registry:2 does)."""
     try:
         document = json.loads(data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nested too deep
         raise RegistryError("MANIFEST_INVALID", "manifest is not JSON") from exc
     if not isinstance(document, dict):
         raise RegistryError("MANIFEST_INVALID", "manifest is not a JSON object")
