@@ -13,7 +13,9 @@ import logging
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from edgeproxy import metrics
 from edgeproxy.mirror.errors import RegistryError
@@ -130,7 +132,7 @@ class ManifestService:
             head = await _ask(upstream, "HEAD", target, tag, accept)
             digest = head.headers.get("docker-content-digest")
             if usable and cached is not None and digest == cached.digest:
-                self._storage.write_tag(target.local_name, tag, digest)
+                _keep(f"tag {tag}", self._storage.write_tag, target.local_name, tag, digest)
                 return cached, REVALIDATED
             manifest = await self._fetch(upstream, target, digest or tag, accept)
         except RegistryError as exc:
@@ -138,7 +140,7 @@ class ManifestService:
                 log.warning("serving %s:%s stale: %s", target.local_name, tag, exc.message)
                 return cached, STALE
             raise
-        self._storage.write_tag(target.local_name, tag, manifest.digest)
+        _keep(f"tag {tag}", self._storage.write_tag, target.local_name, tag, manifest.digest)
         return manifest, MISS
 
     async def _fetch(
@@ -159,7 +161,7 @@ class ManifestService:
             )
             raise UpstreamUnavailable(upstream.name, f"manifest bytes do not match {expected}")
         media_type = media_type_of(response.body)
-        self._storage.write_manifest(target.local_name, digest, response.body)
+        _keep(digest, self._storage.write_manifest, target.local_name, digest, response.body)
         metrics.pulled("manifest", len(response.body))
         manifest = Manifest(response.body, digest, media_type)
         self._remember((target.local_name, digest), manifest)
@@ -180,6 +182,14 @@ async def _ask(
         retry_after = response.headers.get("retry-after")
         raise upstream.error(response.status, "MANIFEST_UNKNOWN", retry_after)
     return response
+
+
+def _keep(what: str, write: Callable[[str, str, Any], None], *args: Any) -> None:
+    """Cache a manifest or a tag if the disk lets us (it may be full); serve it either way."""
+    try:
+        write(*args)
+    except OSError as exc:
+        log.warning("not cached: %s: %s", what, exc)
 
 
 def _may_serve_stale(error: RegistryError) -> bool:

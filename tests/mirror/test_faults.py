@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from edgeproxy.mirror.app import MirrorApp
 from tests.mirror.fake_upstream import FakeUpstream, fake_upstream, mirror_of
 from tests.support.servers import serve_app
+from tests.support.verify import verify_cache
 from tests.support.wait import wait_until
 
 BLOB = os.urandom(5 * 1024 * 1024 + 3)
@@ -39,14 +41,14 @@ def cache_files(app: MirrorApp) -> list[str]:
 
 def fetch(client: httpx.Client, path: str) -> tuple[int, bytes, bool]:
     """(status, body, complete): complete is False when the connection was cut short."""
-    body = b""
+    body = bytearray()
     try:
         with client.stream("GET", path) as response:
             for chunk in response.iter_raw():
                 body += chunk
-            return response.status_code, body, True
+            return response.status_code, bytes(body), True
     except httpx.RemoteProtocolError:
-        return 200, body, False
+        return 200, bytes(body), False
 
 
 @pytest.mark.parametrize("fault", ["cut", "wrong", "stall"])
@@ -150,3 +152,62 @@ def test_head_of_a_cold_blob_never_downloads_it(
     assert head.headers["content-length"] == str(len(BLOB))
     assert upstream.requests[f"GET /v2/x/blobs/{digest}"] == 0
     assert app.storage.blob_size(digest) is None
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 20 MiB tmpfs as the cache root: it fills up in the middle of a bigger blob."""
+    root = tmp_path / "small"
+    root.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(root)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=True)
+
+
+def test_disk_full_streams_the_blob_without_caching_it(
+    small_disk: Path, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    big = os.urandom(48 * 1024 * 1024)
+    digest = upstream.add_blob(big)
+    small = upstream.add_blob(b"small layer")
+    app = mirror_of(upstream, small_disk)
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        assert fetch(client, f"/v2/x/blobs/{digest}") == (200, big, True)
+        assert app.storage.blob_size(digest) is None
+        assert wait_until(lambda: verify_cache(small_disk).leftovers == [])
+        # The space is free again: the server goes on serving, and caching.
+        assert fetch(client, f"/v2/x/blobs/{small}") == (200, b"small layer", True)
+        assert wait_until(lambda: app.storage.blob_size(small) == len(b"small layer"))
+        assert fetch(client, f"/v2/x/blobs/{digest}") == (200, big, True)
+        # Full before the first byte: blobs, manifests and tags are still served.
+        fill_up(small_disk / "filler")
+        assert fetch(client, f"/v2/x/blobs/{digest}") == (200, big, True)
+        manifest = upstream.add_manifest("v1", [small])
+        response = client.get("/v2/x/manifests/v1")
+        assert (response.status_code, response.headers["docker-content-digest"]) == (200, manifest)
+        (small_disk / "filler").unlink()
+        assert wait_until(lambda: verify_cache(small_disk).leftovers == [])
+    assert any("without caching" in r.getMessage() for r in caplog.records)
+    report = verify_cache(small_disk)
+    assert (report.blobs, report.corrupt, report.leftovers) == (1, [], [])
+
+
+def fill_up(path: Path) -> None:
+    """Write `path` until the file system is full."""
+    with path.open("wb", buffering=0) as file:
+        try:
+            while True:
+                file.write(b"\0" * 1024 * 1024)
+        except OSError:
+            pass
+        try:  # the last few blocks
+            while True:
+                file.write(b"\0" * 4096)
+        except OSError:
+            pass
