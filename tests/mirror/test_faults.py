@@ -12,6 +12,7 @@ import pytest
 
 from edgeproxy.mirror.app import MirrorApp
 from tests.mirror.fake_upstream import FakeUpstream, fake_upstream, mirror_of
+from tests.support.ports import free_port
 from tests.support.servers import serve_app
 from tests.support.verify import verify_cache
 from tests.support.wait import wait_until
@@ -211,3 +212,81 @@ def fill_up(path: Path) -> None:
                 file.write(b"\0" * 4096)
         except OSError:
             pass
+
+
+LOOP_PATHS = ["/v2/x/manifests/v1", "/v2/x/tags/list", "/v2/x/blobs/{digest}"]
+
+
+@pytest.mark.parametrize("path", LOOP_PATHS)
+@pytest.mark.parametrize(("status", "code"), [(500, "UNAVAILABLE"), (429, "TOOMANYREQUESTS")])
+def test_error_loops_are_not_retried(
+    mirror: tuple[MirrorApp, httpx.Client],
+    upstream: FakeUpstream,
+    path: str,
+    status: int,
+    code: str,
+) -> None:
+    app, client = mirror
+    path = path.format(digest=upstream.add_blob(BLOB))
+    upstream.faults[path] = status
+    for _ in range(5):
+        response = client.get(path)
+        assert response.json()["errors"][0]["code"] == code
+    assert client.head(path).status_code == (503 if status == 500 else 429)
+    # One upstream request per client request (a manifest's is a HEAD), never a retry.
+    assert upstream.requests[f"GET {path}"] + upstream.requests[f"HEAD {path}"] == 6
+    report = verify_cache(app.config.root)
+    assert (report.blobs, report.leftovers) == (0, [])
+
+
+@pytest.mark.parametrize("path", LOOP_PATHS)
+def test_a_401_loop_ends_in_denied(
+    mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream, path: str
+) -> None:
+    """An upstream that answers 401 whatever token it issued: one token, one retry, 403."""
+    app, client = mirror
+    upstream.tokens = set()
+    path = path.format(digest=upstream.add_blob(BLOB))
+    upstream.faults[path] = 401
+    for attempt in range(1, 4):
+        response = client.get(path)
+        assert response.status_code == 403
+        assert response.json()["errors"][0]["code"] == "DENIED"
+        asked = upstream.requests[f"GET {path}"] + upstream.requests[f"HEAD {path}"]
+        assert asked <= 2 * attempt
+    assert upstream.requests["GET /token"] <= 3 + 1  # one per attempt, and maybe the probe's
+    assert verify_cache(app.config.root).leftovers == []
+
+
+def test_token_server_errors(
+    mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
+) -> None:
+    _, client = mirror
+    upstream.tokens = set()
+    upstream.faults["/token"] = 500
+    response = client.get("/v2/x/manifests/v1")
+    assert response.status_code == 503
+    assert "token server" in response.json()["errors"][0]["message"]
+    del upstream.faults["/token"]
+    digest = upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
+    assert client.get("/v2/x/manifests/v1").headers["docker-content-digest"] == digest
+
+
+def test_upstream_down_at_start_then_up(tmp_path: Path) -> None:
+    port = free_port()
+    with fake_upstream(port) as stand_in:
+        pass  # stopped: its URL is the one the mirror is configured with, and nothing listens
+    app = mirror_of(stand_in, tmp_path / "cache")
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        for path in ("/v2/x/manifests/v1", f"/v2/x/blobs/sha256:{'0' * 64}"):
+            down = client.get(path)
+            assert down.status_code == 503, path
+            assert down.json()["errors"][0]["code"] == "UNAVAILABLE"
+        with fake_upstream(port) as upstream:
+            upstream.tokens = set()  # the challenge is learnt now, not at the (failed) start
+            digest = upstream.add_blob(BLOB)
+            upstream.add_manifest("v1", [digest])
+            assert client.get("/v2/x/manifests/v1").status_code == 200
+            assert fetch(client, f"/v2/x/blobs/{digest}") == (200, BLOB, True)
+            # The manifest and the layer (registry:2 keeps manifests among the blobs).
+            assert wait_until(lambda: verify_cache(app.config.root).blobs == 2)
