@@ -7,6 +7,8 @@ cached tag is served stale.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -86,6 +88,9 @@ class ManifestService:
         self._storage = storage
         # Manifests are immutable by digest: keep the hot ones parsed, in memory.
         self._memory: OrderedDict[tuple[str, str], Manifest] = OrderedDict()
+        # One upstream GET per digest at a time: a cold image's clients share it (Docker Hub
+        # counts each manifest GET against the pull rate limit).
+        self._fetching: dict[tuple[str, str], asyncio.Task[Manifest]] = {}
         self._memory_bytes = 0
 
     def _cached(self, target: Target, digest: str) -> Manifest | None:
@@ -144,6 +149,25 @@ class ManifestService:
         return manifest, MISS
 
     async def _fetch(
+        self, upstream: UpstreamClient, target: Target, reference: str, accept: str | None
+    ) -> Manifest:
+        """The running fetch of a digest, or a new one; a tag is fetched on its own."""
+        if not is_digest(reference):
+            return await self._fetch_once(upstream, target, reference, accept)
+        key = (target.local_name, reference)
+        task = self._fetching.get(key)
+        if task is None:
+            task = asyncio.create_task(self._fetch_once(upstream, target, reference, accept))
+            self._fetching[key] = task
+            task.add_done_callback(functools.partial(self._fetched, key))
+        return await asyncio.shield(task)  # a client that leaves does not cancel the others'
+
+    def _fetched(self, key: tuple[str, str], task: asyncio.Task[Manifest]) -> None:
+        del self._fetching[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: its waiters may all have gone
+
+    async def _fetch_once(
         self, upstream: UpstreamClient, target: Target, reference: str, accept: str | None
     ) -> Manifest:
         """GET from the upstream, verify the bytes against the digest, store."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ import httpx
 import pytest
 
 from edgeproxy.mirror.app import MirrorApp
+from edgeproxy.mirror.names import resolve_target
 from tests.mirror.fake_upstream import FakeUpstream, fake_upstream, mirror_of
 from tests.support.ports import free_port
 from tests.support.servers import serve_app
@@ -290,3 +292,25 @@ def test_upstream_down_at_start_then_up(tmp_path: Path) -> None:
             assert fetch(client, f"/v2/x/blobs/{digest}") == (200, BLOB, True)
             # The manifest and the layer (registry:2 keeps manifests among the blobs).
             assert wait_until(lambda: verify_cache(app.config.root).blobs == 2)
+
+
+def test_concurrent_clients_of_a_cold_manifest_share_one_upstream_get(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    digest = upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
+    app = mirror_of(upstream, tmp_path / "cache")
+    target = resolve_target("x", None, list(app.config.upstream))
+
+    async def clients() -> set[str]:
+        client = app.upstreams["fake"]
+        try:
+            got = await asyncio.gather(
+                *(app.manifests.get(client, target, "v1", None) for _ in range(8))
+            )
+        finally:
+            await app.aclose()
+        return {manifest.digest for manifest, _ in got}
+
+    assert asyncio.run(clients()) == {digest}
+    assert upstream.requests[f"GET /v2/x/manifests/{digest}"] == 1
+    assert upstream.requests["HEAD /v2/x/manifests/v1"] == 8
