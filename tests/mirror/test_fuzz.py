@@ -9,6 +9,7 @@ path Python opens, creates, renames or removes while the app runs.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import sys
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -58,12 +60,13 @@ class Audit:
             if isinstance(path, str | bytes | os.PathLike):
                 self.touched.append((event, os.path.realpath(os.fsdecode(path)), writes))
 
-    def outside(self, root: Path) -> list[tuple[str, str, bool]]:
+    def outside(self, root: Path, readable: tuple[str, ...] = ()) -> list[tuple[str, str, bool]]:
         inside = os.path.realpath(root) + "/"
+        allowed = READABLE + readable
         return [
             (event, path, writes)
             for event, path, writes in self.touched
-            if not (path + "/").startswith(inside) and (writes or not path.startswith(READABLE))
+            if not (path + "/").startswith(inside) and (writes or not path.startswith(allowed))
         ]
 
 
@@ -85,22 +88,42 @@ class Fuzzed:
     upstream: FakeUpstream
     blob: str
     manifest: str
+    readable: tuple[str, ...] = ()  # files outside the root the app may read (htpasswd)
+    credentials: tuple[bytes, ...] = ()  # Authorization values that work
 
 
-@pytest.fixture(scope="module")
-def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
-    root = tmp_path_factory.mktemp("fuzz") / "cache"
+@pytest.fixture(scope="module", params=["open", "auth"])
+def fuzzed(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Fuzzed]:
+    """The mirror as configured by default, and with `[mirror.auth]` (htpasswd + tokens)."""
+    folder = tmp_path_factory.mktemp("fuzz")
+    root = folder / "cache"
+    mirror: dict[str, Any] = {"root": str(root)}
+    htpasswd = folder / "htpasswd"
+    if request.param == "auth":
+        hashed = bcrypt.hashpw(b"secret", bcrypt.gensalt(4)).decode()
+        htpasswd.write_text(f"tester:{hashed}\n")
+        mirror["auth"] = {"htpasswd": str(htpasswd), "anonymous": ["library/*"]}
     with fake_upstream() as upstream:
         blob = upstream.add_blob(BLOB)
         manifest = upstream.add_manifest("latest", [blob])
         upstream.faults["/manifests/broken"] = 500
         upstream.faults["/manifests/limited"] = 429
         entries = [{"name": n, "url": upstream.url} for n in ("docker.io", "fake")]
-        config = config_from_dict({"mirror": {"root": str(root), "upstream": entries}})
+        config = config_from_dict({"mirror": {**mirror, "upstream": entries}})
         loop = asyncio.new_event_loop()
         app = MirrorApp(config.mirror)
+        fuzzed = Fuzzed(app, loop, upstream, blob, manifest)
+        if request.param == "auth":
+            basic = b"Basic " + base64.b64encode(b"tester:secret")
+            _, _, answer = loop.run_until_complete(
+                call(app, "GET", "/token", b"scope=repository:x:pull", [(b"authorization", basic)])
+            )
+            bearer = b"Bearer " + json.loads(answer)["token"].encode()
+            fuzzed.readable, fuzzed.credentials = (str(htpasswd),), (basic, bearer)
         try:
-            yield Fuzzed(app, loop, upstream, blob, manifest)
+            yield fuzzed
         finally:
             loop.run_until_complete(app.aclose())
             loop.close()
@@ -109,7 +132,12 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
 
 
 async def call(
-    app: MirrorApp, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]]
+    app: MirrorApp,
+    method: str,
+    path: str,
+    query: bytes,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes = b"",
 ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """One request as uvicorn hands it over: the path percent-decoded, headers lowercased."""
     scope = {
@@ -134,7 +162,7 @@ async def call(
         nonlocal asked
         if not asked:
             asked = True
-            return {"type": "http.request", "body": b"", "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": False}
         await finished.wait()  # the client stays until the response is complete
         return {"type": "http.disconnect"}
 
@@ -180,6 +208,7 @@ def paths(blob: str, manifest: str) -> st.SearchStrategy[str]:
             segments,
         ),
         st.text(max_size=40).map(lambda text: "/" + text),
+        st.just("/token"),  # [mirror.auth]'s token endpoint
     )
 
 
@@ -205,6 +234,21 @@ HEADERS = st.lists(
     max_size=4,
 )
 METHODS = st.sampled_from(["GET", "GET", "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"])
+FORM_VALUES = ["password", "tester", "secret", "repository:x:pull", "registry:catalog:*"]
+FORMS = st.lists(
+    st.tuples(
+        st.sampled_from(["grant_type", "username", "password", "scope", "service"]),
+        st.sampled_from(FORM_VALUES) | st.text(max_size=30),
+    ),
+    max_size=5,
+).map(lambda pairs: urllib.parse.urlencode(pairs).encode()) | st.binary(max_size=100)
+
+
+def authorizations(fuzzed: Fuzzed) -> st.SearchStrategy[bytes]:
+    """Working credentials, and the shapes of broken ones."""
+    return st.sampled_from([*fuzzed.credentials, b"Bearer x.y.z", b"Basic", b"Basic ::"]) | (
+        st.binary(max_size=30).map(lambda raw: b"Basic " + base64.b64encode(raw))
+    )
 
 
 def servable(value: bytes) -> bool:
@@ -224,10 +268,13 @@ def test_router_fuzz(fuzzed: Fuzzed, data: st.DataObject) -> None:
     path = data.draw(paths(fuzzed.blob, fuzzed.manifest), "path")
     query = data.draw(QUERIES, "query")
     headers = data.draw(HEADERS, "headers")
+    if data.draw(st.booleans(), "authorized"):
+        headers.append((b"authorization", data.draw(authorizations(fuzzed), "authorization")))
+    form = data.draw(FORMS, "form") if method == "POST" else b""
     AUDIT.active, AUDIT.touched = True, []
     try:
         status, response_headers, body = fuzzed.loop.run_until_complete(
-            call(fuzzed.app, method, path, query, headers)
+            call(fuzzed.app, method, path, query, headers, form)
         )
         # A fill commits (fsync, rename) after its clients are served: let it finish here.
         if background := asyncio.all_tasks(fuzzed.loop):
@@ -243,7 +290,7 @@ def test_router_fuzz(fuzzed: Fuzzed, data: st.DataObject) -> None:
         assert errors and all(isinstance(e["code"], str) for e in errors)
     if status == 200 and path.endswith(f"/blobs/{fuzzed.blob}") and method == "GET":
         assert body == BLOB
-    assert AUDIT.outside(fuzzed.app.config.root) == []
+    assert AUDIT.outside(fuzzed.app.config.root, fuzzed.readable) == []
 
 
 def test_the_audit_sees_the_cache_being_written(fuzzed: Fuzzed) -> None:
@@ -262,3 +309,11 @@ def test_the_audit_sees_the_cache_being_written(fuzzed: Fuzzed) -> None:
     root = os.path.realpath(fuzzed.app.config.root)
     assert any(writes and path.startswith(root) for _, path, writes in AUDIT.touched)
     assert AUDIT.outside(Path("/nonexistent"))  # and would report them elsewhere
+
+
+def test_a_query_that_is_not_utf8(fuzzed: Fuzzed) -> None:
+    """Found by the fuzz run: the 401's realm was built from request.url, which decodes it."""
+    status, _, body = fuzzed.loop.run_until_complete(
+        call(fuzzed.app, "GET", "/v2/fake/a/b/manifests/latest", b"\x80=\xff", [])
+    )
+    assert status == (401 if fuzzed.credentials else 200), body
