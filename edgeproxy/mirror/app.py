@@ -18,7 +18,15 @@ from edgeproxy.mirror.blobs import BlobService
 from edgeproxy.mirror.errors import RegistryError
 from edgeproxy.mirror.eviction import Evictor
 from edgeproxy.mirror.manifests import HIT, MISS, OCI_INDEX, ManifestService
-from edgeproxy.mirror.names import Route, Target, parse_range, parse_route, resolve_target
+from edgeproxy.mirror.names import (
+    Route,
+    Target,
+    parse_accept,
+    parse_count,
+    parse_range,
+    parse_route,
+    resolve_target,
+)
 from edgeproxy.mirror.pulls import PullRecorder
 from edgeproxy.mirror.storage import FilesystemStorage, Storage
 from edgeproxy.mirror.upstream import UpstreamClient, UpstreamUnavailable
@@ -71,8 +79,8 @@ class MirrorApp:
             response = RegistryError("UNKNOWN", "internal error").response(head)
         for name, value in self._headers:
             response.headers.setdefault(name, value)
-        if "ns" in request.query_params:
-            response.headers["OCI-Namespace"] = request.query_params["ns"]
+        if (namespace := request.query_params.get("ns")) in self.upstreams:
+            response.headers["OCI-Namespace"] = str(namespace)  # never echo an unknown one
         started = False
 
         async def tracking_send(message: Any) -> None:
@@ -198,6 +206,8 @@ class MirrorApp:
         self, request: Request, route: Route, target: Target, upstream: UpstreamClient
     ) -> Response:
         params = {k: v for k, v in request.query_params.items() if k in ("n", "last")}
+        if "n" in params:
+            params["n"] = str(parse_count(params["n"]))
         path = f"/v2/{route.name}/tags/list"
         try:
             answer = await upstream.request(
@@ -285,7 +295,7 @@ def _blob_headers(digest: str, cache_status: str, size: int | None) -> dict[str,
 
 def _accept(request: Request) -> str | None:
     """All Accept values as one list: clients such as skopeo send one header per type."""
-    return ", ".join(request.headers.getlist("accept")) or None
+    return parse_accept(request.headers.getlist("accept"))
 
 
 def _etag_matches(request: Request, digest: str) -> bool:
@@ -307,9 +317,7 @@ def _paginated(
     headers = {}
     n_param = request.query_params.get("n")
     if n_param is not None:
-        if not n_param.isdigit():
-            raise RegistryError("PAGINATION_NUMBER_INVALID", "n must be a number", {"n": n_param})
-        count = int(n_param)
+        count = parse_count(n_param)
         if len(items) > count:
             items = items[:count]
             if items:

@@ -253,7 +253,9 @@ class Authenticator:
         host = request.headers.get("host", "")
         if not _HOST.fullmatch(host):  # a quote would end the realm's quoted string
             host = "localhost"
-        return f"{request.url.scheme}://{host}{TOKEN_PATH}"
+        # The scope's scheme, not request.url's: building that URL decodes the query string
+        # as UTF-8, and a client may send any bytes there.
+        return f"{request.scope.get('scheme', 'http')}://{host}{TOKEN_PATH}"
 
     async def _basic_user(self, credentials: str) -> str | None:
         try:

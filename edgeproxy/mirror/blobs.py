@@ -6,12 +6,18 @@ matches. Every client of a cold blob, the first included, reads the growing spoo
 last byte is held back until the digest matched, so nobody is ever served a wrong blob whole.
 When another process holds the fill (workers share the root), this process follows that
 fill's spool file instead of fetching again.
+
+When the spool cannot be written (the disk is full: ENOSPC, or any other write error), the
+fill goes on without it: the blob is streamed to the clients already reading it, still
+verified, and not cached; the slowest of them then sets the pace of the upstream read, so
+that the memory window stays bounded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -29,6 +35,7 @@ CHUNK = 1024 * 1024  # 1 MiB: 64 KiB pieces cost 5x the CPU on the blob path
 MAX_UNWRITTEN = 8 * CHUNK  # read ahead of the disk by at most this much
 WINDOW = 8 * CHUNK  # the newest received bytes, kept for this process's readers
 FOLLOW_POLL = 0.003  # seconds between looks at another process's fill
+UNREAD_TIMEOUT = 60.0  # seconds a fill without its spool waits for a reader before giving up
 
 
 class Fill:
@@ -36,7 +43,9 @@ class Fill:
 
     `received` bytes came from the upstream; the newest of them stay in a memory window
     (readers that keep up never touch the disk), the older ones are `written` to the spool
-    file. A fill followed in another process has no window: received = written.
+    file. A fill followed in another process has no window: received = written. Once
+    `spooling` is False nothing more is written: a block leaves the window only when every
+    reader is past it.
     """
 
     def __init__(self, digest: str) -> None:
@@ -46,10 +55,12 @@ class Fill:
         self.written = 0
         self.verified = False  # the digest matched: every byte may go out
         self.committed = False
+        self.spooling = True
         self.error: RegistryError | None = None
         self.started = asyncio.Event()  # the size is known, or the fill failed
         self._window: collections.deque[tuple[int, bytes]] = collections.deque()
         self._window_bytes = 0
+        self._readers: dict[object, int] = {}  # reader -> its position
         self._changed = asyncio.Event()
 
     @property
@@ -78,13 +89,40 @@ class Fill:
         return None
 
     def _trim(self) -> None:
-        """Forget the oldest blocks once on disk and beyond the window."""
+        """Forget the oldest blocks once kept elsewhere (on disk, or read by every reader)
+        and beyond the window."""
         while self._window and self._window_bytes > WINDOW:
             start, block = self._window[0]
-            if start + len(block) > self.written:
+            if start + len(block) > self._kept_up_to():
                 break
             self._window.popleft()
             self._window_bytes -= len(block)
+
+    def _kept_up_to(self) -> int:
+        if self.spooling or not self._readers:
+            return self.written
+        return max(self.written, min(self._readers.values()))
+
+    def unread(self) -> int:
+        """Bytes received that exist only in the window and some reader still needs."""
+        return self.received - self._kept_up_to()
+
+    @property
+    def has_readers(self) -> bool:
+        return bool(self._readers)
+
+    def stop_spooling(self) -> None:
+        self.spooling = False
+
+    def reader_at(self, reader: object, position: int | None) -> None:
+        """A reader's progress (None: it is gone); only a fill without its spool waits for it."""
+        if position is None:
+            self._readers.pop(reader, None)
+        else:
+            self._readers[reader] = position
+        if not self.spooling:
+            self._trim()
+            self._notify()
 
     def start(self, size: int | None) -> None:
         self.size = size
@@ -173,6 +211,8 @@ class BlobService:
         # removes it (a reader opened later would find nothing).
         reader = self._storage.open_partial(fill.digest)
         position = start
+        me = object()
+        fill.reader_at(me, position)
         try:
             while end is None or position < end:
                 # The final byte waits for the digest check: no client holds a whole wrong blob.
@@ -190,6 +230,7 @@ class BlobService:
                             raise RegistryError("BLOB_UNKNOWN", "the fill was replaced")
                     position += len(chunk)
                     yield chunk
+                    fill.reader_at(me, position)
                 elif fill.error is not None:
                     raise fill.error
                 elif fill.verified:
@@ -197,6 +238,7 @@ class BlobService:
                 else:
                     await fill.changed()
         finally:
+            fill.reader_at(me, None)
             if reader is not None:
                 reader.close()
 
@@ -230,7 +272,10 @@ class BlobService:
                 )
             response = await upstream.open_blob(target.remote_name, fill.digest)
             try:
-                partial.announce(response.content_length)
+                try:
+                    partial.announce(response.content_length)
+                except OSError as exc:
+                    _spool_failed(fill, exc)
                 fill.start(response.content_length)
                 await self._stream(fill, response.content.iter_chunked(CHUNK), partial)
             finally:
@@ -240,7 +285,10 @@ class BlobService:
             await asyncio.to_thread(partial.abort)
             raise
         metrics.fetch_ended(pulled=fill.written)
-        self._storage.link_blob(target.local_name, fill.digest)
+        try:
+            self._storage.link_blob(target.local_name, fill.digest)
+        except OSError as exc:  # the blob is safe; only the repository's link is missing
+            log.warning("no layer link for %s in %s: %s", fill.digest, target.local_name, exc)
         fill.commit()
         log.info("cached %s (%s bytes) from %s", fill.digest, fill.written, upstream.name)
         return True
@@ -257,13 +305,17 @@ class BlobService:
                 async for block in body:
                     received += len(block)
                     fill.receive(block)
-                    hashed = loop.run_in_executor(hashing, hasher.update, block)
-                    written = loop.run_in_executor(writer, partial.write, block)
-                    written.add_done_callback(_advance_when_written(fill, received))
-                    pending.extend((hashed, written))
+                    pending.append(loop.run_in_executor(hashing, hasher.update, block))
+                    if fill.spooling:
+                        written = loop.run_in_executor(writer, partial.write, block)
+                        written.add_done_callback(_advance_when_written(fill, received))
+                        pending.append(written)
+                    else:
+                        await _keep_pace(fill)
                     while len(pending) > 2 * MAX_UNWRITTEN // CHUNK:
-                        await pending.popleft()
-                await asyncio.gather(*pending)
+                        await _settle(pending.popleft())
+                for future in pending:
+                    await _settle(future)
                 pending.clear()
             finally:
                 if pending:  # let the threads finish before the spool is removed
@@ -279,6 +331,11 @@ class BlobService:
                 "DIGEST_INVALID", "upstream blob does not match its digest", status=502
             )
         fill.verify()  # clients finish now; the fsync and rename below are not theirs to wait for
+        if not fill.spooling:
+            while fill.has_readers:  # they may still need the spool's first part
+                await fill.changed()
+            log.warning("served %s without caching it: the spool failed", fill.digest)
+            raise RegistryError("UNAVAILABLE", "the blob could not be cached", status=503)
         await asyncio.to_thread(partial.commit)
 
     async def _follow(self, fill: Fill) -> None:
@@ -292,9 +349,37 @@ class BlobService:
             await asyncio.sleep(FOLLOW_POLL)
 
 
+async def _keep_pace(fill: Fill) -> None:
+    """Without a spool, read the upstream no further than a window ahead of the slowest
+    reader; give up when nobody reads at all."""
+    while fill.unread() > WINDOW:
+        try:
+            await asyncio.wait_for(fill.changed(), None if fill.has_readers else UNREAD_TIMEOUT)
+        except TimeoutError:
+            raise RegistryError(
+                "UNAVAILABLE", "the blob could not be cached and nobody reads it", status=503
+            ) from None
+
+
+async def _settle(future: asyncio.Future[None]) -> None:
+    """Wait for a hash or a write; a failed write has already stopped the spooling."""
+    with contextlib.suppress(OSError):
+        await future
+
+
+def _spool_failed(fill: Fill, error: OSError) -> None:
+    """ENOSPC, EDQUOT, EIO...: go on without the spool."""
+    log.warning("cannot spool %s (%s): streaming it without caching", fill.digest, error)
+    fill.stop_spooling()
+
+
 def _advance_when_written(fill: Fill, written: int) -> Callable[[asyncio.Future[None]], None]:
     def advance(future: asyncio.Future[None]) -> None:
-        if not future.cancelled() and future.exception() is None:
+        if future.cancelled() or not fill.spooling:
+            return
+        if (error := future.exception()) is None:
             fill.advance(written)
+        elif isinstance(error, OSError):
+            _spool_failed(fill, error)
 
     return advance

@@ -7,12 +7,17 @@ cached tag is served stale.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import json
 import logging
+import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from edgeproxy import metrics
 from edgeproxy.mirror.errors import RegistryError
@@ -29,6 +34,9 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_V1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 # Asked for when the client names none, so that the upstream never converts to schema 1.
 DEFAULT_ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
+
+# RFC 6838's type/subtype: the declared mediaType becomes the Content-Type header.
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9][\w!#$&^.+-]{0,126}/[A-Za-z0-9][\w!#$&^.+-]{0,126}", re.ASCII)
 
 MEMORY_BYTES = 32 * 1024 * 1024  # parsed manifests kept in memory, per process
 
@@ -54,12 +62,14 @@ def media_type_of(data: bytes) -> str:
     """The media type a manifest declares, or the one its shape implies (as registry:2 does)."""
     try:
         document = json.loads(data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nested too deep
         raise RegistryError("MANIFEST_INVALID", "manifest is not JSON") from exc
     if not isinstance(document, dict):
         raise RegistryError("MANIFEST_INVALID", "manifest is not a JSON object")
     declared = document.get("mediaType")
     if isinstance(declared, str) and declared:
+        if not _MEDIA_TYPE.fullmatch(declared):
+            raise RegistryError("MANIFEST_INVALID", "manifest declares an invalid mediaType")
         return declared
     if document.get("schemaVersion") == 1:
         return DOCKER_V1_SIGNED
@@ -78,6 +88,9 @@ class ManifestService:
         self._storage = storage
         # Manifests are immutable by digest: keep the hot ones parsed, in memory.
         self._memory: OrderedDict[tuple[str, str], Manifest] = OrderedDict()
+        # One upstream GET per digest at a time: a cold image's clients share it (Docker Hub
+        # counts each manifest GET against the pull rate limit).
+        self._fetching: dict[tuple[str, str], asyncio.Task[Manifest]] = {}
         self._memory_bytes = 0
 
     def _cached(self, target: Target, digest: str) -> Manifest | None:
@@ -124,7 +137,7 @@ class ManifestService:
             head = await _ask(upstream, "HEAD", target, tag, accept)
             digest = head.headers.get("docker-content-digest")
             if usable and cached is not None and digest == cached.digest:
-                self._storage.write_tag(target.local_name, tag, digest)
+                _keep(f"tag {tag}", self._storage.write_tag, target.local_name, tag, digest)
                 return cached, REVALIDATED
             manifest = await self._fetch(upstream, target, digest or tag, accept)
         except RegistryError as exc:
@@ -132,10 +145,29 @@ class ManifestService:
                 log.warning("serving %s:%s stale: %s", target.local_name, tag, exc.message)
                 return cached, STALE
             raise
-        self._storage.write_tag(target.local_name, tag, manifest.digest)
+        _keep(f"tag {tag}", self._storage.write_tag, target.local_name, tag, manifest.digest)
         return manifest, MISS
 
     async def _fetch(
+        self, upstream: UpstreamClient, target: Target, reference: str, accept: str | None
+    ) -> Manifest:
+        """The running fetch of a digest, or a new one; a tag is fetched on its own."""
+        if not is_digest(reference):
+            return await self._fetch_once(upstream, target, reference, accept)
+        key = (target.local_name, reference)
+        task = self._fetching.get(key)
+        if task is None:
+            task = asyncio.create_task(self._fetch_once(upstream, target, reference, accept))
+            self._fetching[key] = task
+            task.add_done_callback(functools.partial(self._fetched, key))
+        return await asyncio.shield(task)  # a client that leaves does not cancel the others'
+
+    def _fetched(self, key: tuple[str, str], task: asyncio.Task[Manifest]) -> None:
+        del self._fetching[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: its waiters may all have gone
+
+    async def _fetch_once(
         self, upstream: UpstreamClient, target: Target, reference: str, accept: str | None
     ) -> Manifest:
         """GET from the upstream, verify the bytes against the digest, store."""
@@ -153,7 +185,7 @@ class ManifestService:
             )
             raise UpstreamUnavailable(upstream.name, f"manifest bytes do not match {expected}")
         media_type = media_type_of(response.body)
-        self._storage.write_manifest(target.local_name, digest, response.body)
+        _keep(digest, self._storage.write_manifest, target.local_name, digest, response.body)
         metrics.pulled("manifest", len(response.body))
         manifest = Manifest(response.body, digest, media_type)
         self._remember((target.local_name, digest), manifest)
@@ -174,6 +206,14 @@ async def _ask(
         retry_after = response.headers.get("retry-after")
         raise upstream.error(response.status, "MANIFEST_UNKNOWN", retry_after)
     return response
+
+
+def _keep(what: str, write: Callable[[str, str, Any], None], *args: Any) -> None:
+    """Cache a manifest or a tag if the disk lets us (it may be full); serve it either way."""
+    try:
+        write(*args)
+    except OSError as exc:
+        log.warning("not cached: %s: %s", what, exc)
 
 
 def _may_serve_stale(error: RegistryError) -> bool:

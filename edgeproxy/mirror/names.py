@@ -21,8 +21,13 @@ _DIGEST = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 _SHA256 = re.compile(r"sha256:[a-f0-9]{64}")
 MAX_NAME_LENGTH = 255
 
-_ROUTE = re.compile(r"/v2/(?P<name>.+)/(?P<kind>manifests|blobs|referrers)/(?P<ref>[^/]+)")
-_TAGS = re.compile(r"/v2/(?P<name>.+)/tags/list")
+# DOTALL: a name holding a CR/LF is still a name, refused as NAME_INVALID rather than 404.
+_ROUTE = re.compile(
+    r"/v2/(?P<name>.+)/(?P<kind>manifests|blobs|referrers)/(?P<ref>[^/]+)", re.DOTALL
+)
+_TAGS = re.compile(r"/v2/(?P<name>.+)/tags/list", re.DOTALL)
+# Past any blob and any page: Python's int() refuses strings over 4300 digits.
+_HUGE = 10**20
 
 Kind = Literal["base", "catalog", "manifests", "blobs", "tags", "referrers"]
 
@@ -128,15 +133,34 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     first, last = match.group(1, 2)
     if not first:  # a suffix range: the last N bytes
-        if int(last) == 0:
+        if _number(last) == 0:
             raise _unsatisfiable(size)
-        return max(0, size - int(last)), size
-    start = int(first)
-    if last and int(last) < start:  # syntactically invalid: ignored, as RFC 9110 says
+        return max(0, size - _number(last)), size
+    start = _number(first)
+    if last and _number(last) < start:  # syntactically invalid: ignored, as RFC 9110 says
         return None
     if start >= size:
         raise _unsatisfiable(size)
-    return start, min(int(last) + 1, size) if last else size
+    return start, min(_number(last) + 1, size) if last else size
+
+
+def parse_count(value: str) -> int:
+    """The `n` of a paginated list: ASCII digits only (`"²".isdigit()` is true)."""
+    if not (value.isascii() and value.isdigit()):
+        raise RegistryError("PAGINATION_NUMBER_INVALID", "n must be a number", {"n": value[:32]})
+    return _number(value)
+
+
+def parse_accept(values: list[str]) -> str | None:
+    """The client's Accept headers as one list (skopeo sends one header per type), without
+    the items that cannot be passed on to an upstream (non-ASCII, control characters)."""
+    kinds = [kind.strip() for value in values for kind in value.split(",")]
+    return ", ".join(k for k in kinds if k and k.isascii() and k.isprintable()) or None
+
+
+def _number(digits: str) -> int:
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) < 20 else _HUGE
 
 
 def _unsatisfiable(size: int) -> RegistryError:

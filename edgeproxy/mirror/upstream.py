@@ -30,6 +30,7 @@ BLOB_READ_SIZE = 1024 * 1024
 # Docker Hub's own, so it gets the credentials without a `token_realms` entry.
 _DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
 _DOCKER_HUB_REALM = "auth.docker.io"
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
 
 
@@ -51,9 +52,10 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     """('bearer', {'realm': ..., 'service': ..., 'scope': ...}) from a WWW-Authenticate."""
     scheme, _, rest = header.strip().partition(" ")
     params = {
-        m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3)).replace(
-            '\\"', '"'
-        )
+        # A quoted-string's quoted-pairs (RFC 9110 5.6.4): a backslash escapes any character.
+        m.group(1).lower(): _QUOTED_PAIR.sub(r"\1", m.group(2))
+        if m.group(2) is not None
+        else m.group(3)
         for m in _CHALLENGE_PARAM.finditer(rest)
     }
     return scheme.lower(), params

@@ -31,7 +31,8 @@ def digest_of(data: bytes) -> str:
 class FakeUpstream:
     """Blobs and manifests by digest, tags by name; `faults` maps a path suffix to a fault:
     "cut" (half the body, then close), "wrong" (other bytes, same length), "stall" (headers,
-    part of the body, then silence), or an HTTP status such as 500 or 429."""
+    part of the body, then silence), or an HTTP status such as 500 or 429 (401 comes with a
+    bearer challenge: with `tokens` set, a loop of 401s whatever the token)."""
 
     blobs: dict[str, bytes] = field(default_factory=dict)
     manifests: dict[str, bytes] = field(default_factory=dict)
@@ -99,6 +100,9 @@ class FakeUpstream:
 
     def _authorized(self, writer: asyncio.StreamWriter, path: str, authorization: str) -> bool:
         assert self.tokens is not None
+        if path == "/token" and isinstance(fault := self.faults.get("/token"), int):
+            self._send(writer, fault, b"{}", {}, "GET")
+            return False
         if path == "/token":
             self.issued += 1
             token = f"t{self.issued}"
@@ -113,12 +117,15 @@ class FakeUpstream:
 
     async def _respond(self, writer: asyncio.StreamWriter, method: str, path: str) -> None:
         fault = next((f for suffix, f in self.faults.items() if path.endswith(suffix)), None)
+        headers: dict[str, str] = {}
         if isinstance(fault, int):
-            retry = {"Retry-After": "7"} if fault == 429 else {}
-            return self._send(writer, fault, b'{"errors":[]}', retry, method)
+            if fault == 429:
+                headers = {"Retry-After": "7"}
+            elif fault == 401:
+                headers = {"WWW-Authenticate": f'Bearer realm="{self.url}/token",service="fake"'}
+            return self._send(writer, fault, b'{"errors":[]}', headers, method)
         kind, _, ref = path.rpartition("/")
         body: bytes | None = None
-        headers: dict[str, str] = {}
         if path == "/v2/":
             body = b"{}"
         elif path.endswith("/tags/list"):
@@ -167,8 +174,8 @@ def mirror_of(upstream: FakeUpstream, root: Path, **settings: object) -> MirrorA
 
 
 @contextmanager
-def fake_upstream() -> Iterator[FakeUpstream]:
-    upstream = FakeUpstream(port=free_port())
+def fake_upstream(port: int | None = None) -> Iterator[FakeUpstream]:
+    upstream = FakeUpstream(port=port or free_port())
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,8 +12,11 @@ import httpx
 import pytest
 
 from edgeproxy.mirror.app import MirrorApp
+from edgeproxy.mirror.names import resolve_target
 from tests.mirror.fake_upstream import FakeUpstream, fake_upstream, mirror_of
+from tests.support.ports import free_port
 from tests.support.servers import serve_app
+from tests.support.verify import verify_cache
 from tests.support.wait import wait_until
 
 BLOB = os.urandom(5 * 1024 * 1024 + 3)
@@ -39,14 +44,14 @@ def cache_files(app: MirrorApp) -> list[str]:
 
 def fetch(client: httpx.Client, path: str) -> tuple[int, bytes, bool]:
     """(status, body, complete): complete is False when the connection was cut short."""
-    body = b""
+    body = bytearray()
     try:
         with client.stream("GET", path) as response:
             for chunk in response.iter_raw():
                 body += chunk
-            return response.status_code, body, True
+            return response.status_code, bytes(body), True
     except httpx.RemoteProtocolError:
-        return 200, body, False
+        return 200, bytes(body), False
 
 
 @pytest.mark.parametrize("fault", ["cut", "wrong", "stall"])
@@ -150,3 +155,162 @@ def test_head_of_a_cold_blob_never_downloads_it(
     assert head.headers["content-length"] == str(len(BLOB))
     assert upstream.requests[f"GET /v2/x/blobs/{digest}"] == 0
     assert app.storage.blob_size(digest) is None
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 20 MiB tmpfs as the cache root: it fills up in the middle of a bigger blob."""
+    root = tmp_path / "small"
+    root.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(root)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=True)
+
+
+def test_disk_full_streams_the_blob_without_caching_it(
+    small_disk: Path, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    big = os.urandom(48 * 1024 * 1024)
+    digest = upstream.add_blob(big)
+    small = upstream.add_blob(b"small layer")
+    app = mirror_of(upstream, small_disk)
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        assert fetch(client, f"/v2/x/blobs/{digest}") == (200, big, True)
+        assert app.storage.blob_size(digest) is None
+        assert wait_until(lambda: verify_cache(small_disk).leftovers == [])
+        # The space is free again: the server goes on serving, and caching.
+        assert fetch(client, f"/v2/x/blobs/{small}") == (200, b"small layer", True)
+        assert wait_until(lambda: app.storage.blob_size(small) == len(b"small layer"))
+        assert fetch(client, f"/v2/x/blobs/{digest}") == (200, big, True)
+        # Full before the first byte: blobs, manifests and tags are still served.
+        fill_up(small_disk / "filler")
+        assert fetch(client, f"/v2/x/blobs/{digest}") == (200, big, True)
+        manifest = upstream.add_manifest("v1", [small])
+        response = client.get("/v2/x/manifests/v1")
+        assert (response.status_code, response.headers["docker-content-digest"]) == (200, manifest)
+        (small_disk / "filler").unlink()
+        assert wait_until(lambda: verify_cache(small_disk).leftovers == [])
+    assert any("without caching" in r.getMessage() for r in caplog.records)
+    report = verify_cache(small_disk)
+    assert (report.blobs, report.corrupt, report.leftovers) == (1, [], [])
+
+
+def fill_up(path: Path) -> None:
+    """Write `path` until the file system is full."""
+    with path.open("wb", buffering=0) as file:
+        try:
+            while True:
+                file.write(b"\0" * 1024 * 1024)
+        except OSError:
+            pass
+        try:  # the last few blocks
+            while True:
+                file.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
+LOOP_PATHS = ["/v2/x/manifests/v1", "/v2/x/tags/list", "/v2/x/blobs/{digest}"]
+
+
+@pytest.mark.parametrize("path", LOOP_PATHS)
+@pytest.mark.parametrize(("status", "code"), [(500, "UNAVAILABLE"), (429, "TOOMANYREQUESTS")])
+def test_error_loops_are_not_retried(
+    mirror: tuple[MirrorApp, httpx.Client],
+    upstream: FakeUpstream,
+    path: str,
+    status: int,
+    code: str,
+) -> None:
+    app, client = mirror
+    path = path.format(digest=upstream.add_blob(BLOB))
+    upstream.faults[path] = status
+    for _ in range(5):
+        response = client.get(path)
+        assert response.json()["errors"][0]["code"] == code
+    assert client.head(path).status_code == (503 if status == 500 else 429)
+    # One upstream request per client request (a manifest's is a HEAD), never a retry.
+    assert upstream.requests[f"GET {path}"] + upstream.requests[f"HEAD {path}"] == 6
+    report = verify_cache(app.config.root)
+    assert (report.blobs, report.leftovers) == (0, [])
+
+
+@pytest.mark.parametrize("path", LOOP_PATHS)
+def test_a_401_loop_ends_in_denied(
+    mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream, path: str
+) -> None:
+    """An upstream that answers 401 whatever token it issued: one token, one retry, 403."""
+    app, client = mirror
+    upstream.tokens = set()
+    path = path.format(digest=upstream.add_blob(BLOB))
+    upstream.faults[path] = 401
+    for attempt in range(1, 4):
+        response = client.get(path)
+        assert response.status_code == 403
+        assert response.json()["errors"][0]["code"] == "DENIED"
+        asked = upstream.requests[f"GET {path}"] + upstream.requests[f"HEAD {path}"]
+        assert asked <= 2 * attempt
+    assert upstream.requests["GET /token"] <= 3 + 1  # one per attempt, and maybe the probe's
+    assert verify_cache(app.config.root).leftovers == []
+
+
+def test_token_server_errors(
+    mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
+) -> None:
+    _, client = mirror
+    upstream.tokens = set()
+    upstream.faults["/token"] = 500
+    response = client.get("/v2/x/manifests/v1")
+    assert response.status_code == 503
+    assert "token server" in response.json()["errors"][0]["message"]
+    del upstream.faults["/token"]
+    digest = upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
+    assert client.get("/v2/x/manifests/v1").headers["docker-content-digest"] == digest
+
+
+def test_upstream_down_at_start_then_up(tmp_path: Path) -> None:
+    port = free_port()
+    with fake_upstream(port) as stand_in:
+        pass  # stopped: its URL is the one the mirror is configured with, and nothing listens
+    app = mirror_of(stand_in, tmp_path / "cache")
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        for path in ("/v2/x/manifests/v1", f"/v2/x/blobs/sha256:{'0' * 64}"):
+            down = client.get(path)
+            assert down.status_code == 503, path
+            assert down.json()["errors"][0]["code"] == "UNAVAILABLE"
+        with fake_upstream(port) as upstream:
+            upstream.tokens = set()  # the challenge is learnt now, not at the (failed) start
+            digest = upstream.add_blob(BLOB)
+            upstream.add_manifest("v1", [digest])
+            assert client.get("/v2/x/manifests/v1").status_code == 200
+            assert fetch(client, f"/v2/x/blobs/{digest}") == (200, BLOB, True)
+            # The manifest and the layer (registry:2 keeps manifests among the blobs).
+            assert wait_until(lambda: verify_cache(app.config.root).blobs == 2)
+
+
+def test_concurrent_clients_of_a_cold_manifest_share_one_upstream_get(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    digest = upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
+    app = mirror_of(upstream, tmp_path / "cache")
+    target = resolve_target("x", None, list(app.config.upstream))
+
+    async def clients() -> set[str]:
+        client = app.upstreams["fake"]
+        try:
+            got = await asyncio.gather(
+                *(app.manifests.get(client, target, "v1", None) for _ in range(8))
+            )
+        finally:
+            await app.aclose()
+        return {manifest.digest for manifest, _ in got}
+
+    assert asyncio.run(clients()) == {digest}
+    assert upstream.requests[f"GET /v2/x/manifests/{digest}"] == 1
+    assert upstream.requests["HEAD /v2/x/manifests/v1"] == 8

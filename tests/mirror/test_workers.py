@@ -12,6 +12,7 @@ import httpx
 from tests.mirror.fake_upstream import fake_upstream
 from tests.support.ports import free_port
 from tests.support.servers import EdgeproxyProcess, write_toml
+from tests.support.verify import verify_cache
 
 
 def test_two_processes_fill_a_blob_once(tmp_path: Path) -> None:
@@ -50,3 +51,5 @@ def test_two_processes_fill_a_blob_once(tmp_path: Path) -> None:
                 process.stop()
         assert upstream.requests[f"GET /v2/x/blobs/{digest}"] == 1
         assert not list((tmp_path / "cache" / "edgeproxy" / "fills").glob("*.partial"))
+        report = verify_cache(tmp_path / "cache")
+        assert (report.blobs, report.corrupt, report.leftovers) == (1, [], [])

@@ -138,6 +138,19 @@ class FilesystemStorage(Storage):
         self._fills.mkdir(parents=True, exist_ok=True)
         (self._v2 / "blobs").mkdir(parents=True, exist_ok=True)
         (self._v2 / "repositories").mkdir(parents=True, exist_ok=True)
+        self.sweep_fills()
+
+    def sweep_fills(self) -> None:
+        """Remove what a fill killed mid-way (SIGKILL, a crash) left in edgeproxy/fills/: its
+        lock is free once its process is gone, so a spool nobody holds belongs to no fill."""
+        for stem in {path.name.rpartition(".")[0] for path in self._fills.iterdir()}:
+            digest = stem.replace("-", ":", 1)
+            lock_fd = self._lock(digest)
+            if lock_fd is None:
+                continue  # a running fill, in another worker
+            for suffix in ("partial", "size", "lock"):
+                self.fill_path(digest, suffix).unlink(missing_ok=True)
+            os.close(lock_fd)
 
     # Paths
     def blob_path(self, digest: str) -> Path:
