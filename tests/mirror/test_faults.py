@@ -30,7 +30,9 @@ def upstream() -> Iterator[FakeUpstream]:
 
 @pytest.fixture
 def mirror(tmp_path: Path, upstream: FakeUpstream) -> Iterator[tuple[MirrorApp, httpx.Client]]:
-    app = mirror_of(upstream, tmp_path / "cache", read_timeout="1s")
+    # Short enough for the stall fault to end the fill soon, long enough that a busy machine
+    # never stalls a healthy upstream past it (1 s did, once).
+    app = mirror_of(upstream, tmp_path / "cache", read_timeout="4s")
     with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         yield app, client
 
