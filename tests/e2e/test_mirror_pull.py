@@ -50,6 +50,18 @@ def blob_gets(registry: Registry, digests: list[str]) -> int:
     return sum(registry.count("GET", f"/blobs/{d}") for d in digests)
 
 
+def layer_gets_report(registry: Registry, pushed: dict[str, Pushed], mirror_log: str) -> str:
+    """What to look at when a layer was fetched more than once: the upstream's GETs of the
+    layers (status, client, time) and the end of the mirror's log."""
+    layers = {d for p in pushed.values() for d in p.image.layer_digests}
+    gets = [
+        f"{e.time} {e.status} {e.remote} {e.user_agent} {e.path.rsplit('/', 1)[-1][:19]}"
+        for e in registry.access_log()
+        if e.method == "GET" and e.path.rsplit("/", 1)[-1] in layers
+    ]
+    return "\n".join(["upstream layer GETs:", *gets, "mirror log:", *mirror_log.splitlines()[-40:]])
+
+
 def largest_layer(item: Pushed) -> tuple[str, bytes]:
     digest = max(item.image.layer_digests, key=lambda d: item.image.blob_path(d).stat().st_size)
     return digest, item.image.blob_path(digest).read_bytes()
@@ -78,7 +90,8 @@ def test_skopeo_pulls_cold_then_warm(
             after = {name: blob_gets(registry, p.image.layer_digests) for name, p in pushed.items()}
             fetched = {name: after[name] - before[name] for name in pushed}
             if rounds == "cold":  # every layer of every platform, each exactly once
-                assert fetched == {n: len(p.image.layer_digests) for n, p in pushed.items()}
+                expected = {n: len(p.image.layer_digests) for n, p in pushed.items()}
+                assert fetched == expected, layer_gets_report(registry, pushed, mirror.log())
             else:
                 assert fetched == dict.fromkeys(pushed, 0)
         if registry.token_server is not None:  # tokens are cached, not fetched per request
