@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.containerd import run_containerd
 from tests.support.images import Pushed, build_image, push, random_layer
 from tests.support.registry import Registry, start_registry
 from tests.support.servers import EdgeproxyProcess, run_edgeproxy
@@ -239,27 +240,8 @@ def test_podman_pulls_through_the_mirror(
 @pytest.fixture
 def containerd() -> Iterator[Path]:
     """A containerd of the test's own (no CRI); yields its socket."""
-    if shutil.which("containerd") is None or shutil.which("ctr") is None:
-        raise RuntimeError("containerd not found: install it (scripts/install --test)")
-    root = Path(tempfile.mkdtemp(prefix="ctrd-"))
-    socket = root / "c.sock"
-    (root / "config.toml").write_text(
-        f'version = 2\nroot = "{root}/root"\nstate = "{root}/state"\n'
-        'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
-        f'[grpc]\n  address = "{socket}"\n'
-    )
-    with (root / "containerd.log").open("wb") as log:
-        process = subprocess.Popen(
-            ["containerd", "--config", str(root / "config.toml")],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    try:
-        assert wait_until(socket.exists)
+    with run_containerd() as socket:
         yield socket
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_containerd_pulls_through_the_mirror_with_ns(
