@@ -100,6 +100,7 @@ class UpstreamClient:
         self._blobs: aiohttp.ClientSession | None = None
         self._challenge: tuple[str, dict[str, str]] | None = None
         self._probed = False
+        self._probe_lock = asyncio.Lock()  # concurrent first requests wait for the one probe
         self._tokens: dict[str, tuple[str, float]] = {}  # scope -> (Authorization, expiry)
         self._token_locks: dict[str, asyncio.Lock] = {}
         self._warned_realms: set[str] = set()
@@ -112,14 +113,18 @@ class UpstreamClient:
     # Auth
     async def _probe(self) -> None:
         """Learn the upstream's challenge from `GET /v2/` once, as registry:2 does at start, so
-        that even a worker's first blob request goes out authorized (no 401 round trip)."""
-        self._probed = True
-        try:
-            response = await self._http.get("/v2/")
-        except httpx.HTTPError:
-            return  # down now: the real request says so, and a 401 later still teaches us
-        if response.status_code == 401:
-            self._learn(response.headers.get("www-authenticate"), None)
+        that even a worker's first blob requests go out authorized (no 401 round trip)."""
+        async with self._probe_lock:
+            if self._probed:
+                return
+            try:
+                response = await self._http.get("/v2/")
+            except httpx.HTTPError:
+                return  # down now: the real request says so, and a 401 later still teaches us
+            finally:
+                self._probed = True  # only now: the requests waiting on the lock go out after it
+            if response.status_code == 401:
+                self._learn(response.headers.get("www-authenticate"), None)
 
     async def _authorization(self, name: str) -> dict[str, str]:
         if not self._probed:

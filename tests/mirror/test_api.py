@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,3 +159,23 @@ def test_bearer_token_is_cached_and_renewed_once_on_401(tmp_path: Path) -> None:
             again = client.get("/v2/a/b/manifests/v1")
             assert (again.status_code, again.headers["docker-content-digest"]) == (200, digest)
             assert upstream.issued == 2
+
+
+def test_concurrent_first_requests_wait_for_the_one_probe(tmp_path: Path) -> None:
+    """A fresh process's first requests, all at once: one `GET /v2/` learns the challenge and
+    every blob request goes out authorized (none is refused with a 401 and sent again)."""
+    with fake_upstream() as upstream:
+        upstream.tokens = set()
+        digests = [upstream.add_blob(bytes([n]) * 1000) for n in range(6)]
+        with serve_app(mirror_of(upstream, tmp_path)) as url:
+
+            async def fetch_all() -> list[int]:
+                async with httpx.AsyncClient(base_url=url) as client:
+                    answers = await asyncio.gather(
+                        *(client.get(f"/v2/a/b/blobs/{d}") for d in digests)
+                    )
+                return [answer.status_code for answer in answers]
+
+            assert asyncio.run(fetch_all()) == [200] * len(digests)
+        assert upstream.requests["GET /v2/"] == 1
+        assert [upstream.requests[f"GET /v2/a/b/blobs/{d}"] for d in digests] == [1] * 6
