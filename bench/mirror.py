@@ -741,25 +741,33 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--no-edge", action="store_true", help="skip the TLS edge rows (vs nginx+registry:2)"
     )
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
+    parser.add_argument(
+        "--only",
+        choices=list(ROWS),
+        help="run that row alone (after the setup) and print it; RESULTS.md is left as it is",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     return parser.parse_args(argv)
 
 
+# The rows in the order they run (the profile before the netns row, RSS last), by `--only` name.
+ROWS: dict[str, tuple[str, Callable[[Bench], None]]] = {
+    "blob": ("1: big blob, cold and warm", row_blob),
+    "concurrent": ("2: concurrent cold clients", row_concurrent),
+    "manifests": ("3: manifests", row_manifests),
+    "edge": ("6-8: TLS edge vs nginx+registry:2", row_edge),
+    "profile": ("profile", profile),
+    "shaped": ("5: bandwidth-limited upstream", row_shaped),
+    "rss": ("4: peak RSS", row_rss),
+}
+
+
 def steps(args: argparse.Namespace) -> list[tuple[str, Callable[[Bench], None]]]:
-    """The rows in the order they run (the profile before the netns row, RSS last)."""
-    chosen: list[tuple[str, Callable[[Bench], None]]] = [
-        ("1: big blob, cold and warm", row_blob),
-        ("2: concurrent cold clients", row_concurrent),
-        ("3: manifests", row_manifests),
-    ]
-    if not args.no_edge:
-        chosen.append(("6-8: TLS edge vs nginx+registry:2", row_edge))
-    if not args.no_profile:
-        chosen.append(("profile", profile))
-    if not args.no_netns:
-        chosen.append(("5: bandwidth-limited upstream", row_shaped))
-    chosen.append(("4: peak RSS", row_rss))
-    return chosen
+    """The rows to run: `--only` one, else all but those skipped."""
+    if args.only:
+        return [ROWS[args.only]]
+    skipped = {"edge": args.no_edge, "profile": args.no_profile, "shaped": args.no_netns}
+    return [step for name, step in ROWS.items() if not skipped.get(name)]
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:
@@ -806,9 +814,12 @@ def main(argv: list[str] | None = None) -> int:
         f"Load average (1 min) at the start: {load_before}. Other processes during the run: "
         f"{bench.load.summary(elapsed)}; `others` in a per-round line is their CPU time then."
     )
-    text = report(bench, command, elapsed)
-    RESULTS.write_text(text)
     print("\n".join(table(bench.rows)))
+    if args.only:
+        print("\n".join(["", *bench.raw, *bench.notes]))
+        print(f"\n{elapsed / 60:.1f} min; RESULTS.md left as it is (--only)")
+        return 0
+    RESULTS.write_text(report(bench, command, elapsed))
     print(f"\n{elapsed / 60:.1f} min; written to {RESULTS.relative_to(Path.cwd())}")
     return 0
 
