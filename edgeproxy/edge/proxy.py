@@ -24,7 +24,8 @@ from edgeproxy.edge.pages import send_page
 
 log = logging.getLogger("edgeproxy.edge")
 
-CHUNK = 1 << 20
+# aiohttp buffers up to twice this of a response before it stops reading the backend.
+READ_BUFFER = 1 << 20
 # Hidden from the client, as nginx's proxy_hide_header defaults do (it adds its own Date).
 _HIDDEN_RESPONSE = frozenset({b"server", b"date", b"x-pad", b"x-accel-redirect"})
 # The edge already answered `Expect: 100-continue`; asking the backend again costs a round trip.
@@ -51,7 +52,7 @@ class ProxyBackend:
                 connector=aiohttp.TCPConnector(limit=0),
                 timeout=self._timeout,
                 auto_decompress=False,
-                read_bufsize=CHUNK,
+                read_bufsize=READ_BUFFER,
                 cookie_jar=aiohttp.DummyCookieJar(),  # never share one client's cookies
                 skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
             )
