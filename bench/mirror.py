@@ -43,6 +43,7 @@ from bench.harness import (
     fetch_many,
     remove_shaped_link,
     settle,
+    tree_cpu_seconds,
     wrk,
 )
 from tests.support.edge import run_edge
@@ -52,6 +53,7 @@ from tests.support.registry import Registry, start_registry
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 MiB = 1 << 20
+GiB = 1 << 30
 BIG_REPO, MID_REPO, TAG = "bench/big", "bench/mid", "v1"
 MANIFEST_ACCEPT = ", ".join(
     [
@@ -358,6 +360,14 @@ def row_edge(bench: Bench) -> None:
             lambda base, edge, ratio: ratio >= 0.9,
         )
     )
+    # The machine may be shared: the proxy's own CPU time per GiB says more than MB/s then.
+    points_to_cpu = bench.row(
+        Row(
+            "TLS edge, points-to registry:2 vs nginx+registry:2: proxy CPU per GiB (s)",
+            "s",
+            "lower",
+        )
+    )
     upstreams = [{"name": "docker.io", "url": bench.upstream.url}]
     blob = f"/v2/{BIG_REPO}/blobs/{digest}"
     manifest = f"/v2/{BIG_REPO}/manifests/{bench.big.manifest_digest}"
@@ -382,6 +392,11 @@ def row_edge(bench: Bench) -> None:
         )
         nginx = f"https://127.0.0.1:{nginx_port}"
         ends = {"nginx": nginx, "embedded": embedded.https_url, "points-to": pointing.https_url}
+        pids = {
+            "nginx": int((bench.work / "nginx" / "nginx.pid").read_text()),
+            "embedded": embedded.process.pid,
+            "points-to": pointing.process.pid,
+        }
         for name, url in ends.items():  # warm-up: one fetch through each, stored before timing
             fetch(url + blob, size=size, insecure=True)
             if name == "embedded":
@@ -395,15 +410,20 @@ def row_edge(bench: Bench) -> None:
         for index in range(1, bench.args.rounds + 1):
             order = list(ends) if index % 2 else list(ends)[::-1]
             for name in order:
+                before = tree_cpu_seconds(pids[name])
                 result = fetch(ends[name] + blob, size=size, insecure=True)
+                cpu = (tree_cpu_seconds(pids[name]) - before) / (size / GiB)
                 if name == "nginx":
                     warm.baseline.append(result.mb_per_s)
                     points_to.baseline.append(result.mb_per_s)
+                    points_to_cpu.baseline.append(cpu)
                 else:
                     (warm if name == "embedded" else points_to).edgeproxy.append(result.mb_per_s)
+                    if name == "points-to":
+                        points_to_cpu.edgeproxy.append(cpu)
                 bench.record(
                     f"round {index} TLS {name}: warm {result.mb_per_s:.0f} MB/s"
-                    f" ({result.seconds:.2f} s)"
+                    f" ({result.seconds:.2f} s), {cpu:.2f} CPU-s per GiB"
                 )
             for name in ("nginx", "embedded") if index % 2 else ("embedded", "nginx"):
                 rate = wrk(ends[name] + manifest, MANIFEST_ACCEPT, bench.args.wrk_seconds)
@@ -421,7 +441,9 @@ def row_edge(bench: Bench) -> None:
         "`worker_processes auto`, access_log off) proxying to the registry:2 baseline; edgeproxy "
         "is `[edge]` https + `[edge.tls]` (a certificate from `edgeproxy certs self-signed`, "
         "shared by both), workers default (auto), access_log off; `curl -k`, one warm-up fetch "
-        "through each first. The nginx warm figures serve as the baseline of both blob rows."
+        "through each first. The nginx warm figures serve as the baseline of both blob rows. "
+        "CPU per GiB: user+system time of the proxy's process tree (nginx's or edgeproxy's "
+        "master and workers) during the fetch, per GiB sent."
     )
 
 
@@ -741,25 +763,33 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--no-edge", action="store_true", help="skip the TLS edge rows (vs nginx+registry:2)"
     )
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
+    parser.add_argument(
+        "--only",
+        choices=list(ROWS),
+        help="run that row alone (after the setup) and print it; RESULTS.md is left as it is",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     return parser.parse_args(argv)
 
 
+# The rows in the order they run (the profile before the netns row, RSS last), by `--only` name.
+ROWS: dict[str, tuple[str, Callable[[Bench], None]]] = {
+    "blob": ("1: big blob, cold and warm", row_blob),
+    "concurrent": ("2: concurrent cold clients", row_concurrent),
+    "manifests": ("3: manifests", row_manifests),
+    "edge": ("6-8: TLS edge vs nginx+registry:2", row_edge),
+    "profile": ("profile", profile),
+    "shaped": ("5: bandwidth-limited upstream", row_shaped),
+    "rss": ("4: peak RSS", row_rss),
+}
+
+
 def steps(args: argparse.Namespace) -> list[tuple[str, Callable[[Bench], None]]]:
-    """The rows in the order they run (the profile before the netns row, RSS last)."""
-    chosen: list[tuple[str, Callable[[Bench], None]]] = [
-        ("1: big blob, cold and warm", row_blob),
-        ("2: concurrent cold clients", row_concurrent),
-        ("3: manifests", row_manifests),
-    ]
-    if not args.no_edge:
-        chosen.append(("6-8: TLS edge vs nginx+registry:2", row_edge))
-    if not args.no_profile:
-        chosen.append(("profile", profile))
-    if not args.no_netns:
-        chosen.append(("5: bandwidth-limited upstream", row_shaped))
-    chosen.append(("4: peak RSS", row_rss))
-    return chosen
+    """The rows to run: `--only` one, else all but those skipped."""
+    if args.only:
+        return [ROWS[args.only]]
+    skipped = {"edge": args.no_edge, "profile": args.no_profile, "shaped": args.no_netns}
+    return [step for name, step in ROWS.items() if not skipped.get(name)]
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:
@@ -806,9 +836,12 @@ def main(argv: list[str] | None = None) -> int:
         f"Load average (1 min) at the start: {load_before}. Other processes during the run: "
         f"{bench.load.summary(elapsed)}; `others` in a per-round line is their CPU time then."
     )
-    text = report(bench, command, elapsed)
-    RESULTS.write_text(text)
     print("\n".join(table(bench.rows)))
+    if args.only:
+        print("\n".join(["", *bench.raw, *bench.notes]))
+        print(f"\n{elapsed / 60:.1f} min; RESULTS.md left as it is (--only)")
+        return 0
+    RESULTS.write_text(report(bench, command, elapsed))
     print(f"\n{elapsed / 60:.1f} min; written to {RESULTS.relative_to(Path.cwd())}")
     return 0
 

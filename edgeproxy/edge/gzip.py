@@ -55,6 +55,10 @@ STATUSES = frozenset({200, 403, 404})  # the only ones nginx's gzip filter touch
 DISABLE = re.compile(rb"MSIE [1-6]\.(?!.*SV1)", re.IGNORECASE)  # nginx compiles it caseless
 _VARY = (b"vary", b"Accept-Encoding")
 _DROPPED = frozenset({b"content-length", b"accept-ranges"})
+# Compressed bytes are held until this many are ready or the body ends: nginx sends its gzip
+# output as its buffers fill, so a small body goes out as one chunk (and its framing, counted
+# in $body_bytes_sent, is nginx's), not as zlib's 10-byte header first and the rest after.
+HOLD = 64 * 1024
 
 
 def accepts_gzip(accept_encoding: bytes) -> bool:
@@ -147,6 +151,8 @@ class _Response:
         self._head = head
         self._level = level
         self._compressor: zlib._Compress | None = None
+        self._held: list[bytes] = []
+        self._held_size = 0
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
@@ -165,7 +171,11 @@ class _Response:
             if not more:
                 data += self._compressor.flush()
                 self._compressor = None
-            elif not data:
-                return  # zlib keeps it for now; nothing to send yet
+            self._held.append(data)
+            self._held_size += len(data)
+            if more and self._held_size < HOLD:
+                return  # held for now; nothing to send yet
+            data = b"".join(self._held)
+            self._held, self._held_size = [], 0
             message = {"type": "http.response.body", "body": data, "more_body": more}
         await self._send(message)

@@ -21,8 +21,7 @@ Differences kept on purpose (asserted in `assert_same` or a `test_known_*`):
 - a chunked body over the limit that the registry answers before reading (an unknown upload):
   nginx, reading first, always answers 413; edgeproxy, streaming, passes on the registry's
   answer when it comes before the limit is crossed (a race, so not tested).
-Differences in code this suite does not own are `xfail` tests at the end (access log fields,
-a bare `?`).
+A difference in code this suite does not own is an `xfail` test at the end (a bare `?`).
 """
 
 from __future__ import annotations
@@ -516,15 +515,9 @@ def test_known_tls_version_difference(open_pair: Pair) -> None:
     assert protocols == {"nginx": "TLSv1.2", "edgeproxy": "TLSv1.3"}
 
 
-# Differences in the access log and the request URI that the suite found in code this suite does
-# not own (edgeproxy/edge/app.py, accesslog.py, uvicorn's scope): the nginx answer is asserted,
-# and the test is an expected failure until that code matches it.
-OWNED_ELSEWHERE = "access log / request line owned by edge/app.py, accesslog.py"
-
-
-@pytest.mark.xfail(reason=f"$body_bytes_sent of a chunked response: {OWNED_ELSEWHERE}")
 def test_body_bytes_sent_of_a_chunked_response(open_pair: Pair) -> None:
-    # A JSON error over 256 bytes: gzipped, so sent chunked; nginx counts the chunk framing.
+    # A JSON error over 256 bytes: gzipped, so sent chunked (one chunk, as nginx sends it);
+    # nginx counts the chunk framing.
     case = request("GET", f"/v2/parity/{'n' * 200}/tags/list", ACCEPT_GZIP)
     theirs, ours = send(open_pair.nginx, case), send(open_pair.edge, case)
     assert theirs.answer.body == ours.answer.body

@@ -185,6 +185,15 @@ def test_streams_one_zlib_stream_without_buffering_the_body() -> None:
     assert gzip.decompress(body(messages)) == b"".join(pieces)
 
 
+def test_a_small_body_in_pieces_goes_out_as_one_chunk() -> None:
+    """As nginx sends it (zlib would give its 10-byte header first): the same chunk framing,
+    so the same $body_bytes_sent."""
+    pieces = [JSON[:100], JSON[100:], b""]
+    messages = run(scope(), json_headers(None), pieces)
+    assert len(messages) == 2 and messages[1].get("more_body") is False
+    assert gzip.decompress(body(messages)) == JSON
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 def test_the_edge_applies_it_when_enabled(enabled: bool, tmp_path: Path) -> None:
     """Whatever the backend (here an app in-process, as the embedded mirror is); the access
