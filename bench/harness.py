@@ -96,6 +96,18 @@ def vm_hwm_kib(pid: int) -> int:
     return int(match.group(1)) if match else 0
 
 
+def pss_kib(pid: int) -> int:
+    """The process's proportional set size in KiB (a page shared by n processes counts 1/n:
+    what a tree of forked processes really takes, where summed RSS counts shared pages in
+    each); 0 if it is gone."""
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    match = re.search(r"^Pss:\s+(\d+) kB", rollup, re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
 def pid_with_args(*args: str) -> int | None:
     """The pid of a running process whose argv contains all of `args`."""
     for entry in Path("/proc").iterdir():
@@ -333,11 +345,13 @@ class _Periodic(ABC):
 
 class RssMonitor(_Periodic):
     """Peak RSS of each kind of mirror: VmHWM summed over its process tree, sampled in a thread
-    and once more before every stop (VmHWM only grows while a process lives)."""
+    and once more before every stop (VmHWM only grows while a process lives); and the peak of
+    the tree's summed PSS over those samples."""
 
     def __init__(self, interval: float = 0.2) -> None:
         super().__init__(interval)
         self.peak_kib: dict[str, int] = {}
+        self.peak_pss_kib: dict[str, int] = {}
         self._mirrors: list[Mirror] = []
 
     def watch(self, mirror: Mirror) -> None:
@@ -350,8 +364,11 @@ class RssMonitor(_Periodic):
                 pid = current.pid
                 if pid is None:
                     continue
-                total = sum(vm_hwm_kib(p) for p in process_tree(pid))
+                tree = process_tree(pid)
+                total = sum(vm_hwm_kib(p) for p in tree)
                 self.peak_kib[current.kind] = max(self.peak_kib.get(current.kind, 0), total)
+                pss = sum(pss_kib(p) for p in tree)
+                self.peak_pss_kib[current.kind] = max(self.peak_pss_kib.get(current.kind, 0), pss)
 
 
 class OtherLoad(_Periodic):
