@@ -29,7 +29,6 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import bcrypt
-import jwt
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -40,6 +39,9 @@ from edgeproxy.mirror.names import Route, Target
 log = logging.getLogger("edgeproxy.auth")
 
 TOKEN_PATH = "/token"
+
+# _jwt_imported_late: PyJWT loads `cryptography` (~19 MB in every worker process); a mirror
+# without [mirror.auth] never signs or checks a token, so it imports jwt only when it does.
 ISSUER = "edgeproxy"
 KEY_FILE = "edgeproxy/auth.key"
 _ALGORITHM = "HS256"
@@ -200,6 +202,8 @@ class Authenticator:
         cached = self._valid.get(token)
         if cached is not None and cached["exp"] > time.time():
             return cached
+        import jwt  # here, not at the top: see _jwt_imported_late
+
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -322,6 +326,8 @@ class Authenticator:
             "jti": secrets.token_hex(12),
             "access": [entry for entry in access if entry is not None],
         }
+        import jwt  # here, not at the top: see _jwt_imported_late
+
         token = jwt.encode(claims, self._key, algorithm=_ALGORITHM)
         issued = dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         return {"token": token, "access_token": token, "expires_in": lifetime, "issued_at": issued}
