@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import ssl
 import subprocess
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -113,21 +111,11 @@ def test_anonymous_pattern(
         )
 
 
-@pytest.fixture
-def podman_storage() -> Iterator[list[str]]:
-    """podman's storage options in a short folder of its own (runroot ≤ 50 characters)."""
-    if shutil.which("podman") is None:
-        raise RuntimeError("podman not found: install it (scripts/install --test)")
-    root = Path(tempfile.mkdtemp(prefix="podman-"))
-    yield ["--root", str(root / "root"), "--runroot", str(root / "run"), "--storage-driver", "vfs"]
-    shutil.rmtree(root, ignore_errors=True)
-
-
 def test_podman_login_and_pull(
     registry_none: Registry,
     pushed: dict[str, Pushed],
     tmp_path: Path,
-    podman_storage: list[str],
+    podman: list[str],
 ) -> None:
     small = pushed["small"]
     with run_edgeproxy(
@@ -136,25 +124,24 @@ def test_podman_login_and_pull(
         authfile = tmp_path / "podman-auth.json"
         authfile.write_text('{"auths": {}}')  # podman's own only: no ambient login
 
-        def podman(*args: str) -> subprocess.CompletedProcess[str]:
-            command = ["podman", *podman_storage, *args]
+        def run_podman(*args: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
-                command, capture_output=True, text=True, timeout=300, check=False,
+                [*podman, *args], capture_output=True, text=True, timeout=300, check=False,
                 env={**os.environ, "REGISTRY_AUTH_FILE": str(authfile)},
             )  # fmt: skip
 
         login = ["login", "--tls-verify=false", "-u", USER]
-        wrong = podman(*login, "-p", "wrong", mirror.host)
+        wrong = run_podman(*login, "-p", "wrong", mirror.host)
         assert wrong.returncode != 0
         assert "invalid username/password" in wrong.stderr.lower(), wrong.stderr
-        anonymous = podman("pull", "--tls-verify=false", f"{mirror.host}/{small.repo}:v1")
+        anonymous = run_podman("pull", "--tls-verify=false", f"{mirror.host}/{small.repo}:v1")
         assert anonymous.returncode != 0
         assert "unauthorized" in anonymous.stderr.lower(), anonymous.stderr
-        ok = podman(*login, "-p", PASSWORD, mirror.host)
+        ok = run_podman(*login, "-p", PASSWORD, mirror.host)
         assert ok.returncode == 0, ok.stderr
-        pulled = podman("pull", "--tls-verify=false", f"{mirror.host}/{small.repo}:v1")
+        pulled = run_podman("pull", "--tls-verify=false", f"{mirror.host}/{small.repo}:v1")
         assert pulled.returncode == 0, pulled.stderr
-        images = podman("images", "--digests", "--format", "{{.Digest}}")
+        images = run_podman("images", "--digests", "--format", "{{.Digest}}")
         assert small.image.manifest_digest in images.stdout
         assert PASSWORD not in mirror.log()
 

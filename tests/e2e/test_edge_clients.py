@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_mirror_pull import containerd, podman_root  # noqa: F401 (fixtures)
 from tests.support.edge import Edge, ca_dir, run_edge
 from tests.support.images import CHUNK, Image, RandomLayer, build_image, push, random_layer
+from tests.support.podman import mirror_env
 from tests.support.registry import Registry, start_registry
 from tests.support.skopeo import skopeo
 
@@ -133,31 +132,20 @@ def run(command: list[str], env: dict[str, str] | None = None) -> str:
 
 
 def test_podman_pulls_through_the_tls_edge(
-    registry_none: Registry,
-    tls_mirror: tuple[Edge, Path],
-    tmp_path: Path,
-    podman_root: Path,  # noqa: F811
+    registry_none: Registry, tls_mirror: tuple[Edge, Path], tmp_path: Path, podman: list[str]
 ) -> None:
     edge, certs = tls_mirror
     image = pushed_small(registry_none, tmp_path, "test/podman-tls", seed=62)
-    conf = tmp_path / "registries.conf"  # no `insecure`: the mirror is verified with the CA
-    conf.write_text(
-        'unqualified-search-registries = []\n[[registry]]\nlocation = "docker.io"\n'
-        f'[[registry.mirror]]\nlocation = "{edge.https_host}"\n'
-    )
-    env = {**os.environ, "CONTAINERS_REGISTRIES_CONF": str(conf)}
-    storage = [
-        "--root", str(podman_root / "root"), "--runroot", str(podman_root / "run"),
-        "--storage-driver", "vfs",
-    ]  # fmt: skip
+    # No `insecure`: the mirror is verified with the CA.
+    env = mirror_env(tmp_path / "registries.conf", edge.https_host, insecure=False)
     # Without the CA the edge's certificate is refused: the CA is what makes the pull work.
     untrusted = subprocess.run(
-        ["podman", *storage, "pull", f"{edge.https_host}/test/podman-tls:v1"],
+        [*podman, "pull", f"{edge.https_host}/test/podman-tls:v1"],
         env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert untrusted.returncode != 0 and "certificate" in untrusted.stderr
-    run(["podman", *storage, "pull", "--cert-dir", str(certs), "docker.io/test/podman-tls:v1"], env)
-    digests = run(["podman", *storage, "images", "--digests", "--format", "{{.Digest}}"], env)
+    run([*podman, "pull", "--cert-dir", str(certs), "docker.io/test/podman-tls:v1"], env)
+    digests = run([*podman, "images", "--digests", "--format", "{{.Digest}}"], env)
     assert image.manifest_digest in digests
     requests = [line for line in edge.access_lines() if image.layer_digests[0] in line]
     assert requests and all(" TLSv1." in line for line in requests)
@@ -167,7 +155,7 @@ def test_containerd_pulls_through_the_tls_edge(
     registry_none: Registry,
     tls_mirror: tuple[Edge, Path],
     tmp_path: Path,
-    containerd: Path,  # noqa: F811
+    containerd: Path,
 ) -> None:
     edge, certs = tls_mirror
     image = pushed_small(registry_none, tmp_path, "test/ctr-tls", seed=63)

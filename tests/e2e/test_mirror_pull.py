@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import subprocess
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.containerd import run_containerd
 from tests.support.images import Pushed, build_image, push, random_layer
+from tests.support.podman import mirror_env
 from tests.support.registry import Registry, start_registry
 from tests.support.servers import EdgeproxyProcess, run_edgeproxy
 from tests.support.skopeo import skopeo, skopeo_inspect_raw
@@ -194,54 +191,26 @@ def test_serves_a_cache_filled_by_registry2(
         upstream.close()
 
 
-@pytest.fixture
-def podman_root() -> Iterator[Path]:
-    """A short folder of podman's own (its runroot may not be longer than 50 characters)."""
-    if shutil.which("podman") is None:
-        raise RuntimeError("podman not found: install it (scripts/install --test)")
-    root = Path(tempfile.mkdtemp(prefix="podman-"))
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
 def test_podman_pulls_through_the_mirror(
-    registry_none: Registry,
-    tmp_path: Path,
-    podman_root: Path,
+    registry_none: Registry, tmp_path: Path, podman: list[str]
 ) -> None:
     image = build_image(tmp_path / "image", "v1", [random_layer(300_000, seed=42)])
     push(image, registry_none, "test/podman", "v1")
     with run_edgeproxy(tmp_path / "mirror", [upstream_entry(registry_none)]) as mirror:
-        conf = tmp_path / "registries.conf"
-        conf.write_text(
-            'unqualified-search-registries = []\n[[registry]]\nlocation = "docker.io"\n'
-            f'[[registry.mirror]]\nlocation = "{mirror.host}"\ninsecure = true\n'
-        )
-        env = {**os.environ, "CONTAINERS_REGISTRIES_CONF": str(conf)}
-        storage = [
-            "--root", str(podman_root / "root"), "--runroot", str(podman_root / "run"),
-            "--storage-driver", "vfs",
-        ]  # fmt: skip
+        env = mirror_env(tmp_path / "registries.conf", mirror.host, insecure=True)
         result = subprocess.run(
-            ["podman", *storage, "pull", "docker.io/test/podman:v1"],
+            [*podman, "pull", "docker.io/test/podman:v1"],
             env=env, capture_output=True, text=True, timeout=300, check=False,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
         images = subprocess.run(
-            ["podman", *storage, "images", "--digests", "--format", "{{.Digest}}"],
+            [*podman, "images", "--digests", "--format", "{{.Digest}}"],
             env=env, capture_output=True, text=True, timeout=60, check=True,
         )  # fmt: skip
         assert image.manifest_digest in images.stdout
         assert f'"GET /v2/test/podman/blobs/{image.layer_digests[0]}' in mirror.log().replace(
             "%3A", ":"
         )
-
-
-@pytest.fixture
-def containerd() -> Iterator[Path]:
-    """A containerd of the test's own (no CRI); yields its socket."""
-    with run_containerd() as socket:
-        yield socket
 
 
 def test_containerd_pulls_through_the_mirror_with_ns(
