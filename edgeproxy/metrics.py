@@ -13,9 +13,7 @@ tests and tools that import the mirror without serving it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -25,6 +23,8 @@ from edgeproxy.mirror.names import parse_route
 
 if TYPE_CHECKING:
     from prometheus_client import Counter, Gauge
+
+    from edgeproxy.mirror.storage import Storage
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _TYPES = {"blobs": "blob", "manifests": "manifest"}  # registry:2's `type` label
@@ -160,27 +160,22 @@ def _route(path: str) -> str:
     return route.kind if route is not None else "other"
 
 
-def cache_size(root: Path) -> int:
-    """Bytes of the blobs under registry:2's layout in `root` (one stat per blob)."""
-    total = 0
-    for folder, _dirs, files in os.walk(root / "docker/registry/v2/blobs"):
-        if "data" in files:
-            with contextlib.suppress(FileNotFoundError):  # evicted meanwhile
-                total += os.stat(os.path.join(folder, "data")).st_size
-    return total
-
-
-def metrics_app(root: Path) -> ASGIApp:
-    """`/metrics` for every worker's values, the cache size measured at each scrape."""
+def metrics_app(storage: Storage | None) -> ASGIApp:
+    """`/metrics` for every worker's values; with the cache's `storage`, its size measured at
+    each scrape (points-to mode has no cache)."""
     from prometheus_client import CollectorRegistry, make_asgi_app, multiprocess
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     exposition = make_asgi_app(registry)
 
+    def cache_size() -> int:
+        assert storage is not None
+        return sum(blob.size for blob in storage.blobs())
+
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if _metrics is not None:
-            _metrics.cache_size.set(await asyncio.to_thread(cache_size, root))
+        if _metrics is not None and storage is not None:
+            _metrics.cache_size.set(await asyncio.to_thread(cache_size))
         await exposition(scope, receive, send)
 
     return app

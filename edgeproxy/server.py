@@ -171,7 +171,8 @@ async def serve(config: Config, listeners: Listeners, report: int | None = None)
         app = EdgeApp(edge, backend, access_log)
         servers.extend(_edge_servers(edge, app, access_log, listeners))
     if listeners.metrics is not None:
-        debug = _with_health(metrics.metrics_app(config.mirror.root), health)
+        cache = mirror.storage if mirror is not None else None  # points-to: no cache
+        debug = _with_health(metrics.metrics_app(cache), health)
         servers.append((_uvicorn(debug, http=_UnloggedProtocol), listeners.metrics))
         host, port = listeners.metrics.getsockname()[:2]
         log.info("metrics and health on http://%s:%d/metrics, %s", host, port, HEALTH_PATH)
