@@ -208,8 +208,9 @@ class BlobService:
     ) -> AsyncIterator[bytes | memoryview]:
         """Bytes [start, end) of a fill as they arrive; ends early if the fill fails."""
         # Open now: the open file is read on after the commit renames it, or an eviction
-        # removes it (a reader opened later would find nothing).
-        reader = self._storage.open_partial(fill.digest)
+        # removes it (a reader opened later would find nothing); a fill that committed
+        # before this reader came is read from the cache.
+        reader = self._storage.open_partial(fill.digest) or self.open_stored(fill.digest)
         position = start
         me = object()
         fill.reader_at(me, position)
@@ -257,6 +258,11 @@ class BlobService:
             log.exception("fill of %s failed", fill.digest)
             fill.fail(RegistryError("UNKNOWN", f"fill failed: {type(exc).__name__}"))
         finally:
+            self._forget(fill)
+
+    def _forget(self, fill: Fill) -> None:
+        """New requests for the digest start a fill of their own from now on."""
+        if self._fills.get(fill.digest) is fill:
             del self._fills[fill.digest]
 
     async def _download(self, fill: Fill, upstream: UpstreamClient, target: Target) -> bool:
@@ -282,6 +288,9 @@ class BlobService:
                 response.release()
         except BaseException:
             metrics.fetch_ended()
+            # Before the spool goes: a request joining now could read neither the spool nor
+            # the window's start; a fill of its own follows this one's lock, then fetches.
+            self._forget(fill)
             await asyncio.to_thread(partial.abort)
             raise
         metrics.fetch_ended(pulled=fill.written)
