@@ -24,10 +24,11 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from edgeproxy import metrics
+from edgeproxy.mirror.blobstream import BlobStreamError
 from edgeproxy.mirror.errors import RegistryError
 from edgeproxy.mirror.names import Target
 from edgeproxy.mirror.storage import BlobReader, PartialBlob, Storage
-from edgeproxy.mirror.upstream import UpstreamClient
+from edgeproxy.mirror.upstream import UpstreamClient, UpstreamUnavailable
 
 log = logging.getLogger("edgeproxy.blobs")
 
@@ -58,7 +59,7 @@ class Fill:
         self.spooling = True
         self.error: RegistryError | None = None
         self.started = asyncio.Event()  # the size is known, or the fill failed
-        self._window: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._window: collections.deque[tuple[int, bytearray]] = collections.deque()
         self._window_bytes = 0
         self._readers: dict[object, int] = {}  # reader -> its position
         self._changed = asyncio.Event()
@@ -67,7 +68,7 @@ class Fill:
     def done(self) -> bool:
         return self.committed or self.error is not None
 
-    def receive(self, block: bytes) -> None:
+    def receive(self, block: bytearray) -> None:
         self._window.append((self.received, block))
         self._window_bytes += len(block)
         self.received += len(block)
@@ -276,16 +277,19 @@ class BlobService:
                 raise RegistryError(
                     "UNAVAILABLE", "the fill in another worker stopped; retry", status=503
                 )
-            response = await upstream.open_blob(target.remote_name, fill.digest)
+            stream = await upstream.open_blob(target.remote_name, fill.digest, CHUNK)
             try:
                 try:
-                    partial.announce(response.content_length)
+                    partial.announce(stream.content_length)
                 except OSError as exc:
                     _spool_failed(fill, exc)
-                fill.start(response.content_length)
-                await self._stream(fill, response.content.iter_chunked(CHUNK), partial)
+                fill.start(stream.content_length)
+                await self._stream(fill, stream.blocks(), partial)
+            except BlobStreamError as exc:
+                log.warning("upstream %s: blob %s cut short: %s", upstream.name, fill.digest, exc)
+                raise UpstreamUnavailable(upstream.name, str(exc)) from exc
             finally:
-                response.release()
+                stream.close()
         except BaseException:
             metrics.fetch_ended()
             # Before the spool goes: a request joining now could read neither the spool nor
@@ -302,7 +306,9 @@ class BlobService:
         log.info("cached %s (%s bytes) from %s", fill.digest, fill.written, upstream.name)
         return True
 
-    async def _stream(self, fill: Fill, body: AsyncIterator[bytes], partial: PartialBlob) -> None:
+    async def _stream(
+        self, fill: Fill, body: AsyncIterator[bytearray], partial: PartialBlob
+    ) -> None:
         """Write and hash in two threads of their own, so that reading, writing and hashing
         overlap; verify the digest, then commit."""
         loop = asyncio.get_running_loop()

@@ -1,8 +1,9 @@
 """The client for one upstream registry: auth challenges, tokens, and the two transports.
 
-Small requests (manifests, tags, tokens) go through httpx; blob bodies go through aiohttp,
-which streams ~3x faster than httpx here (see docs/architecture.md). Both share the auth
-state: the challenge learnt from the first 401 and the bearer tokens per repository scope.
+Small requests (manifests, tags, tokens) go through httpx; each blob body goes through a
+thread of its own (blobstream.py), off the event loop (see docs/architecture.md). Both share
+the auth state: the challenge learnt from the first 401 and the bearer tokens per repository
+scope.
 """
 
 from __future__ import annotations
@@ -15,17 +16,16 @@ import ssl
 import time
 from dataclasses import dataclass
 
-import aiohttp
 import certifi
 import httpx
 
 from edgeproxy.config import UpstreamConfig
+from edgeproxy.mirror.blobstream import BlobRequest, BlobStream, BlobStreamError
 from edgeproxy.mirror.errors import RegistryError
 
 log = logging.getLogger("edgeproxy.upstream")
 
 MAX_METADATA_BODY = 4 * 1024 * 1024  # registry:2's manifest size limit
-BLOB_READ_SIZE = 1024 * 1024
 # Docker Hub's registry hosts send clients to auth.docker.io for tokens: another host, but
 # Docker Hub's own, so it gets the credentials without a `token_realms` entry.
 _DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
@@ -97,7 +97,6 @@ class UpstreamClient:
             timeout=httpx.Timeout(config.read_timeout, connect=config.connect_timeout),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
         )
-        self._blobs: aiohttp.ClientSession | None = None
         self._challenge: tuple[str, dict[str, str]] | None = None
         self._probed = False
         self._probe_lock = asyncio.Lock()  # concurrent first requests wait for the one probe
@@ -107,8 +106,6 @@ class UpstreamClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
-        if self._blobs is not None:
-            await self._blobs.close()
 
     # Auth
     async def _probe(self) -> None:
@@ -232,36 +229,35 @@ class UpstreamClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     # Blob streams
-    def _blob_session(self) -> aiohttp.ClientSession:
-        if self._blobs is None:
-            self._blobs = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=0),
-                timeout=aiohttp.ClientTimeout(
-                    sock_connect=self.config.connect_timeout,
-                    sock_read=self.config.read_timeout,
-                ),
-                auto_decompress=False,
-                read_bufsize=BLOB_READ_SIZE,
-            )
-        return self._blobs
-
-    async def open_blob(self, name: str, digest: str) -> aiohttp.ClientResponse:
-        """A started 200 response for the blob; the caller reads and releases it."""
+    async def open_blob(self, name: str, digest: str, block_size: int) -> BlobStream:
+        """A started 200 response for the blob, read in `block_size` blocks; the caller
+        closes it."""
         url = f"{self.config.base_url}/v2/{name}/blobs/{digest}"
         for attempt in range(2):
-            auth = await self._authorization(name)
+            request = BlobRequest(
+                url,
+                await self._authorization(name),
+                self._ssl,
+                self.config.connect_timeout,
+                self.config.read_timeout,
+            )
+            stream = BlobStream(request, block_size)
             try:
-                response = await self._blob_session().get(url, headers=auth)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                log.warning("upstream %s: GET blob %s failed: %r", self.name, digest, exc)
-                raise UpstreamUnavailable(self.name, type(exc).__name__) from exc
-            if response.status == 200:
-                return response
-            response.release()
-            challenge = response.headers.get("WWW-Authenticate")
-            if response.status == 401 and attempt == 0 and self._learn(challenge, name):
+                await stream.open()
+            except BlobStreamError as exc:
+                stream.close()
+                log.warning("upstream %s: GET blob %s failed: %s", self.name, digest, exc)
+                raise UpstreamUnavailable(self.name, str(exc)) from exc
+            except BaseException:
+                stream.close()
+                raise
+            if stream.status == 200:
+                return stream
+            stream.close()
+            challenge = stream.headers.get("WWW-Authenticate")
+            if stream.status == 401 and attempt == 0 and self._learn(challenge, name):
                 continue
-            raise self.error(response.status, "BLOB_UNKNOWN", response.headers.get("Retry-After"))
+            raise self.error(stream.status, "BLOB_UNKNOWN", stream.headers.get("Retry-After"))
         raise AssertionError("unreachable")  # pragma: no cover
 
     def error(self, status: int, not_found: str, retry_after: str | None = None) -> RegistryError:

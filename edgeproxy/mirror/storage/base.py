@@ -62,7 +62,7 @@ class PartialBlob(ABC):
         """Tell followers in other processes how long the blob will be."""
 
     @abstractmethod
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray) -> None:
         """Append `data` (called from one worker thread at a time)."""
 
     @abstractmethod

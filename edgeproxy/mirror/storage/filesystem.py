@@ -101,7 +101,7 @@ class FilePartialBlob(PartialBlob):
         if size is not None:
             _write_atomic(self._storage.fill_path(self._digest, "size"), str(size).encode())
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view) :]

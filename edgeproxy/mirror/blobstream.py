@@ -1,0 +1,186 @@
+"""A blob GET from the upstream, run by a thread of its own (stdlib http.client).
+
+On a cold fetch the event loop's thread is the busiest one: it also serves every client. An
+asyncio HTTP client costs it a socket read into a buffer of the loop's, the parser's copy of
+the body and the join into 1 MiB blocks. Here a thread reads the socket straight into the
+block that is then hashed, written and served: one copy, off the loop (bench/README.md).
+The thread opens the connection too, so a slow upstream never holds the loop's executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import socket
+import ssl
+import threading
+import urllib.parse
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from email.message import Message
+
+MAX_REDIRECTS = 5
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+class BlobStreamError(Exception):
+    """The upstream connection failed: refused, timed out, cut short, or not HTTP."""
+
+
+@dataclass(frozen=True)
+class BlobRequest:
+    url: str
+    headers: dict[str, str]
+    context: ssl.SSLContext
+    connect_timeout: float
+    read_timeout: float
+
+
+class BlobStream:
+    """One GET: `await open()` for the status and headers, then `blocks()` for the body.
+
+    The thread reads at most `ahead` blocks beyond those the loop has taken. `close()` stops
+    it (a read in progress is cut by shutting the socket down) and must always be called.
+    """
+
+    def __init__(self, request: BlobRequest, block_size: int, ahead: int = 4) -> None:
+        self._request = request
+        self._block_size = block_size
+        self._room = threading.Semaphore(ahead)
+        self._stop = threading.Event()
+        self._connection: http.client.HTTPConnection | None = None
+        self._response: http.client.HTTPResponse | None = None
+        self._length: int | None = None  # the response's, kept: http.client counts it down
+        self._arrived: asyncio.Queue[bytearray | BaseException | None] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="edgeproxy-blob", daemon=True)
+
+    @property
+    def status(self) -> int:
+        assert self._response is not None, "open() first"
+        return self._response.status
+
+    @property
+    def headers(self) -> Message:
+        assert self._response is not None, "open() first"
+        return self._response.headers
+
+    @property
+    def content_length(self) -> int | None:
+        return self._length
+
+    async def open(self) -> None:
+        """Connect, send the request, follow redirects; raises BlobStreamError."""
+        self._thread.start()
+        head = await self._arrived.get()
+        if isinstance(head, BaseException):
+            raise head
+
+    async def blocks(self) -> AsyncIterator[bytearray]:
+        """The body in blocks of `block_size` bytes (the last one shorter)."""
+        while True:
+            item = await self._arrived.get()
+            if isinstance(item, BaseException):
+                raise item
+            if not item:
+                return
+            self._room.release()
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._room.release()
+        connection = self._connection
+        if connection is not None and connection.sock is not None:
+            with contextlib.suppress(OSError):  # closed meanwhile by the thread
+                connection.sock.shutdown(socket.SHUT_RDWR)
+        if not self._thread.is_alive() and not self._thread.ident:
+            self._close_connection()  # never started
+
+    # The thread
+    def _run(self) -> None:
+        try:
+            self._open()
+            self._post(None)  # the head is in
+            if self.status != 200:
+                return
+            while True:
+                self._room.acquire()
+                if self._stop.is_set():
+                    return
+                block = self._read_block()
+                self._post(block)
+                if not block:
+                    return
+        except (OSError, http.client.HTTPException) as exc:
+            if not self._stop.is_set():
+                self._post(BlobStreamError(_reason(exc)))
+        except BaseException as exc:  # pragma: no cover - a bug: let the loop see it
+            self._post(exc)
+        finally:
+            self._close_connection()
+
+    def _open(self) -> None:
+        request = self._request
+        url = request.url
+        origin = _origin(url)
+        for _ in range(MAX_REDIRECTS + 1):
+            parts = urllib.parse.urlsplit(url)
+            if parts.scheme == "https":
+                self._connection = http.client.HTTPSConnection(
+                    parts.netloc, timeout=request.connect_timeout, context=request.context
+                )
+            else:
+                self._connection = http.client.HTTPConnection(
+                    parts.netloc, timeout=request.connect_timeout
+                )
+            self._connection.connect()
+            assert self._connection.sock is not None
+            self._connection.sock.settimeout(request.read_timeout)
+            # Credentials go to the upstream's own origin only, never to a redirect's CDN.
+            headers = request.headers if _origin(url) == origin else {}
+            path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+            self._connection.request("GET", path, headers=headers)
+            self._response = self._connection.getresponse()
+            self._length = self._response.length
+            location = self._response.headers.get("Location")
+            if self._response.status not in _REDIRECTS or not location:
+                return
+            self._close_connection()
+            url = urllib.parse.urljoin(url, location)
+        raise BlobStreamError(f"more than {MAX_REDIRECTS} redirects")
+
+    def _read_block(self) -> bytearray:
+        assert self._response is not None
+        block = bytearray(self._block_size)
+        with memoryview(block) as view:
+            filled = 0
+            while filled < len(block):
+                count = self._response.readinto(view[filled:])
+                if not count:
+                    break
+                filled += count
+        del block[filled:]
+        return block
+
+    def _post(self, item: bytearray | BaseException | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            self._loop.call_soon_threadsafe(self._arrived.put_nowait, item)
+
+    def _close_connection(self) -> None:
+        if self._response is not None:
+            self._response.close()
+        if self._connection is not None:
+            self._connection.close()
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, parts.netloc.lower()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, http.client.IncompleteRead):
+        return "IncompleteRead"  # its repr holds the bytes read so far
+    return type(exc).__name__

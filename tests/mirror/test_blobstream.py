@@ -1,0 +1,113 @@
+"""The blob GET thread: blocks of the asked size, chunked bodies, redirects, errors, close()."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from edgeproxy.mirror.blobstream import BlobRequest, BlobStream, BlobStreamError
+from tests.support.ports import free_port
+from tests.support.servers import serve_app
+from tests.support.wait import wait_until
+
+BODY = os.urandom(3 * 1024 * 1024 + 5)
+BLOCK = 1024 * 1024
+stalled = threading.Event()
+
+
+async def whole(request: Request) -> Response:
+    return Response(BODY)
+
+
+async def chunked(request: Request) -> StreamingResponse:
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(BODY), 100_000):
+            yield BODY[start : start + 100_000]
+
+    return StreamingResponse(pieces())
+
+
+async def stall(request: Request) -> StreamingResponse:
+    async def pieces() -> AsyncIterator[bytes]:
+        yield b"x" * 1000
+        stalled.set()
+        await asyncio.sleep(3600)
+
+    return StreamingResponse(pieces(), headers={"Content-Length": "2000"})
+
+
+async def loop(request: Request) -> RedirectResponse:
+    return RedirectResponse("/loop", status_code=307)
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[str]:
+    app = Starlette(
+        routes=[
+            Route("/whole", whole),
+            Route("/chunked", chunked),
+            Route("/stall", stall),
+            Route("/loop", loop),
+        ]
+    )
+    with serve_app(app) as url:
+        yield url
+
+
+def request(url: str) -> BlobRequest:
+    return BlobRequest(url, {}, ssl.create_default_context(), 5.0, 60.0)
+
+
+async def read(url: str) -> tuple[BlobStream, list[bytearray]]:
+    stream = BlobStream(request(url), BLOCK)
+    try:
+        await stream.open()
+        return stream, [block async for block in stream.blocks()]
+    finally:
+        stream.close()
+
+
+@pytest.mark.parametrize("path", ["/whole", "/chunked"])
+def test_the_body_comes_in_blocks_of_the_asked_size(upstream: str, path: str) -> None:
+    stream, blocks = asyncio.run(read(upstream + path))
+    assert stream.status == 200
+    assert stream.content_length == (len(BODY) if path == "/whole" else None)
+    assert [len(block) for block in blocks] == [BLOCK, BLOCK, BLOCK, 5]
+    assert b"".join(blocks) == BODY
+
+
+def test_a_redirect_loop_ends(upstream: str) -> None:
+    with pytest.raises(BlobStreamError, match="redirects"):
+        asyncio.run(read(upstream + "/loop"))
+
+
+def test_a_refused_connection_is_an_error() -> None:
+    with pytest.raises(BlobStreamError, match="ConnectionRefusedError"):
+        asyncio.run(read(f"http://127.0.0.1:{free_port()}/x"))
+
+
+def test_close_cuts_a_stalled_read_short(upstream: str) -> None:
+    """The upstream sent half the body and stalls: close() ends the thread at once, not after
+    the 60 s read timeout."""
+    threads: list[threading.Thread] = []
+
+    async def main() -> None:
+        stalled.clear()
+        stream = BlobStream(request(upstream + "/stall"), BLOCK)
+        await stream.open()
+        threads.extend(t for t in threading.enumerate() if t.name == "edgeproxy-blob")
+        await asyncio.to_thread(stalled.wait, 10)
+        stream.close()
+
+    asyncio.run(main())
+    assert threads
+    assert wait_until(lambda: not any(t.is_alive() for t in threads), timeout=10)
