@@ -641,16 +641,53 @@ def wrk(url: str, accept: str, seconds: int, threads: int = 2, connections: int 
     )
 
 
+PAGE_REPORTING = Path("/sys/module/page_reporting/parameters/reported_kib")
+
+
+def page_reporting_kib() -> int | None:
+    """How much free memory this VM's kernel has handed back to its host so far (free page
+    reporting), None on a machine without it."""
+    try:
+        return int(PAGE_REPORTING.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def page_cache_write_cost(directory: Path, mib: int, idle: float = 6.0) -> tuple[float, float]:
+    """CPU-seconds to write `mib` MiB into a new file: first after `idle` seconds (on a VM
+    with free page reporting the kernel has handed the free pages back to the host by then,
+    and each new page of cache faults in host memory), then again at once into the pages
+    the first file freed. Both files are deleted."""
+    block = os.urandom(1 << 20)
+    costs = []
+    for wait in (idle, 0.0):
+        time.sleep(wait)
+        path = directory / "page-cache-probe"
+        started = time.thread_time()
+        with path.open("wb", buffering=0) as file:
+            for _ in range(mib):
+                file.write(block)
+        costs.append(time.thread_time() - started)
+        path.unlink()
+    return costs[0], costs[1]
+
+
+def wait_cached(mirror: Mirror, digest: str, size: int, deadline: float) -> float:
+    """Wait until `mirror` has committed the blob (polled every 20 ms); return the time then."""
+    while mirror.stored_size(digest) != size:
+        if time.monotonic() > deadline:
+            raise BenchError(f"{mirror.kind} did not store {digest}:\n{mirror.log_tail()}")
+        time.sleep(0.02)
+    return time.monotonic()
+
+
 def settle(
     mirror: Mirror, upstream: Registry, digest: str, size: int, timeout: float = STORE_TIMEOUT
 ) -> int:
     """Wait until `mirror` has committed the blob and the upstream's GET count for it stops
     moving (a log line trails its response); return that count."""
     deadline = time.monotonic() + timeout
-    while mirror.stored_size(digest) != size:
-        if time.monotonic() > deadline:
-            raise BenchError(f"{mirror.kind} did not store {digest}:\n{mirror.log_tail()}")
-        time.sleep(0.05)
+    wait_cached(mirror, digest, size, deadline)
     suffix = f"/blobs/{digest}"
     count, since = upstream.count("GET", suffix), time.monotonic()
     while time.monotonic() - since < 0.5 and time.monotonic() < deadline:

@@ -30,6 +30,7 @@ from types import FrameType
 from typing import Literal, NoReturn
 
 from bench.harness import (
+    STORE_TIMEOUT,
     BaselineMirror,
     BenchError,
     EdgeproxyMirror,
@@ -41,9 +42,12 @@ from bench.harness import (
     create_shaped_link,
     fetch,
     fetch_many,
+    page_cache_write_cost,
+    page_reporting_kib,
     remove_shaped_link,
     settle,
     tree_cpu_seconds,
+    wait_cached,
     wrk,
 )
 from tests.support.edge import run_edge
@@ -124,6 +128,7 @@ class Bench:
     mid: Image | None = None
     mirrors: list[Mirror] = field(default_factory=list)
     profiles: list[tuple[str, list[str]]] = field(default_factory=list)
+    reported_kib: int | None = None  # free page reporting's count when the rows began
     _others: float = 0.0
 
     def log(self, message: str) -> None:
@@ -178,6 +183,14 @@ def setup(bench: Bench) -> None:
     push(bench.big, upstream, BIG_REPO, TAG)
     push(bench.mid, upstream, MID_REPO, TAG)
     os.sync()  # the pushed gigabytes' writeback must not land in the first round
+    fresh, reused = page_cache_write_cost(bench.work, args.big_mib)
+    bench.notes.append(
+        f"Page cache here: writing {args.big_mib} MiB into a new file took {fresh:.2f} CPU-s"
+        f" after 6 s idle, {reused:.2f} CPU-s right after (into the pages the first file"
+        " freed). The gap is the VM's free page reporting (bench/README.md): a cold fill writes"
+        " its blob into such pages while its client waits; registry:2 writes after."
+    )
+    os.sync()
     for image, repo in ((bench.big, BIG_REPO), (bench.mid, MID_REPO)):
         digest, size = layer(image)
         bench.notes.append(f"`{repo}:{TAG}` layer {digest} = {size} bytes")
@@ -187,6 +200,7 @@ def setup(bench: Bench) -> None:
     edgeproxy = EdgeproxyMirror(bench.work / "edgeproxy", upstream.url, bench.monitor)
     bench.stack.callback(edgeproxy.stop)
     bench.mirrors = [baseline, edgeproxy]
+    bench.reported_kib = page_reporting_kib()
     bench.mark()
 
 
@@ -206,13 +220,16 @@ def row_blob(bench: Bench) -> None:
             lambda base, edge, ratio: edge == 1,
         )
     )
+    cached = bench.row(Row("cold fetch until the blob is cached (s)", "s", "lower"))
     cpu = bench.row(Row("mirror CPU per cold fetch, incl. storing (s)", "s", "lower"))
     statuses: set[str] = set()
     for index, mirror in bench.rounds(bench.mirrors):
         mirror.restart_fresh()
         before = bench.upstream.count("GET", f"/blobs/{digest}")
         cpu_before = mirror.cpu_seconds()
+        started = time.monotonic()
         first = fetch(blob_url(mirror.url, BIG_REPO, digest), size=size)
+        until_cached = wait_cached(mirror, digest, size, started + STORE_TIMEOUT) - started
         count = settle(mirror, bench.upstream, digest, size) - before
         used = mirror.cpu_seconds() - cpu_before
         second = fetch(blob_url(mirror.url, BIG_REPO, digest), size=size)
@@ -220,6 +237,7 @@ def row_blob(bench: Bench) -> None:
             (cold, first.mb_per_s),
             (warm, second.mb_per_s),
             (gets, count),
+            (cached, until_cached),
             (cpu, used),
         ):
             row.add(mirror, value)
@@ -228,7 +246,8 @@ def row_blob(bench: Bench) -> None:
             statuses.add(f"warm `{second.headers.get('cache-status')}`")
         bench.record(
             f"round {index} {mirror.kind}: cold {first.mb_per_s:.0f} MB/s ({first.seconds:.2f} s),"
-            f" warm {second.mb_per_s:.0f} MB/s, upstream GETs {count}, mirror CPU {used:.2f} s"
+            f" warm {second.mb_per_s:.0f} MB/s, upstream GETs {count}, cached after"
+            f" {until_cached:.2f} s, mirror CPU {used:.2f} s"
         )
     bench.notes.append("edgeproxy Cache-Status seen: " + ", ".join(sorted(statuses)))
 
@@ -842,6 +861,14 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     elapsed = time.monotonic() - started
+    reported_kib = page_reporting_kib()
+    if bench.reported_kib is not None and reported_kib is not None:
+        handed = (reported_kib - bench.reported_kib) / 2**20
+        bench.notes.append(
+            f"During the rows this VM's kernel handed {handed:.1f} GiB of freed memory back to"
+            " its host (free page reporting, /sys/module/page_reporting): each page of it"
+            " faults in host memory when used again."
+        )
     bench.notes.append(
         f"Load average (1 min) at the start: {load_before}. Other processes during the run: "
         f"{bench.load.summary(elapsed)}; `others` in a per-round line is their CPU time then."
