@@ -5,6 +5,8 @@ asyncio HTTP client costs it a socket read into a buffer of the loop's, the pars
 the body and the join into 1 MiB blocks. Here a thread reads the socket straight into the
 block that is then hashed, written and served: one copy, off the loop (bench/README.md).
 The thread opens the connection too, so a slow upstream never holds the loop's executor.
+Connections are kept alive between blobs (`ConnectionPool`): a pull of many small layers does
+not pay a TCP and a TLS handshake per layer, two with a redirect to a CDN.
 """
 
 from __future__ import annotations
@@ -15,26 +17,92 @@ import http.client
 import socket
 import ssl
 import threading
+import time
 import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.message import Message
 
 MAX_REDIRECTS = 5
+MAX_IDLE = 8  # idle connections kept per origin
+IDLE_TIMEOUT = 30.0  # seconds; older idle ones are dropped (servers close them too)
+MAX_REDIRECT_BODY = 64 * 1024  # a redirect's body is read (and dropped) to reuse its connection
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+Origin = tuple[str, str]  # (scheme, host[:port])
 
 
 class BlobStreamError(Exception):
     """The upstream connection failed: refused, timed out, cut short, or not HTTP."""
 
 
+class ConnectionPool:
+    """Idle keep-alive connections by origin, shared by one upstream's blob threads."""
+
+    def __init__(
+        self, context: ssl.SSLContext, connect_timeout: float, read_timeout: float
+    ) -> None:
+        self._context = context
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._lock = threading.Lock()
+        self._idle: dict[Origin, list[tuple[http.client.HTTPConnection, float]]] = {}
+
+    def connect(
+        self, origin: Origin, reuse: bool = True
+    ) -> tuple[http.client.HTTPConnection, bool]:
+        """An idle connection to `origin` if there is one (and `reuse`), else a new one; and
+        whether it was reused (a reused one may have been closed by the server meanwhile)."""
+        if reuse:
+            with self._lock:
+                idle = self._idle.get(origin, [])
+                while idle:
+                    connection, since = idle.pop()
+                    if time.monotonic() - since < IDLE_TIMEOUT:
+                        return connection, True
+                    connection.close()
+        return self._new(origin), False
+
+    def _new(self, origin: Origin) -> http.client.HTTPConnection:
+        scheme, netloc = origin
+        connection: http.client.HTTPConnection
+        if scheme == "https":
+            connection = http.client.HTTPSConnection(
+                netloc, timeout=self._connect_timeout, context=self._context
+            )
+        else:
+            connection = http.client.HTTPConnection(netloc, timeout=self._connect_timeout)
+        try:
+            connection.connect()
+            assert connection.sock is not None
+            connection.sock.settimeout(self._read_timeout)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def release(self, origin: Origin, connection: http.client.HTTPConnection) -> None:
+        """Keep a connection whose last response was read to its end."""
+        with self._lock:
+            idle = self._idle.setdefault(origin, [])
+            if len(idle) < MAX_IDLE:
+                idle.append((connection, time.monotonic()))
+                return
+        connection.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection, _ in connections:
+                connection.close()
+
+
 @dataclass(frozen=True)
 class BlobRequest:
     url: str
     headers: dict[str, str]
-    context: ssl.SSLContext
-    connect_timeout: float
-    read_timeout: float
+    pool: ConnectionPool
 
 
 class BlobStream:
@@ -50,6 +118,7 @@ class BlobStream:
         self._room = threading.Semaphore(ahead)
         self._stop = threading.Event()
         self._connection: http.client.HTTPConnection | None = None
+        self._origin: Origin = _origin(request.url)
         self._response: http.client.HTTPResponse | None = None
         self._length: int | None = None  # the response's, kept: http.client counts it down
         self._arrived: asyncio.Queue[bytearray | BaseException | None] = asyncio.Queue()
@@ -110,6 +179,8 @@ class BlobStream:
                 if self._stop.is_set():
                     return
                 block = self._read_block()
+                if len(block) < self._block_size:
+                    self._keep_alive()
                 self._post(block)
                 if not block:
                     return
@@ -124,32 +195,56 @@ class BlobStream:
     def _open(self) -> None:
         request = self._request
         url = request.url
-        origin = _origin(url)
+        first = _origin(url)
         for _ in range(MAX_REDIRECTS + 1):
             parts = urllib.parse.urlsplit(url)
-            if parts.scheme == "https":
-                self._connection = http.client.HTTPSConnection(
-                    parts.netloc, timeout=request.connect_timeout, context=request.context
-                )
-            else:
-                self._connection = http.client.HTTPConnection(
-                    parts.netloc, timeout=request.connect_timeout
-                )
-            self._connection.connect()
-            assert self._connection.sock is not None
-            self._connection.sock.settimeout(request.read_timeout)
+            self._origin = _origin(url)
             # Credentials go to the upstream's own origin only, never to a redirect's CDN.
-            headers = request.headers if _origin(url) == origin else {}
+            headers = request.headers if self._origin == first else {}
             path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-            self._connection.request("GET", path, headers=headers)
-            self._response = self._connection.getresponse()
-            self._length = self._response.length
+            self._exchange(path, headers)
+            assert self._response is not None
             location = self._response.headers.get("Location")
             if self._response.status not in _REDIRECTS or not location:
                 return
+            length = self._response.length
+            if length is not None and length <= MAX_REDIRECT_BODY:
+                self._response.read()
+                self._keep_alive()
             self._close_connection()
             url = urllib.parse.urljoin(url, location)
         raise BlobStreamError(f"more than {MAX_REDIRECTS} redirects")
+
+    def _exchange(self, path: str, headers: dict[str, str]) -> None:
+        """Send the GET and read the head, on a kept-alive connection if there is one; one
+        that the server closed meanwhile is replaced by a new one (a GET is safe to resend)."""
+        pool = self._request.pool
+        self._connection, reused = pool.connect(self._origin)
+        try:
+            self._connection.request("GET", path, headers=headers)
+            self._response = self._connection.getresponse()
+        except (OSError, http.client.HTTPException):
+            self._connection.close()
+            if not reused:
+                raise
+            self._connection, _ = pool.connect(self._origin, reuse=False)
+            self._connection.request("GET", path, headers=headers)
+            self._response = self._connection.getresponse()
+        self._length = self._response.length
+
+    def _keep_alive(self) -> None:
+        """Hand a connection whose response was read to its end back to the pool."""
+        response, connection = self._response, self._connection
+        if (
+            connection is not None
+            and response is not None
+            and response.isclosed()
+            and not response.will_close
+            and response.length in (0, None)  # not cut short (chunked ends raise instead)
+            and not self._stop.is_set()
+        ):
+            self._request.pool.release(self._origin, connection)
+            self._connection = None
 
     def _read_block(self) -> bytearray:
         assert self._response is not None
@@ -173,9 +268,10 @@ class BlobStream:
             self._response.close()
         if self._connection is not None:
             self._connection.close()
+            self._connection = None
 
 
-def _origin(url: str) -> tuple[str, str]:
+def _origin(url: str) -> Origin:
     parts = urllib.parse.urlsplit(url)
     return parts.scheme, parts.netloc.lower()
 

@@ -20,7 +20,7 @@ import certifi
 import httpx
 
 from edgeproxy.config import UpstreamConfig
-from edgeproxy.mirror.blobstream import BlobRequest, BlobStream, BlobStreamError
+from edgeproxy.mirror.blobstream import BlobRequest, BlobStream, BlobStreamError, ConnectionPool
 from edgeproxy.mirror.errors import RegistryError
 
 log = logging.getLogger("edgeproxy.upstream")
@@ -97,6 +97,9 @@ class UpstreamClient:
             timeout=httpx.Timeout(config.read_timeout, connect=config.connect_timeout),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
         )
+        self._blob_connections = ConnectionPool(
+            self._ssl, config.connect_timeout, config.read_timeout
+        )
         self._challenge: tuple[str, dict[str, str]] | None = None
         self._probed = False
         self._probe_lock = asyncio.Lock()  # concurrent first requests wait for the one probe
@@ -106,6 +109,7 @@ class UpstreamClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        self._blob_connections.close()
 
     # Auth
     async def _probe(self) -> None:
@@ -234,13 +238,7 @@ class UpstreamClient:
         closes it."""
         url = f"{self.config.base_url}/v2/{name}/blobs/{digest}"
         for attempt in range(2):
-            request = BlobRequest(
-                url,
-                await self._authorization(name),
-                self._ssl,
-                self.config.connect_timeout,
-                self.config.read_timeout,
-            )
+            request = BlobRequest(url, await self._authorization(name), self._blob_connections)
             stream = BlobStream(request, block_size)
             try:
                 await stream.open()

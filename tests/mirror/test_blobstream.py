@@ -1,9 +1,11 @@
-"""The blob GET thread: blocks of the asked size, chunked bodies, redirects, errors, close()."""
+"""The blob GET thread: blocks of the asked size, chunked bodies, redirects, errors, close(),
+connections kept alive."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import ssl
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -14,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from edgeproxy.mirror.blobstream import BlobRequest, BlobStream, BlobStreamError
+from edgeproxy.mirror.blobstream import BlobRequest, BlobStream, BlobStreamError, ConnectionPool
 from tests.support.ports import free_port
 from tests.support.servers import serve_app
 from tests.support.wait import wait_until
@@ -49,6 +51,17 @@ async def loop(request: Request) -> RedirectResponse:
     return RedirectResponse("/loop", status_code=307)
 
 
+client_ports: set[int] = set()
+
+
+async def counted(request: Request) -> Response:
+    assert request.client is not None
+    client_ports.add(request.client.port)
+    if request.url.path == "/counted/hop":
+        return RedirectResponse("/counted", status_code=307)
+    return Response(BODY)
+
+
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[str]:
     app = Starlette(
@@ -57,18 +70,20 @@ def upstream() -> Iterator[str]:
             Route("/chunked", chunked),
             Route("/stall", stall),
             Route("/loop", loop),
+            Route("/counted", counted),
+            Route("/counted/hop", counted),
         ]
     )
     with serve_app(app) as url:
         yield url
 
 
-def request(url: str) -> BlobRequest:
-    return BlobRequest(url, {}, ssl.create_default_context(), 5.0, 60.0)
+def request(url: str, pool: ConnectionPool | None = None) -> BlobRequest:
+    return BlobRequest(url, {}, pool or ConnectionPool(ssl.create_default_context(), 5.0, 60.0))
 
 
-async def read(url: str) -> tuple[BlobStream, list[bytearray]]:
-    stream = BlobStream(request(url), BLOCK)
+async def read(url: str, pool: ConnectionPool | None = None) -> tuple[BlobStream, list[bytearray]]:
+    stream = BlobStream(request(url, pool), BLOCK)
     try:
         await stream.open()
         return stream, [block async for block in stream.blocks()]
@@ -111,3 +126,36 @@ def test_close_cuts_a_stalled_read_short(upstream: str) -> None:
     asyncio.run(main())
     assert threads
     assert wait_until(lambda: not any(t.is_alive() for t in threads), timeout=10)
+
+
+def test_connections_are_kept_alive_between_blobs_and_redirects(upstream: str) -> None:
+    pool = ConnectionPool(ssl.create_default_context(), 5.0, 60.0)
+
+    async def main() -> None:
+        for path in ("/counted", "/counted/hop", "/counted"):
+            stream = BlobStream(request(upstream + path, pool), BLOCK)
+            try:
+                await stream.open()
+                assert b"".join([block async for block in stream.blocks()]) == BODY
+            finally:
+                stream.close()
+
+    client_ports.clear()
+    asyncio.run(main())
+    pool.close()
+    assert len(client_ports) == 1, "four GETs, one connection"
+
+
+def test_a_kept_connection_the_server_closed_is_replaced(upstream: str) -> None:
+    pool = ConnectionPool(ssl.create_default_context(), 5.0, 60.0)
+    client_ports.clear()
+    asyncio.run(read(upstream + "/counted", pool))
+    # The server closing an idle connection looks like this to the next request on it.
+    for connections in pool._idle.values():
+        for connection, _ in connections:
+            assert connection.sock is not None
+            connection.sock.shutdown(socket.SHUT_RDWR)
+    _, blocks = asyncio.run(read(upstream + "/counted", pool))
+    pool.close()
+    assert b"".join(blocks) == BODY
+    assert len(client_ports) == 2
