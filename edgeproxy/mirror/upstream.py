@@ -88,7 +88,8 @@ class UpstreamClient:
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
         self.name = config.name
-        self._ssl = ssl_context(str(config.ca) if config.ca else None)
+        ca = str(config.ca) if config.ca else None
+        self._ssl = ssl_context(ca)
         self._http = httpx.AsyncClient(
             base_url=config.base_url,
             http2=True,
@@ -97,8 +98,12 @@ class UpstreamClient:
             timeout=httpx.Timeout(config.read_timeout, connect=config.connect_timeout),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
         )
+        # A context of its own: httpx offers h2 by ALPN on the one it is given, and http.client
+        # speaks HTTP/1.1 only (a server that picked h2 would answer in frames).
+        blob_tls = ssl_context(ca)
+        blob_tls.set_alpn_protocols(["http/1.1"])
         self._blob_connections = ConnectionPool(
-            self._ssl, config.connect_timeout, config.read_timeout
+            blob_tls, config.connect_timeout, config.read_timeout
         )
         self._challenge: tuple[str, dict[str, str]] | None = None
         self._probed = False

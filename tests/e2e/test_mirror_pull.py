@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.edge import make_certificate
 from tests.support.images import Pushed, build_image, push, random_layer
 from tests.support.podman import mirror_env
 from tests.support.registry import Registry, start_registry
@@ -188,6 +189,34 @@ def test_serves_a_cache_filled_by_registry2(
         assert pulled_digest(tmp_path / "via-edgeproxy") == small.image.manifest_digest
     finally:
         baseline.close()
+        upstream.close()
+
+
+def test_https_upstream_trusted_through_its_ca(tmp_path: Path) -> None:
+    """A private upstream over https (a real registry with http.tls): trusted through the
+    upstream's `ca`, skopeo pulls cold then warm, each layer fetched once; without `ca` (certifi
+    alone) manifests and blobs get a clear 503 UNAVAILABLE, never a 500."""
+    certificate, key = make_certificate(tmp_path / "tls", "127.0.0.1")
+    upstream = start_registry(tmp_path / "upstream", tls=(certificate, key))
+    try:
+        image = build_image(
+            tmp_path / "image",
+            "v1",
+            [random_layer(3_000_000, seed=50), random_layer(200_000, seed=51)],
+        )
+        push(image, upstream, "test/tls", "v1")
+        entry = upstream_entry(upstream)
+        with run_edgeproxy(tmp_path / "untrusted", [entry]) as mirror:
+            for path in ("manifests/v1", f"blobs/{image.layer_digests[0]}"):
+                response = httpx.get(f"{mirror.url}/v2/test/tls/{path}", timeout=30)
+                assert response.status_code == 503, response.text
+                assert response.json()["errors"][0]["code"] == "UNAVAILABLE"
+        with run_edgeproxy(tmp_path / "trusted", [{**entry, "ca": str(certificate)}]) as mirror:
+            for attempt in ("cold", "warm"):
+                pull(mirror, "test/tls:v1", tmp_path / attempt)
+                assert pulled_digest(tmp_path / attempt) == image.manifest_digest
+        assert blob_gets(upstream, image.layer_digests) == len(image.layer_digests)
+    finally:
         upstream.close()
 
 

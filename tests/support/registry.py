@@ -65,12 +65,13 @@ class Registry:
     password: str | None = None
     remote: str | None = None  # proxy mode: proxy.remoteurl
     token_server: TokenServer | None = None  # mode "token": the realm
+    tls: bool = False  # https with http.tls's certificate (its CA is the certificate itself)
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
         """The registry's base URL."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def host(self) -> str:
@@ -186,7 +187,7 @@ class Registry:
                     f"registry on {self.host} exited with {self._process.returncode}:\n"
                     f"{self.log_tail()}"
                 )
-            if http_status(f"{self.url}/v2/") in (200, 401):
+            if http_status(f"{self.url}/v2/", verify=False) in (200, 401):
                 return
             if time.monotonic() >= deadline:
                 raise RuntimeError(
@@ -203,8 +204,10 @@ def start_registry(
     remote_password: str | None = None,
     *,
     token_expires_in: int = 300,
+    tls: tuple[Path, Path] | None = None,
 ) -> Registry:
-    """Configure and start a registry in `workdir`: auth `mode`, a mirror of `remote` if given.
+    """Configure and start a registry in `workdir`: auth `mode`, a mirror of `remote` if given,
+    https with `tls` = (certificate, key) if given.
 
     In proxy mode registry:2 panics at start when `remote` is unreachable: start it first.
     """
@@ -251,6 +254,11 @@ def start_registry(
         }
     elif mode != "none":
         raise ValueError(f"unknown registry mode {mode!r}")
+    if tls is not None:
+        registry.tls = True
+        http = config["http"]
+        assert isinstance(http, dict)
+        http["tls"] = {"certificate": str(tls[0]), "key": str(tls[1])}
     if remote is not None:
         registry.remote = remote
         proxy = {"remoteurl": remote}
