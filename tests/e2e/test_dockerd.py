@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 from collections.abc import Callable
@@ -157,4 +158,35 @@ def test_docker_login_and_pull_from_the_mirror_host(
         ]
         log = mirror.log()
     assert '"GET /token?account=docker-puller&client_id=docker&offline_token=true&' in log
+    assert PASSWORD not in log
+
+
+def test_registry_mirror_with_auth_gets_the_docker_hub_login(
+    registry_none: Registry, tmp_path: Path, start_dockerd: Callable[..., Dockerd]
+) -> None:
+    """dockerd authenticates to a `--registry-mirror` with its Docker Hub login (the CLI's
+    `https://index.docker.io/v1/` entry), nothing else. `docker login` itself would ask
+    registry-1.docker.io (no internet here), so the entry is written as it would store it."""
+    image = build_image(tmp_path / "image", "v1", [random_layer(20_003, seed=47)])
+    push(image, registry_none, "test/dockerd-hub-login", "v1")
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_bytes(htpasswd_entry(USER, PASSWORD))
+    with run_edgeproxy(
+        tmp_path / "mirror", docker_hub(registry_none), auth={"htpasswd": str(htpasswd)}
+    ) as mirror:
+        daemon = start_dockerd("--registry-mirror", mirror.url)
+        anonymous = daemon.docker("pull", "test/dockerd-hub-login:v1")
+        assert anonymous.returncode != 0  # the mirror's 401, then Docker Hub unreachable
+        assert "registry-1.docker.io" in anonymous.stderr
+        assert '"HEAD /v2/test/dockerd-hub-login/manifests/v1 HTTP/1.1" 401' in mirror.log()
+        hub_login = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        (daemon.docker_config / "config.json").write_text(
+            json.dumps({"auths": {"https://index.docker.io/v1/": {"auth": hub_login}}})
+        )
+        pull(daemon, "test/dockerd-hub-login:v1")
+        assert repo_digests(daemon, "test/dockerd-hub-login:v1") == [
+            f"test/dockerd-hub-login@{image.manifest_digest}"
+        ]
+        log = mirror.log()
+    assert f'"GET /token?account={USER}&scope=repository%3Atest%2Fdockerd-hub-login%3Apull' in log
     assert PASSWORD not in log
