@@ -118,8 +118,9 @@ def test_a_failing_mirror_sends_dockerd_to_docker_hub(
         log = mirror.log()
     assert missing.returncode != 0
     assert '"HEAD /v2/test/dockerd-missing/manifests/v1 HTTP/1.1" 404' in log
-    assert "Attempting next endpoint" in daemon.log()
-    assert "registry-1.docker.io" in missing.stderr
+    mirrors_error = "manifest unknown: not found at upstream docker.io"
+    assert f"Attempting next endpoint for pull after error: {mirrors_error}" in daemon.log()
+    assert mirrors_error not in missing.stderr  # the user sees Docker Hub's error only
 
 
 def test_docker_login_and_pull_from_the_mirror_host(
@@ -176,8 +177,7 @@ def test_registry_mirror_with_auth_gets_the_docker_hub_login(
     ) as mirror:
         daemon = start_dockerd("--registry-mirror", mirror.url)
         anonymous = daemon.docker("pull", "test/dockerd-hub-login:v1")
-        assert anonymous.returncode != 0  # the mirror's 401, then Docker Hub unreachable
-        assert "registry-1.docker.io" in anonymous.stderr
+        assert anonymous.returncode != 0  # the mirror's 401, then Docker Hub's answer
         assert '"HEAD /v2/test/dockerd-hub-login/manifests/v1 HTTP/1.1" 401' in mirror.log()
         hub_login = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
         (daemon.docker_config / "config.json").write_text(
