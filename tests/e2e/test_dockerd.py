@@ -7,6 +7,7 @@ import base64
 import json
 import subprocess
 from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from tests.support.dockerd import Dockerd
 from tests.support.htpasswd import htpasswd_entry
 from tests.support.images import Image, build_image, build_index, push, random_layer
 from tests.support.registry import Registry
-from tests.support.servers import run_edgeproxy
+from tests.support.servers import EdgeproxyProcess, run_edgeproxy
 
 pytestmark = pytest.mark.e2e
 
@@ -26,6 +27,21 @@ USER, PASSWORD = "docker-puller", "dockerd-pass-456"
 def docker_hub(registry: Registry) -> list[dict[str, Any]]:
     """The mirror's upstreams: `registry` standing for docker.io."""
     return [{"name": "docker.io", "url": registry.url}]
+
+
+def push_image(registry: Registry, tmp_path: Path, repo: str, layers: list[bytes]) -> Image:
+    """Build an image of `layers` and push it to `registry` as repo:v1."""
+    image = build_image(tmp_path / "image", "v1", layers)
+    push(image, registry, repo, "v1")
+    return image
+
+
+def mirror_with_login(registry: Registry, tmp_path: Path) -> ContextManager[EdgeproxyProcess]:
+    """edgeproxy (of `registry` as docker.io) with [mirror.auth]: one htpasswd user, USER."""
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_bytes(htpasswd_entry(USER, PASSWORD))
+    auth = {"htpasswd": str(htpasswd)}
+    return run_edgeproxy(tmp_path / "mirror", docker_hub(registry), auth=auth)
 
 
 def pull(daemon: Dockerd, reference: str) -> None:
@@ -56,10 +72,8 @@ def test_registry_mirror_cold_then_warm(
     """`docker pull test/dockerd:v1` goes to the mirror (no ?ns=: dockerd's mirror is Docker
     Hub's); each blob comes from the upstream once; after `docker rmi` the mirror serves it
     again from its cache."""
-    image = build_image(
-        tmp_path / "image", "v1", [random_layer(300_001, seed=44), random_layer(5_001, seed=45)]
-    )
-    push(image, registry_none, "test/dockerd", "v1")
+    layers = [random_layer(300_001, seed=44), random_layer(5_001, seed=45)]
+    image = push_image(registry_none, tmp_path, "test/dockerd", layers)
     blobs = blobs_of(image)
     before = {d: registry_none.count("GET", f"/blobs/{d}") for d in blobs}
     with run_edgeproxy(tmp_path / "mirror", docker_hub(registry_none)) as mirror:
@@ -128,13 +142,9 @@ def test_docker_login_and_pull_from_the_mirror_host(
 ) -> None:
     """With [mirror.auth]: `docker login HOST` takes a token from the mirror's realm (a wrong
     password is refused with a clear message); `docker pull HOST/test/...` then pulls."""
-    image = build_image(tmp_path / "image", "v1", [random_layer(20_001, seed=46)])
-    push(image, registry_none, "test/dockerd-auth", "v1")
-    htpasswd = tmp_path / "htpasswd"
-    htpasswd.write_bytes(htpasswd_entry(USER, PASSWORD))
-    with run_edgeproxy(
-        tmp_path / "mirror", docker_hub(registry_none), auth={"htpasswd": str(htpasswd)}
-    ) as mirror:
+    layer = random_layer(20_001, seed=46)
+    image = push_image(registry_none, tmp_path, "test/dockerd-auth", [layer])
+    with mirror_with_login(registry_none, tmp_path) as mirror:
         # 127.0.0.0/8 is insecure (plain http allowed) by default; any other host needs this.
         daemon = start_dockerd("--insecure-registry", mirror.host)
         reference = f"{mirror.host}/test/dockerd-auth:v1"
@@ -158,7 +168,7 @@ def test_docker_login_and_pull_from_the_mirror_host(
             f"{mirror.host}/test/dockerd-auth@{image.manifest_digest}"
         ]
         log = mirror.log()
-    assert '"GET /token?account=docker-puller&client_id=docker&offline_token=true&' in log
+    assert f'"GET /token?account={USER}&client_id=docker&offline_token=true&' in log
     assert PASSWORD not in log
 
 
@@ -168,13 +178,9 @@ def test_registry_mirror_with_auth_gets_the_docker_hub_login(
     """dockerd authenticates to a `--registry-mirror` with its Docker Hub login (the CLI's
     `https://index.docker.io/v1/` entry), nothing else. `docker login` itself would ask
     registry-1.docker.io (no internet here), so the entry is written as it would store it."""
-    image = build_image(tmp_path / "image", "v1", [random_layer(20_003, seed=47)])
-    push(image, registry_none, "test/dockerd-hub-login", "v1")
-    htpasswd = tmp_path / "htpasswd"
-    htpasswd.write_bytes(htpasswd_entry(USER, PASSWORD))
-    with run_edgeproxy(
-        tmp_path / "mirror", docker_hub(registry_none), auth={"htpasswd": str(htpasswd)}
-    ) as mirror:
+    layer = random_layer(20_003, seed=47)
+    image = push_image(registry_none, tmp_path, "test/dockerd-hub-login", [layer])
+    with mirror_with_login(registry_none, tmp_path) as mirror:
         daemon = start_dockerd("--registry-mirror", mirror.url)
         anonymous = daemon.docker("pull", "test/dockerd-hub-login:v1")
         assert anonymous.returncode != 0  # the mirror's 401, then Docker Hub's answer
