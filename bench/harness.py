@@ -166,8 +166,7 @@ class Mirror(ABC):
     kind: str
 
     def __init__(self, monitor: RssMonitor) -> None:
-        self.monitor = monitor
-        monitor.watch(self)
+        self.monitor = monitor  # a subclass has it watch() the mirror once `pid` can answer
 
     @property
     @abstractmethod
@@ -226,6 +225,7 @@ class BaselineMirror(Mirror):
         super().__init__(monitor)
         self.registry = start_registry(workdir, remote=upstream_url)
         self._pid = self._find_pid()
+        monitor.watch(self)
 
     @property
     def url(self) -> str:
@@ -273,6 +273,7 @@ class EdgeproxyMirror(Mirror):
         self.config_path = write_toml(workdir / "proxy.toml", {"mirror": mirror})
         self._process: subprocess.Popen[bytes] | None = None
         self.start()
+        monitor.watch(self)
 
     @property
     def url(self) -> str:
