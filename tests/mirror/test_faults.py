@@ -190,6 +190,9 @@ def test_disk_full_streams_the_blob_without_caching_it(
         assert fetch(client, f"/v2/x/blobs/{small}") == (200, b"small layer", True)
         assert wait_until(lambda: app.storage.blob_size(small) == len(b"small layer"))
         assert fetch(client, f"/v2/x/blobs/{digest}") == (200, big, True)
+        # The failed spool is removed after its client is served: fill the disk only then,
+        # or its removal frees space again.
+        assert wait_until(lambda: verify_cache(small_disk).leftovers == [])
         # Full before the first byte: blobs, manifests and tags are still served.
         fill_up(small_disk / "filler")
         assert fetch(client, f"/v2/x/blobs/{digest}") == (200, big, True)
