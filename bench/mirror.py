@@ -129,6 +129,7 @@ class Bench:
     mirrors: list[Mirror] = field(default_factory=list)
     profiles: list[tuple[str, list[str]]] = field(default_factory=list)
     reported_kib: int | None = None  # free page reporting's count when the rows began
+    rss_by_row: list[str] = field(default_factory=list)  # the rows that raised a peak RSS
     _others: float = 0.0
 
     def log(self, message: str) -> None:
@@ -209,8 +210,24 @@ def row_blob(bench: Bench) -> None:
     assert bench.upstream is not None
     digest, size = layer(bench.big)
     label = f"{bench.args.big_mib} MiB blob"
-    cold = bench.row(Row(f"{label}, cold (MB/s)", "MB/s", "higher"))
-    warm = bench.row(Row(f"{label}, warm (MB/s)", "MB/s", "higher"))
+    cold = bench.row(
+        Row(
+            f"{label}, cold (MB/s)",
+            "MB/s",
+            "higher",
+            ">= 1.0x (aim 1.2x)",
+            lambda base, edge, ratio: ratio >= 1.0,
+        )
+    )
+    warm = bench.row(
+        Row(
+            f"{label}, warm (MB/s)",
+            "MB/s",
+            "higher",
+            ">= 1.0x",
+            lambda base, edge, ratio: ratio >= 1.0,
+        )
+    )
     gets = bench.row(
         Row(
             "upstream GETs per cold fetch",
@@ -842,12 +859,21 @@ def main(argv: list[str] | None = None) -> int:
         setup(bench)
         for title, step in steps(args):
             bench.log(f"row {title}")
+            before = dict(bench.monitor.peak_kib)
             try:
                 step(bench)
             except (BenchError, subprocess.SubprocessError, OSError) as exc:
                 bench.log(f"row {title} failed: {exc}")
                 traceback.print_exc()
                 bench.notes.append(f"row {title} failed: {str(exc).splitlines()[0]}")
+            bench.monitor.sample()
+            raised = {
+                kind: f"{kib * 1024 / 1e6:.0f} MB"
+                for kind, kib in bench.monitor.peak_kib.items()
+                if kib > before.get(kind, 0)
+            }
+            if raised:
+                bench.rss_by_row.append(f"{title}: {raised}")
     except KeyboardInterrupt:
         print("interrupted: stopping everything", file=sys.stderr)
         return 130
@@ -861,6 +887,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     elapsed = time.monotonic() - started
+    if bench.rss_by_row:
+        bench.notes.append("Peak RSS (summed VmHWM) raised by: " + "; ".join(bench.rss_by_row))
     reported_kib = page_reporting_kib()
     if bench.reported_kib is not None and reported_kib is not None:
         handed = (reported_kib - bench.reported_kib) / 2**20
