@@ -95,6 +95,22 @@ def test_registry_mirror_cold_then_warm(
     assert_served_by_the_mirror(daemon)
 
 
+def test_registry_mirror_pulls_an_official_image_name(
+    registry_none: Registry, tmp_path: Path, start_dockerd: Callable[..., Dockerd]
+) -> None:
+    """`docker pull NAME:v1`, a one-part name as `docker pull alpine` is: dockerd asks the
+    mirror for Docker Hub's `library/NAME`, which the mirror takes from the upstream as is."""
+    image = push_image(registry_none, tmp_path, "library/dockerd-one", [random_layer(7_001, 46)])
+    with run_edgeproxy(tmp_path / "mirror", docker_hub(registry_none)) as mirror:
+        daemon = start_dockerd("--registry-mirror", mirror.url)
+        pull(daemon, "dockerd-one:v1")
+        assert repo_digests(daemon, "dockerd-one:v1") == [f"dockerd-one@{image.manifest_digest}"]
+        log = mirror.log().replace("%3A", ":")
+    for digest in blobs_of(image):
+        assert f'"GET /v2/library/dockerd-one/blobs/{digest} HTTP/1.1" 200' in log, log
+    assert_served_by_the_mirror(daemon)
+
+
 def test_registry_mirror_pulls_one_platform_of_an_index(
     registry_none: Registry, tmp_path: Path, start_dockerd: Callable[..., Dockerd]
 ) -> None:
