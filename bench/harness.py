@@ -208,13 +208,6 @@ class Mirror(ABC):
         """CPU time used by the running mirror process (and its children) so far."""
         return 0.0 if self.pid is None else tree_cpu_seconds(self.pid)
 
-    def stored_size(self, digest: str) -> int | None:
-        """The size of the committed blob in the cache, None while it is not there."""
-        try:
-            return blob_data_path(self.root, digest).stat().st_size
-        except OSError:
-            return None
-
 
 class BaselineMirror(Mirror):
     """registry:2 (Debian's docker-registry) in proxy mode, from tests/support."""
@@ -673,13 +666,24 @@ def page_cache_write_cost(directory: Path, mib: int, idle: float = 6.0) -> tuple
     return costs[0], costs[1]
 
 
-def wait_cached(mirror: Mirror, digest: str, size: int, deadline: float) -> float:
-    """Wait until `mirror` has committed the blob (polled every 20 ms); return the time then."""
-    while mirror.stored_size(digest) != size:
+def wait_stored(root: Path, digest: str, size: int, deadline: float) -> float:
+    """Wait until the blob is committed under `root` (registry:2's layout; polled every
+    20 ms); return the time then."""
+    while True:
+        with contextlib.suppress(OSError):
+            if blob_data_path(root, digest).stat().st_size == size:
+                return time.monotonic()
         if time.monotonic() > deadline:
-            raise BenchError(f"{mirror.kind} did not store {digest}:\n{mirror.log_tail()}")
+            raise BenchError(f"{digest} was not stored under {root}")
         time.sleep(0.02)
-    return time.monotonic()
+
+
+def wait_cached(mirror: Mirror, digest: str, size: int, deadline: float) -> float:
+    """`wait_stored` in the mirror's cache, with the end of its log when it times out."""
+    try:
+        return wait_stored(mirror.root, digest, size, deadline)
+    except BenchError as exc:
+        raise BenchError(f"{mirror.kind}: {exc}:\n{mirror.log_tail()}") from None
 
 
 def settle(

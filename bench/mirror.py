@@ -38,7 +38,6 @@ from bench.harness import (
     NamespacedUpstream,
     OtherLoad,
     RssMonitor,
-    blob_data_path,
     create_shaped_link,
     fetch,
     fetch_many,
@@ -48,6 +47,7 @@ from bench.harness import (
     settle,
     tree_cpu_seconds,
     wait_cached,
+    wait_stored,
     wrk,
 )
 from tests.support.edge import run_edge
@@ -336,18 +336,6 @@ def row_manifests(bench: Bench) -> None:
             bench.record(f"round {index} {mirror.kind} by {kind}: {rate}{problems}")
 
 
-def wait_stored(root: Path, digest: str, size: int, timeout: float = 180.0) -> None:
-    """Wait until the blob is committed under `root` (registry:2's layout)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError):
-            if blob_data_path(root, digest).stat().st_size == size:
-                return
-        if time.monotonic() > deadline:
-            raise BenchError(f"{digest} was not stored under {root}")
-        time.sleep(0.05)
-
-
 def row_edge(bench: Bench) -> None:
     """6-8. The TLS edge against nginx with the seed's config (TLS, same self-signed certificate,
     worker_processes auto like edgeproxy's workers default) in front of the registry:2 baseline:
@@ -418,7 +406,8 @@ def row_edge(bench: Bench) -> None:
         for name, url in ends.items():  # warm-up: one fetch through each, stored before timing
             fetch(url + blob, size=size, insecure=True)
             if name == "embedded":
-                wait_stored(bench.work / "edge-embedded" / "cache", digest, size)
+                root = bench.work / "edge-embedded" / "cache"
+                wait_stored(root, digest, size, time.monotonic() + STORE_TIMEOUT)
             else:
                 settle(baseline, bench.upstream, digest, size)
             answer = fetch(url + manifest, accept=MANIFEST_ACCEPT, insecure=True)

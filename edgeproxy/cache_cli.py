@@ -79,6 +79,12 @@ def _roots(inventory: Inventory) -> list[Entry]:
     return [e for e in inventory.entries if (e.manifest.name, e.manifest.digest) not in children]
 
 
+def _images(inventory: Inventory) -> list[tuple[Entry, set[str], float]]:
+    """Each root manifest with the digests it uses and its latest last pull."""
+    by_key = {(e.manifest.name, e.manifest.digest): e for e in inventory.entries}
+    return [(root, *_closure(root, by_key)) for root in _roots(inventory)]
+
+
 def _sized(digests: Iterable[str], inventory: Inventory) -> int:
     return sum(inventory.blobs[d].size for d in digests if d in inventory.blobs)
 
@@ -89,10 +95,8 @@ def ls(config: Config) -> int:
     if storage is None:
         return 1
     inventory = scan(storage)
-    by_key = {(e.manifest.name, e.manifest.digest): e for e in inventory.entries}
     rows = []
-    for root in _roots(inventory):
-        digests, last_pull = _closure(root, by_key)
+    for root, digests, last_pull in _images(inventory):
         tags = ",".join(root.manifest.tags) or "-"
         size = size_text(_sized(digests, inventory))
         rows.append((root.manifest.name, tags, root.manifest.digest[:19], size, last_pull))
@@ -108,10 +112,9 @@ def du(config: Config) -> int:
     if storage is None:
         return 1
     inventory = scan(storage)
-    by_key = {(e.manifest.name, e.manifest.digest): e for e in inventory.entries}
     used: dict[str, set[str]] = {}
-    for root in _roots(inventory):
-        used.setdefault(root.manifest.name, set()).update(_closure(root, by_key)[0])
+    for root, digests, _ in _images(inventory):
+        used.setdefault(root.manifest.name, set()).update(digests)
     for name in sorted(used):
         print(f"{size_text(_sized(used[name], inventory)):>10}  {name}")
     referenced = set().union(*used.values()) if used else set()

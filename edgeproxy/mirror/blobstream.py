@@ -165,7 +165,7 @@ class BlobStream:
         if connection is not None and connection.sock is not None:
             with contextlib.suppress(OSError):  # closed meanwhile by the thread
                 connection.sock.shutdown(socket.SHUT_RDWR)
-        if not self._thread.is_alive() and not self._thread.ident:
+        if self._thread.ident is None:
             self._close_connection()  # never started
 
     # The thread
