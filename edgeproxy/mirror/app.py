@@ -170,7 +170,7 @@ class MirrorApp:
         reader = self.blobs.open_stored(digest)
         if reader is not None:
             self.pulls.blob(target.local_name, digest)
-            body = functools.partial(self.blobs.read_stored, reader)
+            body = functools.partial(self.blobs.read_stored, reader, request.scope["scheme"])
             try:
                 response = _blob_response(request, digest, HIT, reader.size, body)
             except BaseException:

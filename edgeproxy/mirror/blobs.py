@@ -33,6 +33,10 @@ from edgeproxy.mirror.upstream import UpstreamClient, UpstreamUnavailable
 log = logging.getLogger("edgeproxy.blobs")
 
 CHUNK = 1024 * 1024  # 1 MiB: 64 KiB pieces cost 5x the CPU on the blob path
+# A warm read's pieces: plain HTTP sends 1 MiB pieces at 1.4x the MB/s of 256 KiB ones. Over TLS
+# each piece is held twice more (ciphertext, the TLS buffer) while a slow client drains it, and
+# 256 KiB pieces send as fast as 1 MiB ones: a client's share stays near 1 MiB, not 4.
+READ_CHUNK = {"http": CHUNK, "https": 256 * 1024}
 MAX_UNWRITTEN = 8 * CHUNK  # read ahead of the disk by at most this much
 WINDOW = 8 * CHUNK  # the newest received bytes, kept for this process's readers
 FOLLOW_POLL = 0.003  # seconds between looks at another process's fill
@@ -177,12 +181,22 @@ class BlobService:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
-    async def read_stored(self, reader: BlobReader, start: int, end: int) -> AsyncIterator[bytes]:
-        """Bytes [start, end) of an open blob, read in a thread (the disk may be cold)."""
+    async def read_stored(
+        self, reader: BlobReader, scheme: str, start: int, end: int
+    ) -> AsyncIterator[bytes | memoryview]:
+        """Bytes [start, end) of an open blob, sent over `scheme`: from the page cache on the
+        event loop, else read in a thread (the disk may be cold)."""
+        piece = READ_CHUNK.get(scheme, CHUNK)
         try:
             position = start
             while position < end:
-                chunk = await asyncio.to_thread(reader.read, position, min(CHUNK, end - position))
+                length = min(piece, end - position)
+                chunk = reader.read_cached(position, length)
+                if chunk is None:
+                    chunk = await asyncio.to_thread(reader.read, position, length)
+                else:
+                    # A fast client never makes the send wait: give the other connections a turn.
+                    await asyncio.sleep(0)
                 if not chunk:
                     raise OSError("a cached blob is shorter than its size")
                 position += len(chunk)

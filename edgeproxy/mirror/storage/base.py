@@ -43,6 +43,11 @@ class BlobReader(ABC):
     @abstractmethod
     def read(self, offset: int, length: int) -> bytes: ...
 
+    def read_cached(self, offset: int, length: int) -> bytes | memoryview | None:
+        """What `read` would return, if it is in memory already; None when reading would
+        wait for the disk or the network. Cheap enough for the event loop to call."""
+        return None
+
     @property
     @abstractmethod
     def size(self) -> int:

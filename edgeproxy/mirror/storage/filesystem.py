@@ -14,6 +14,7 @@ processes sharing the root fetch each blob once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import secrets
@@ -39,6 +40,19 @@ class FileReader(BlobReader):
 
     def read(self, offset: int, length: int) -> bytes:
         return os.pread(self._file.fileno(), length, offset)
+
+    def read_cached(self, offset: int, length: int) -> memoryview | None:
+        # RWF_NOWAIT: the page cache's bytes or EAGAIN, never a wait for the disk.
+        buffer = bytearray(length)
+        try:
+            count = os.preadv(self._file.fileno(), [buffer], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:  # a file system without RWF_NOWAIT
+            if exc.errno == errno.EOPNOTSUPP:
+                return None
+            raise
+        return memoryview(buffer)[:count]
 
     @property
     def size(self) -> int:
