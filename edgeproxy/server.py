@@ -36,6 +36,7 @@ from edgeproxy.health import HealthMonitor
 from edgeproxy.logs import set_secrets
 from edgeproxy.mirror.app import MirrorApp
 from edgeproxy.mirror.auth import exposed_credentials
+from edgeproxy.service.memory import QUIET_CHECK, QuietRelease
 
 log = logging.getLogger("edgeproxy")
 
@@ -254,11 +255,16 @@ async def _run(servers: list[tuple[_Server, socket.socket]], report: int | None)
             await asyncio.sleep(0.01)
         else:
             _report(report, "ready")
+        quiet = QuietRelease(server.server_state for server, _ in servers)
+        next_look = loop.time() + QUIET_CHECK
         while not any(task.done() for task in tasks):
             await asyncio.wait(tasks, timeout=1, return_when=asyncio.FIRST_COMPLETED)
             if report is not None and os.getppid() != master:
                 log.warning("the master process is gone; draining")
                 drain()
+            if loop.time() >= next_look:
+                quiet.check()
+                next_look = loop.time() + QUIET_CHECK
         drain()
         await asyncio.wait(tasks)
     finally:

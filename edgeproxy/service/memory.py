@@ -1,0 +1,60 @@
+"""Give memory back to the OS once a worker goes quiet after a burst of requests.
+
+After many clients leave at once, their connections' buffers (a blob piece, its ciphertext,
+the TLS read buffer: about a MiB each) stay in the process for two reasons: the connection
+objects sit in reference cycles that only the cyclic GC frees, and it runs when objects are
+allocated, not when a quiet worker waits; and glibc keeps freed pages inside its heap unless
+asked to trim. Measured with 100 TLS clients of one worker: 330 MiB held after they left,
+164 MiB after a trim alone, 59 MiB (as idle) after a collection and a trim.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+from collections.abc import Callable, Iterable
+
+from uvicorn.server import ServerState
+
+QUIET_CHECK = 10.0  # seconds between looks at whether the worker is quiet
+
+
+def _malloc_trim() -> Callable[[], object] | None:
+    """glibc's malloc_trim(0); None with another C library (musl has none)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return lambda: trim(0)
+
+
+def release() -> None:
+    """Free what only the cyclic GC can, then hand the heap's free pages back to the OS."""
+    gc.collect()
+    if (trim := _malloc_trim()) is not None:
+        trim()
+
+
+class QuietRelease:
+    """Calls `release` when no request is running and some ran since the last call."""
+
+    def __init__(
+        self, states: Iterable[ServerState], release: Callable[[], None] = release
+    ) -> None:
+        self._states = list(states)
+        self._release = release
+        self._requests_seen = self._requests()
+
+    def _requests(self) -> int:
+        return sum(state.total_requests for state in self._states)
+
+    def check(self) -> bool:
+        """Release if quiet after work; True if it did."""
+        requests = self._requests()
+        if requests == self._requests_seen or any(state.tasks for state in self._states):
+            return False
+        self._requests_seen = requests
+        self._release()
+        return True
