@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.support.dockerd import Dockerd
+from tests.support.edge import run_edge
 from tests.support.htpasswd import htpasswd_entry
 from tests.support.images import Image, build_image, build_index, push, random_layer
 from tests.support.registry import Registry
@@ -92,6 +93,30 @@ def test_registry_mirror_cold_then_warm(
         expected = before[digest] + 1
         assert registry_none.wait_count("GET", f"/blobs/{digest}", expected) == expected
     assert "?ns=" not in log
+    assert_served_by_the_mirror(daemon)
+
+
+def test_registry_mirror_over_https_through_the_edge(
+    registry_none: Registry, tmp_path: Path, start_dockerd: Callable[..., Dockerd]
+) -> None:
+    """The seed's deployment: dockerd's mirror is the https edge (TLS, the mirror embedded),
+    and the plain-http port redirects. dockerd pulls over https; every request is in the edge's
+    access log in the seed's format. (dockerd does not verify the certificate of a loopback
+    registry: 127.0.0.0/8 is always on its insecure list, so certs.d cannot be tested here.)"""
+    image = push_image(registry_none, tmp_path, "test/dockerd-tls", [random_layer(300_007, 48)])
+    with run_edge(tmp_path / "edge", docker_hub(registry_none)) as edge:
+        daemon = start_dockerd("--registry-mirror", edge.https_url)
+        pull(daemon, "test/dockerd-tls:v1")
+        assert repo_digests(daemon, "test/dockerd-tls:v1") == [
+            f"test/dockerd-tls@{image.manifest_digest}"
+        ]
+        lines = edge.access_lines()
+    for digest in blobs_of(image):
+        [line] = [line for line in lines if f"/v2/test/dockerd-tls/blobs/{digest}" in line]
+        # The seed's log_format: the request, two upstream fields, the status; the TLS session.
+        assert f'"GET /v2/test/dockerd-tls/blobs/{digest} HTTP/1.1" - - 200 ' in line, line
+        assert " TLSv1.3 " in line, line
+        assert registry_none.wait_count("GET", f"/blobs/{digest}", 1) == 1
     assert_served_by_the_mirror(daemon)
 
 
