@@ -19,22 +19,25 @@ from uvicorn.server import ServerState
 QUIET_CHECK = 10.0  # seconds between looks at whether the worker is quiet
 
 
-def _malloc_trim() -> Callable[[], object] | None:
-    """glibc's malloc_trim(0); None with another C library (musl has none)."""
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim; None with another C library (musl has none)."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
-    return lambda: trim(0)
+    return trim
+
+
+MALLOC_TRIM = _malloc_trim()
 
 
 def release() -> None:
     """Free what only the cyclic GC can, then hand the heap's free pages back to the OS."""
     gc.collect()
-    if (trim := _malloc_trim()) is not None:
-        trim()
+    if MALLOC_TRIM is not None:
+        MALLOC_TRIM(0)
 
 
 class QuietRelease:
