@@ -9,23 +9,40 @@ import textwrap
 import pytest
 from uvicorn.server import ServerState
 
-from edgeproxy.service.memory import QuietRelease
+from edgeproxy.service.memory import GROWTH, QuietRelease, resident_bytes
+
+MiB = 1024 * 1024
 
 
-def test_releases_once_quiet_after_requests_and_only_then() -> None:
+def test_releases_once_quiet_after_requests_that_left_memory_and_only_then() -> None:
     states = [ServerState(), ServerState()]
+    resident = [100 * MiB]
     calls: list[int] = []
-    quiet = QuietRelease(states, release=lambda: calls.append(1))
+
+    def release() -> None:
+        calls.append(1)
+        resident[0] = 110 * MiB  # what stays after a release: the new baseline
+
+    quiet = QuietRelease(states, release=release, resident=lambda: resident[0])
     assert not quiet.check()  # no request yet
     states[1].total_requests += 1
+    resident[0] = 100 * MiB + GROWTH - 1
+    assert not quiet.check()  # quiet after a request, but not enough to give back
+    states[1].total_requests += 1
+    resident[0] = 100 * MiB + GROWTH
     states[1].tasks.add(object())  # type: ignore[arg-type]  # a request still running
     assert not quiet.check()
     states[1].tasks.clear()
     assert quiet.check()
     assert not quiet.check()  # nothing new since
     states[0].total_requests += 3
+    resident[0] = 110 * MiB + GROWTH
     assert quiet.check()
     assert calls == [1, 1]
+
+
+def test_resident_bytes_is_this_process_rss() -> None:
+    assert 10 * MiB < resident_bytes() < 4096 * MiB
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc")

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 from collections.abc import Callable, Iterable
 
 from uvicorn.server import ServerState
 
 QUIET_CHECK = 10.0  # seconds between looks at whether the worker is quiet
+# Release only after the resident set grew this much: a full collection of a worker holding
+# many parsed manifests is not free, and light traffic leaves nothing to give back.
+GROWTH = 32 * 1024 * 1024
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -40,24 +44,39 @@ def release() -> None:
         MALLOC_TRIM(0)
 
 
+def resident_bytes() -> int:
+    """This process's resident set size."""
+    with open("/proc/self/statm", "rb") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 class QuietRelease:
-    """Calls `release` when no request is running and some ran since the last call."""
+    """Calls `release` when no request is running, some ran since the last look, and the
+    resident set grew by GROWTH since the last release (or the start)."""
 
     def __init__(
-        self, states: Iterable[ServerState], release: Callable[[], None] = release
+        self,
+        states: Iterable[ServerState],
+        release: Callable[[], None] = release,
+        resident: Callable[[], int] = resident_bytes,
     ) -> None:
         self._states = list(states)
         self._release = release
+        self._resident = resident
         self._requests_seen = self._requests()
+        self._baseline = resident()
 
     def _requests(self) -> int:
         return sum(state.total_requests for state in self._states)
 
     def check(self) -> bool:
-        """Release if quiet after work; True if it did."""
+        """Release if quiet after work that left memory behind; True if it did."""
         requests = self._requests()
         if requests == self._requests_seen or any(state.tasks for state in self._states):
             return False
         self._requests_seen = requests
+        if self._resident() - self._baseline < GROWTH:
+            return False
         self._release()
+        self._baseline = self._resident()
         return True
