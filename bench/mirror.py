@@ -568,10 +568,12 @@ class Recording:
 
 @contextlib.contextmanager
 def py_spy_record(py_spy: str, mirror: Mirror, output: Path) -> Iterator[Recording]:
-    """`py-spy record` (200 Hz, per thread, without pausing the process) around the body."""
+    """`py-spy record` (200 Hz, per thread, without pausing the process) around the body, of
+    the mirror's process and its children: the workers serve, the master only watches them."""
     assert mirror.pid is not None
     command = [py_spy, "record", "--pid", str(mirror.pid), "--rate", str(PROFILE_HZ)]
-    command += ["--format", "raw", "--threads", "--nonblocking", "--output", str(output)]
+    command += ["--format", "raw", "--threads", "--subprocesses", "--nonblocking"]
+    command += ["--output", str(output)]
     recorder = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
@@ -600,7 +602,7 @@ def summarize_profile(collapsed: str, seconds: float, top: int = 12) -> list[str
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        thread, *frames = stack.split(";")
+        thread, frames = _thread_and_frames(stack)
         if not frames:
             continue
         frames = [_frame(frame) for frame in frames]
@@ -608,7 +610,7 @@ def summarize_profile(collapsed: str, seconds: float, top: int = 12) -> list[str
         own[frames[-1]] += count
         for frame in set(frames):
             total[frame] += count
-        threads.setdefault(thread.partition(": ")[2] or thread, Counter())[frames[-1]] += count
+        threads.setdefault(thread, Counter())[frames[-1]] += count
     if not samples:
         return ["no samples"]
     lines = [
@@ -625,6 +627,20 @@ def summarize_profile(collapsed: str, seconds: float, top: int = 12) -> list[str
     for frame, count in own.most_common(top):
         lines.append(f"{100 * count / samples:5.1f}  {100 * total[frame] / samples:6.1f}  {frame}")
     return lines
+
+
+def _thread_and_frames(stack: str) -> tuple[str, list[str]]:
+    """A raw stack of `py-spy record --subprocesses --threads`, `process P:"cmd";` once per
+    process from the one named down to the sampled one, then `thread (T): name;frame;...`, as
+    the sampled process's pid with the thread's name, and the frames."""
+    parts = stack.split(";")
+    pid = ""
+    while parts and parts[0].startswith("process "):
+        pid = parts.pop(0).removeprefix("process ").partition(":")[0]
+    if not parts:
+        return "", []
+    thread = parts[0].partition(": ")[2] or parts[0]
+    return (f"{pid} {thread}" if pid else thread), parts[1:]
 
 
 def _frame(frame: str) -> str:

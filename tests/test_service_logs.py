@@ -81,6 +81,8 @@ def test_no_credential_or_token_is_logged(
 def test_redact_catches_what_looks_like_a_credential() -> None:
     assert redact("GET https://bob:hunter2@host/v2/") == "GET https://[redacted]@host/v2/"
     assert redact("Authorization: Bearer abc.def") == "Authorization: Bearer [redacted]"
+    assert redact("AUTHORIZATION: BEARER abc.def") == "AUTHORIZATION: BEARER [redacted]"
+    assert redact("/token?PASSWORD=x") == "/token?PASSWORD=[redacted]"
     assert redact("{'authorization': 'Basic Ym9i'}") == "{'authorization': 'Basic [redacted]'}"
     assert redact("/token?service=x&access_token=abc") == "/token?service=x&access_token=[redacted]"
     assert redact("the key is hunter2!", ["hunter2"]) == "the key is [redacted]!"
