@@ -18,7 +18,7 @@ import signal
 import socket
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -28,7 +28,6 @@ from edgeproxy.config import Config, EdgeConfig
 from edgeproxy.edge.accesslog import AccessLog
 from edgeproxy.edge.app import EdgeApp
 from edgeproxy.edge.protocol import ConnectionSettings, EdgeHttpProtocol
-from edgeproxy.edge.proxy import ProxyBackend
 from edgeproxy.edge.sniff import TlsSniffer
 from edgeproxy.edge.tls import TlsError, server_context
 from edgeproxy.health import PATH as HEALTH_PATH
@@ -37,6 +36,9 @@ from edgeproxy.logs import set_secrets
 from edgeproxy.mirror.app import MirrorApp
 from edgeproxy.mirror.auth import exposed_credentials
 from edgeproxy.service.memory import QUIET_CHECK, QuietRelease
+
+if TYPE_CHECKING:
+    from edgeproxy.edge.proxy import ProxyBackend
 
 log = logging.getLogger("edgeproxy")
 
@@ -166,6 +168,9 @@ async def serve(config: Config, listeners: Listeners, report: int | None = None)
         if edge.embedded:
             backend: Any = routed
         else:
+            # Here, not at the top: aiohttp costs every worker ~10 MB that embedded never uses.
+            from edgeproxy.edge.proxy import ProxyBackend
+
             proxy = ProxyBackend(edge.backend_url, edge.connect_timeout, edge.read_timeout)
             backend = metrics.RequestMetrics(proxy)  # the registry behind it, by route
         access_log = AccessLog(edge.access_log, edge.access_log_format)

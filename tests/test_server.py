@@ -61,3 +61,16 @@ def test_an_unusable_cache_root_is_reported_before_any_worker_starts(tmp_path: P
     assert result.returncode == 1
     assert "mirror.root: cannot create /proc/no-such-dir/cache" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_embedded_server_loads_no_library_it_does_not_use() -> None:
+    """Each is several MB in every worker: aiohttp only for points-to, jwt and cryptography
+    only for [mirror.auth], rich only for `edgeproxy cache` (httpx would load it for its CLI)."""
+    code = (
+        "import sys, edgeproxy.cli, edgeproxy.server, httpx;"
+        "print(*[m for m in ('aiohttp', 'jwt', 'cryptography', 'rich') if sys.modules.get(m)])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == ""
