@@ -201,6 +201,7 @@ class BlobService:
                     raise OSError("a cached blob is shorter than its size")
                 position += len(chunk)
                 yield chunk
+                yield b""  # sent, it waits until the client took the piece: one held, not two
         finally:
             reader.close()
 

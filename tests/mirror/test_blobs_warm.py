@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 
@@ -65,4 +66,50 @@ def test_read_stored_sends_the_range_in_pieces_of_the_schemes_size(
     pieces = asyncio.run(read())
     assert b"".join(pieces) == data[start:end]
     assert max(len(piece) for piece in pieces) <= READ_CHUNK[scheme]
-    assert len(pieces) == -(-(end - start) // READ_CHUNK[scheme])
+    assert len(pieces) == 2 * -(-(end - start) // READ_CHUNK[scheme])
+    assert not any(pieces[1::2]), "an empty piece after each"
+
+
+class CountingReader(FileReader):
+    """Which pieces were read (from the page cache or the disk)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.offsets: set[int] = set()
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.offsets.add(offset)
+        return super().read(offset, length)
+
+    def read_cached(self, offset: int, length: int) -> memoryview | None:
+        self.offsets.add(offset)
+        return super().read_cached(offset, length)
+
+
+def test_a_stalled_client_holds_one_piece_not_two(tmp_path: Path, blob: tuple[Path, bytes]) -> None:
+    """uvicorn's send() waits at its start while the client's socket is full. Sent after each
+    piece, the empty one waits there, before the next piece is read into memory."""
+    path, _ = blob
+    service = BlobService(FilesystemStorage(tmp_path / "root"))
+    reader = CountingReader(path)
+
+    async def run() -> None:
+        stalled = asyncio.Event()
+
+        async def stream_to_a_stalled_client() -> None:
+            sent = 0
+            async for piece in service.read_stored(reader, "http", 0, SIZE):
+                if sent:  # the first piece filled the socket: every later send waits
+                    stalled.set()
+                    await asyncio.Event().wait()
+                sent += len(piece)
+
+        task = asyncio.create_task(stream_to_a_stalled_client())
+        await stalled.wait()
+        await asyncio.sleep(0.2)  # time for a read that should not happen (none is awaited)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    assert reader.offsets == {0}
