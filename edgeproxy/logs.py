@@ -6,6 +6,7 @@ nginx's error_log names it, the process id (nginx's pid#tid), the logger, the me
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Iterable
@@ -57,6 +58,18 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     return _CREDENTIALS.sub(lambda m: (m.group(1) or "") + REDACTED, text)
 
 
+class CutAtShutdown(logging.Filter):
+    """Drops the traceback uvicorn logs for each request its drain cancels: its own line
+    "Cancel N running task(s), timeout graceful shutdown exceeded" has said it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (
+            isinstance(error, asyncio.CancelledError)
+            and "timeout graceful shutdown exceeded" in str(error)
+        )
+
+
 _formatter = ErrorLogFormatter()
 
 
@@ -64,6 +77,7 @@ def configure_logging(level: str = "info") -> None:
     """Every logger (uvicorn's too) writes one redacted line per event to stderr."""
     handler = logging.StreamHandler()
     handler.setFormatter(_formatter)
+    handler.addFilter(CutAtShutdown())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
