@@ -201,7 +201,10 @@ class BlobService:
                     raise OSError("a cached blob is shorter than its size")
                 position += len(chunk)
                 yield chunk
-                yield b""  # sent, it waits until the client took the piece: one held, not two
+                # Sent, the empty piece waits in uvicorn's send() until the client took this
+                # one: a stalled client holds one piece, not two, and a fast one gets each
+                # piece into an empty transport (0.29 CPU-s/GiB warm, not 0.31-0.37).
+                yield b""
         finally:
             reader.close()
 
@@ -248,6 +251,7 @@ class BlobService:
                     position += len(chunk)
                     yield chunk
                     fill.reader_at(me, position)
+                    yield b""  # as in read_stored: a stalled client holds one piece
                 elif fill.error is not None:
                     raise fill.error
                 elif fill.verified:
