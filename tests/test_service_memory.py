@@ -21,7 +21,7 @@ def test_releases_once_quiet_after_requests_that_left_memory_and_only_then() -> 
 
     def release() -> None:
         calls.append(1)
-        resident[0] = 110 * MiB  # what stays after a release: the new baseline
+        resident[0] = 90 * MiB  # what stays after a release: the floor
 
     quiet = QuietRelease(states, release=release, resident=lambda: resident[0])
     assert not quiet.check()  # no request yet
@@ -36,9 +36,33 @@ def test_releases_once_quiet_after_requests_that_left_memory_and_only_then() -> 
     assert quiet.check()
     assert not quiet.check()  # nothing new since
     states[0].total_requests += 3
-    resident[0] = 110 * MiB + GROWTH
+    resident[0] = 90 * MiB + GROWTH - 1
+    assert not quiet.check()  # measured from the floor, 90
+    states[0].total_requests += 3
+    resident[0] = 90 * MiB + GROWTH
     assert quiet.check()
     assert calls == [1, 1]
+
+
+def test_a_release_under_load_does_not_raise_the_mark_for_the_next() -> None:
+    """In a gap between requests under load a release gives back little. Once the load is
+    over, the memory is still measured from the worker's floor, and given back."""
+    state = ServerState()
+    resident = [50 * MiB]
+    after_release = [166 * MiB]  # under load: most of it is in use
+
+    def release() -> None:
+        resident[0] = after_release[0]
+
+    quiet = QuietRelease([state], release=release, resident=lambda: resident[0])
+    state.total_requests += 100
+    resident[0] = 170 * MiB
+    assert quiet.check()  # a gap between requests
+    state.total_requests += 100
+    resident[0] = 174 * MiB  # the load is over: only 8 MiB above that release's result
+    after_release[0] = 55 * MiB
+    assert quiet.check()
+    assert resident[0] == 55 * MiB
 
 
 def test_resident_bytes_is_this_process_rss() -> None:

@@ -18,8 +18,12 @@ from collections.abc import Callable, Iterable
 from uvicorn.server import ServerState
 
 QUIET_CHECK = 10.0  # seconds between looks at whether the worker is quiet
-# Release only after the resident set grew this much: a full collection of a worker holding
-# many parsed manifests is not free, and light traffic leaves nothing to give back.
+# Release only after the resident set grew this much above the lowest a release reached (the
+# worker's floor): a full collection of a worker holding many parsed manifests is not free,
+# and light traffic leaves nothing to give back. From the floor, not from the last release: a
+# release in a gap between requests under load gives back little, and its result must not
+# become the mark the memory has to grow past once the load is over (a soak's worker kept
+# 174 MiB that way, its floor being 55).
 GROWTH = 32 * 1024 * 1024
 
 
@@ -52,7 +56,7 @@ def resident_bytes() -> int:
 
 class QuietRelease:
     """Calls `release` when no request is running, some ran since the last look, and the
-    resident set grew by GROWTH since the last release (or the start)."""
+    resident set is GROWTH above the lowest it was after a release (or at the start)."""
 
     def __init__(
         self,
@@ -78,5 +82,5 @@ class QuietRelease:
         if self._resident() - self._baseline < GROWTH:
             return False
         self._release()
-        self._baseline = self._resident()
+        self._baseline = min(self._baseline, self._resident())
         return True
