@@ -33,6 +33,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.harness import process_tree
+from edgeproxy.service.memory import QUIET_CHECK
 from tests.support.edge import Edge, run_edge
 from tests.support.images import Image, RandomLayer, build_image, push
 from tests.support.registry import Registry, start_registry
@@ -424,7 +425,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=12, help="images in the upstream (12)")
     parser.add_argument("--max-layer-mib", type=int, default=6, help="largest layer (6 MiB)")
     parser.add_argument("--sample-every", type=float, default=10.0, help="seconds (10)")
-    parser.add_argument("--settle", type=float, default=10.0, help="seconds before the last look")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=2 * QUIET_CHECK + 5,
+        help="seconds before the last look (25: a worker gives memory back at its first look,"
+        " every 10 s, that finds no request running)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--no-write", action="store_true", help="do not rewrite bench/SOAK.md")
     args = parser.parse_args(argv)
