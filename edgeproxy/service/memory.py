@@ -68,7 +68,7 @@ class QuietRelease:
         self._release = release
         self._resident = resident
         self._requests_seen = self._requests()
-        self._baseline = resident()
+        self._floor = resident()
 
     def _requests(self) -> int:
         return sum(state.total_requests for state in self._states)
@@ -79,8 +79,8 @@ class QuietRelease:
         if requests == self._requests_seen or any(state.tasks for state in self._states):
             return False
         self._requests_seen = requests
-        if self._resident() - self._baseline < GROWTH:
+        if self._resident() - self._floor < GROWTH:
             return False
         self._release()
-        self._baseline = min(self._baseline, self._resident())
+        self._floor = min(self._floor, self._resident())
         return True
