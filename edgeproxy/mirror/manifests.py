@@ -7,8 +7,6 @@ cached tag is served stale.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import hashlib
 import json
 import logging
@@ -22,6 +20,7 @@ from typing import Any
 from edgeproxy import metrics
 from edgeproxy.mirror.errors import RegistryError
 from edgeproxy.mirror.names import Target, is_digest
+from edgeproxy.mirror.shared import SharedCalls
 from edgeproxy.mirror.storage import Storage
 from edgeproxy.mirror.upstream import UpstreamClient, UpstreamResponse, UpstreamUnavailable
 
@@ -90,7 +89,10 @@ class ManifestService:
         self._memory: OrderedDict[tuple[str, str], Manifest] = OrderedDict()
         # One upstream GET per digest at a time: a cold image's clients share it (Docker Hub
         # counts each manifest GET against the pull rate limit).
-        self._fetching: dict[tuple[str, str], asyncio.Task[Manifest]] = {}
+        self._fetches: SharedCalls[tuple[str, str], Manifest] = SharedCalls()
+        # One HEAD per tag at a time: clients that ask while it is out take its answer (the
+        # CI runners that all start `FROM python:3.12` at once cost one HEAD, not hundreds).
+        self._revalidations: SharedCalls[tuple[str, str, str, str], str | None] = SharedCalls()
         self._memory_bytes = 0
 
     def _cached(self, target: Target, digest: str) -> Manifest | None:
@@ -134,8 +136,10 @@ class ManifestService:
             assert cached is not None
             return cached, HIT
         try:
-            head = await _ask(upstream, "HEAD", target, tag, accept)
-            digest = head.headers.get("docker-content-digest")
+            digest = await self._revalidations.run(
+                (upstream.name, target.remote_name, tag, accept or ""),
+                lambda: _tag_digest(upstream, target, tag, accept),
+            )
             if usable and cached is not None and digest == cached.digest:
                 _keep(f"tag {tag}", self._storage.write_tag, target.local_name, tag, digest)
                 return cached, REVALIDATED
@@ -154,18 +158,10 @@ class ManifestService:
         """The running fetch of a digest, or a new one; a tag is fetched on its own."""
         if not is_digest(reference):
             return await self._fetch_once(upstream, target, reference, accept)
-        key = (target.local_name, reference)
-        task = self._fetching.get(key)
-        if task is None:
-            task = asyncio.create_task(self._fetch_once(upstream, target, reference, accept))
-            self._fetching[key] = task
-            task.add_done_callback(functools.partial(self._fetched, key))
-        return await asyncio.shield(task)  # a client that leaves does not cancel the others'
-
-    def _fetched(self, key: tuple[str, str], task: asyncio.Task[Manifest]) -> None:
-        del self._fetching[key]
-        if not task.cancelled():
-            task.exception()  # retrieved: its waiters may all have gone
+        return await self._fetches.run(
+            (target.local_name, reference),
+            lambda: self._fetch_once(upstream, target, reference, accept),
+        )
 
     async def _fetch_once(
         self, upstream: UpstreamClient, target: Target, reference: str, accept: str | None
@@ -190,6 +186,15 @@ class ManifestService:
         manifest = Manifest(response.body, digest, media_type)
         self._remember((target.local_name, digest), manifest)
         return manifest
+
+
+async def _tag_digest(
+    upstream: UpstreamClient, target: Target, tag: str, accept: str | None
+) -> str | None:
+    """The digest the upstream's tag points to now (HEAD), if the upstream says."""
+    head = await _ask(upstream, "HEAD", target, tag, accept)
+    digest: str | None = head.headers.get("docker-content-digest")
+    return digest
 
 
 async def _ask(

@@ -12,8 +12,9 @@ import httpx
 import pytest
 
 from edgeproxy.mirror.app import MirrorApp
+from edgeproxy.mirror.manifests import Manifest
 from edgeproxy.mirror.names import resolve_target
-from tests.mirror.fake_upstream import FakeUpstream, fake_upstream, mirror_of
+from tests.mirror.fake_upstream import MANIFEST_TYPE, FakeUpstream, fake_upstream, mirror_of
 from tests.support.ports import free_port
 from tests.support.servers import serve_app
 from tests.support.verify import verify_cache
@@ -299,23 +300,64 @@ def test_upstream_down_at_start_then_up(tmp_path: Path) -> None:
             assert wait_until(lambda: verify_cache(app.config.root).blobs == 2)
 
 
-def test_concurrent_clients_of_a_cold_manifest_share_one_upstream_get(
+def bursts(
+    app: MirrorApp, *sizes: int, accept: str | None = None
+) -> list[list[tuple[Manifest, str]]]:
+    """Bursts of concurrent GETs of x:v1 inside the app, one after another; in each, every
+    client asks before any answer comes."""
+    target = resolve_target("x", None, list(app.config.upstream))
+
+    async def run() -> list[list[tuple[Manifest, str]]]:
+        client = app.upstreams["fake"]
+        try:
+            return [
+                await asyncio.gather(
+                    *(app.manifests.get(client, target, "v1", accept) for _ in range(size))
+                )
+                for size in sizes
+            ]
+        finally:
+            await app.aclose()
+
+    return asyncio.run(run())
+
+
+def test_concurrent_clients_of_a_cold_tag_share_one_head_and_one_get(
     tmp_path: Path, upstream: FakeUpstream
 ) -> None:
     digest = upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
-    app = mirror_of(upstream, tmp_path / "cache")
-    target = resolve_target("x", None, list(app.config.upstream))
-
-    async def clients() -> set[str]:
-        client = app.upstreams["fake"]
-        try:
-            got = await asyncio.gather(
-                *(app.manifests.get(client, target, "v1", None) for _ in range(8))
-            )
-        finally:
-            await app.aclose()
-        return {manifest.digest for manifest, _ in got}
-
-    assert asyncio.run(clients()) == {digest}
+    [got] = bursts(mirror_of(upstream, tmp_path / "cache"), 8)
+    assert {(manifest.digest, status) for manifest, status in got} == {
+        (digest, "edgeproxy; fwd=miss")
+    }
     assert upstream.requests[f"GET /v2/x/manifests/{digest}"] == 1
-    assert upstream.requests["HEAD /v2/x/manifests/v1"] == 8
+    assert upstream.requests["HEAD /v2/x/manifests/v1"] == 1
+
+
+def test_concurrent_revalidations_of_a_tag_share_one_head(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """tag_ttl 0: every request revalidates, but those that come while a HEAD for the same tag
+    and Accept is out take its answer (as nginx's proxy_cache_lock shares one fill). The
+    answer is not kept: each burst asks again."""
+    digest = upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
+    _, *revalidated = bursts(mirror_of(upstream, tmp_path / "cache"), 1, 8, 8)
+    assert {status for burst in revalidated for _, status in burst} == {
+        "edgeproxy; fwd=stale; fwd-status=200"
+    }
+    assert upstream.requests["HEAD /v2/x/manifests/v1"] == 3
+    # Another Accept is another question: its own HEAD.
+    bursts(mirror_of(upstream, tmp_path / "cache"), 4, accept=MANIFEST_TYPE)
+    assert upstream.requests["HEAD /v2/x/manifests/v1"] == 4
+    assert upstream.requests[f"GET /v2/x/manifests/{digest}"] == 1
+
+
+def test_a_shared_head_that_fails_serves_every_client_stale(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    digest = upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
+    bursts(mirror_of(upstream, tmp_path / "cache"), 1)
+    upstream.faults["/manifests/v1"] = 500
+    [got] = bursts(mirror_of(upstream, tmp_path / "cache"), 8)
+    assert {(m.digest, status) for m, status in got} == {(digest, "edgeproxy; hit; detail=stale")}
+    assert upstream.requests["HEAD /v2/x/manifests/v1"] == 2
