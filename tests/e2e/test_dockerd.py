@@ -16,7 +16,15 @@ import pytest
 from tests.support.dockerd import Dockerd
 from tests.support.edge import run_edge
 from tests.support.htpasswd import htpasswd_entry
-from tests.support.images import Image, build_image, build_index, push, random_layer
+from tests.support.images import (
+    Image,
+    build_image,
+    build_index,
+    files_layer,
+    push,
+    random_layer,
+    shell_layer,
+)
 from tests.support.registry import Registry
 from tests.support.servers import EdgeproxyProcess, run_edgeproxy
 
@@ -159,6 +167,34 @@ def test_registry_mirror_pulls_one_platform_of_an_index(
     for digest in blobs_of(arm64):
         assert digest not in log
         assert registry_none.count("GET", f"/blobs/{digest}") == 0
+    assert_served_by_the_mirror(daemon)
+
+
+def test_docker_run_pulls_through_the_mirror_and_runs(
+    registry_none: Registry, tmp_path: Path, start_dockerd: Callable[..., Dockerd]
+) -> None:
+    """What a user of the mirror does: `docker run` an image dockerd does not have. It pulls
+    through the mirror, unpacks both layers in order (a shell, then a file that replaces one
+    of the first layer's) and runs the container (runc; no network)."""
+    greeting = {"/etc/greeting": b"from the first layer\n"}
+    layers = [
+        files_layer({**greeting, **{"/etc/motd": b"-"}}),
+        shell_layer(),
+        files_layer({"/etc/greeting": b"hello through edgeproxy\n"}, mode=0o644),
+    ]
+    image = push_image(registry_none, tmp_path, "test/dockerd-run", layers)
+    with run_edgeproxy(tmp_path / "mirror", docker_hub(registry_none)) as mirror:
+        daemon = start_dockerd("--registry-mirror", mirror.url)
+        script = 'read line < /etc/greeting && echo "$line" && [ -f /etc/motd ] && echo motd'
+        ran = daemon.docker(
+            "run", "--rm", "--network", "none", "test/dockerd-run:v1", "/bin/sh", "-c", script
+        )
+        assert ran.returncode == 0, f"{ran.stderr}\ndockerd log:\n{daemon.log()[-4000:]}"
+        assert ran.stdout == "hello through edgeproxy\nmotd\n"
+        assert "Unable to find image 'test/dockerd-run:v1' locally" in ran.stderr
+        log = mirror.log().replace("%3A", ":")
+    for digest in blobs_of(image):
+        assert f'"GET /v2/test/dockerd-run/blobs/{digest} HTTP/1.1" 200' in log, log
     assert_served_by_the_mirror(daemon)
 
 

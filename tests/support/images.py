@@ -8,9 +8,11 @@ import io
 import json
 import random
 import secrets
+import shutil
+import subprocess
 import tarfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +116,30 @@ def random_layer(size: int, seed: int) -> bytes:
     buffer = io.BytesIO()
     _write_random_layer(buffer.write, size, seed)
     return buffer.getvalue()
+
+
+def files_layer(files: Mapping[str, bytes], mode: int = 0o755) -> bytes:
+    """A gzipped tar of `files` (path in the image -> content), owned by root, dated 1970."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for path, data in files.items():
+            info = tarfile.TarInfo(path.lstrip("/"))
+            info.size, info.mode = len(data), mode
+            tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(buffer.getvalue(), mtime=0)
+
+
+def shell_layer() -> bytes:
+    """The host's dash as /bin/sh with the libraries `ldd` says it loads: enough of an image
+    for `docker run IMAGE /bin/sh -c ...` (no compiler, no download)."""
+    dash = Path(shutil.which("dash") or "/bin/dash")
+    listing = subprocess.run(["ldd", str(dash)], capture_output=True, text=True, check=True)
+    files = {"/bin/sh": dash.read_bytes()}
+    for line in listing.stdout.splitlines():  # "libc.so.6 => /lib/.../libc.so.6 (0x...)"
+        path = line.split("=>")[-1].split("(")[0].strip()
+        if path.startswith("/"):
+            files[path] = Path(path).read_bytes()  # the loader's own path, as dash names it
+    return files_layer(files)
 
 
 def _write_blob(layout: Path, data: bytes) -> tuple[str, int]:
