@@ -308,8 +308,8 @@ def row_concurrent(bench: Bench) -> None:
 
 
 def row_manifests(bench: Bench) -> None:
-    """3. Warm manifest GETs by tag and by digest under wrk."""
-    assert bench.big is not None
+    """3. Warm manifest GETs by tag and by digest under wrk (32 connections)."""
+    assert bench.big is not None and bench.upstream is not None
     digest = bench.big.manifest_digest
     seconds = bench.args.wrk_seconds
     by_tag = bench.row(Row("manifest by tag (req/s)", "req/s", "higher"))
@@ -323,16 +323,22 @@ def row_manifests(bench: Bench) -> None:
             answer = fetch(mirror.url + path, accept=MANIFEST_ACCEPT)
             if answer.headers.get("docker-content-digest") != digest:
                 raise BenchError(f"{mirror.kind} {path}: digest {answer.headers}")
+    heads = paths["tag"].removeprefix(f"/v2/{BIG_REPO}")  # the upstream's log: its own name
     for index, mirror in bench.rounds(bench.mirrors):
         for kind, row in (("tag", by_tag), ("digest", by_digest)):
+            heads_before = bench.upstream.count("HEAD", heads)
             cpu_before, started = mirror.cpu_seconds(), time.monotonic()
             result = wrk(mirror.url + paths[kind], MANIFEST_ACCEPT, seconds)
-            cores = (mirror.cpu_seconds() - cpu_before) / (time.monotonic() - started)
+            elapsed = time.monotonic() - started
+            cores = (mirror.cpu_seconds() - cpu_before) / elapsed
             row.add(mirror, result.requests_per_s)
             problems = f", non-2xx {result.non_2xx}" if result.non_2xx else ""
             if result.socket_errors:
                 problems += f", socket errors: {result.socket_errors}"
             rate = f"{result.requests_per_s:.0f} req/s, mirror CPU {cores:.2f} cores"
+            if kind == "tag":  # a HEAD per request, or one shared by the requests that wait
+                asked = bench.upstream.count("HEAD", heads) - heads_before
+                rate += f", upstream HEADs {asked / elapsed:.0f}/s"
             bench.record(f"round {index} {mirror.kind} by {kind}: {rate}{problems}")
 
 
