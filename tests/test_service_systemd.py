@@ -106,12 +106,20 @@ def work() -> Iterator[Path]:
 
 
 def install(work: Path) -> Path:
-    """`python3 -m venv` (Debian's python3, as a user has it) and `pip install` this
-    checkout; the installed console script."""
+    """`python3 -m venv` (Debian's python3, as a user has it) and `pip install` of this
+    checkout's package (a copy: setuptools builds in the source folder); the installed
+    console script."""
+    source = work / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(PROJECT / name, source / name)
+    shutil.copytree(
+        PROJECT / "edgeproxy", source / "edgeproxy", ignore=shutil.ignore_patterns("__pycache__")
+    )
     venv = work / "venv"
     subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True, timeout=120)
     pip = subprocess.run(
-        [str(venv / "bin/pip"), "install", "-q", str(PROJECT)],
+        [str(venv / "bin/pip"), "install", "-q", str(source)],
         capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert pip.returncode == 0, pip.stderr
