@@ -130,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgeproxy: {exc}", file=sys.stderr)
         return 1
     if args.command == "check":
+        from edgeproxy.preflight import check_files
+
+        try:
+            check_files(config)
+        except ConfigError as exc:
+            print(f"edgeproxy: {path}: {exc}", file=sys.stderr)
+            return 1
         print(f"{path}: ok")
         return 0
     if args.command == "cache":

@@ -24,17 +24,18 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from edgeproxy import metrics
-from edgeproxy.config import Config, EdgeConfig
+from edgeproxy.config import Config, ConfigError, EdgeConfig
 from edgeproxy.edge.accesslog import AccessLog
 from edgeproxy.edge.app import EdgeApp
 from edgeproxy.edge.protocol import ConnectionSettings, EdgeHttpProtocol
 from edgeproxy.edge.sniff import TlsSniffer
-from edgeproxy.edge.tls import TlsError, server_context
+from edgeproxy.edge.tls import server_context
 from edgeproxy.health import PATH as HEALTH_PATH
 from edgeproxy.health import HealthMonitor
 from edgeproxy.logs import set_secrets
 from edgeproxy.mirror.app import MirrorApp
 from edgeproxy.mirror.auth import exposed_credentials
+from edgeproxy.preflight import check_files
 from edgeproxy.service.memory import QUIET_CHECK, QuietRelease
 
 if TYPE_CHECKING:
@@ -118,14 +119,10 @@ def bind_listeners(config: Config, bound: Bound | None = None) -> Listeners:
     edge = config.edge
     if config.mirror.listen is None and edge is None:
         raise SystemExit("edgeproxy: nothing to listen on: set mirror.listen or [edge]")
-    if edge is not None and edge.tls is not None:
-        try:
-            server_context(edge.tls)  # fail here, naming the file, not in the middle of start-up
-        except TlsError as exc:
-            raise SystemExit(f"edgeproxy: edge.tls: {exc}") from exc
-    auth = config.mirror.auth
-    if auth is not None and not os.access(auth.htpasswd, os.R_OK):  # else every client gets 401
-        raise SystemExit(f"edgeproxy: mirror.auth.htpasswd: cannot read {auth.htpasswd}")
+    try:
+        check_files(config)  # fail here, naming the file, not in the middle of start-up
+    except ConfigError as exc:
+        raise SystemExit(f"edgeproxy: {exc}") from exc
     for warning in exposed_credentials(config.mirror):
         log.warning("%s", warning)
     listeners = Listeners()

@@ -1,9 +1,11 @@
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from edgeproxy.cli import main
 from edgeproxy.config import ConfigError, load_config, parse_address, parse_duration, parse_size
+from tests.support.servers import write_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,3 +67,34 @@ def test_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     bad.write_text("[mirror]\n")
     assert main(["check", "--config", str(bad)]) == 1
     assert "mirror.upstream: Field required" in capsys.readouterr().err
+
+
+def test_check_loads_the_files_the_config_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As `nginx -t` loads its certificates: a valid config naming a file that will not load
+    fails `check` (the unit's ExecStartPre and ExecReload), naming the key and the file."""
+    upstream = {"name": "docker.io", "url": "https://r.example"}
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    missing = tmp_path / "missing.crt"
+    tls = {"certificate": str(missing), "key": str(garbage)}
+    cases: list[tuple[dict[str, Any], dict[str, Any] | None, str]] = [
+        ({}, {"https": "127.0.0.1:8443", "tls": tls}, f"edge.tls: {missing}: no such file"),
+        ({"auth": {"htpasswd": str(missing)}}, None, f"auth.htpasswd: cannot read {missing}"),
+        (
+            {"upstream": [{**upstream, "ca": str(garbage)}]},
+            None,
+            f"mirror.upstream.0.ca: cannot load {garbage}",
+        ),
+    ]
+    for mirror, edge, message in cases:
+        config: dict[str, Any] = {
+            "mirror": {"root": str(tmp_path / "cache"), "upstream": [upstream], **mirror}
+        }
+        if edge is not None:
+            config["edge"] = edge
+        path = write_toml(tmp_path / "proxy.toml", config)
+        assert main(["check", "--config", str(path)]) == 1
+        error = capsys.readouterr().err
+        assert error.startswith(f"edgeproxy: {path}: ") and message in error, error

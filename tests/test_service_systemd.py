@@ -3,9 +3,10 @@
 What `systemd-analyze verify` cannot say: that the service starts with all its hardening
 (User=, ProtectSystem=strict, PrivateDevices=, RestrictNamespaces=...), binds ports 80 and
 443 as an unprivileged user, tells systemd it is ready (Type=notify), serves a pull through
-the TLS edge, survives `systemctl reload`, and stops cleanly. edgeproxy is installed the way
-a user would: a venv of Debian's python3, `pip install` of this checkout. The upstream is
-Debian's docker-registry, a unit of the same container.
+the TLS edge, survives `systemctl reload`, fails one whose config does not check, and stops
+cleanly. edgeproxy is installed the way a user would: a venv of Debian's python3, `pip
+install` of this checkout. The upstream is Debian's docker-registry, a unit of the same
+container.
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ for _ in $(seq 600); do [ "$(show ActiveState)" = active ] && break; sleep 0.1; 
 fact state_after_reload "$(show ActiveState)/$(show SubState)"
 fact same_main_pid "$([ "$(show MainPID)" = "$pid" ] && echo yes || echo no)"
 pull warm; fact pull_warm $?
+cp {work}/proxy.toml {work}/proxy.good
+sed -i 's/server.crt/missing.crt/' {work}/proxy.toml
+systemctl reload edgeproxy; fact bad_reload $?
+fact state_after_bad_reload "$(show ActiveState)/$(show SubState)"
+cp {work}/proxy.good {work}/proxy.toml
 systemctl stop edgeproxy; fact stop $?
 fact result "$(show Result)"
 fact exit_status "$(show ExecMainStatus)"
@@ -215,6 +221,8 @@ def test_the_installed_unit_serves_reloads_and_stops_under_systemd(work: Path) -
         "state_after_reload": "active/running",
         "same_main_pid": "yes",
         "pull_warm": "0",
+        "bad_reload": "1",  # ExecReload's check failed: the signal was never sent
+        "state_after_bad_reload": "active/running",
         "stop": "0",
         "result": "success",
         "exit_status": "0",
@@ -228,3 +236,5 @@ def test_the_installed_unit_serves_reloads_and_stops_under_systemd(work: Path) -
     assert " TLSv1.3 " in access
     journal = (out / "journal.txt").read_text()
     assert "new workers serving" in journal, journal  # the reload: new workers, old ones drained
+    assert f"edge.tls: {work}/certs/missing.crt: no such file" in journal, journal
+    assert journal.count("reload: reading") == 1  # the bad one never reached the master

@@ -40,6 +40,7 @@ def test_the_unit_says_what_the_issue_asks() -> None:
     lines = set(render().splitlines())
     for line in (
         "Type=notify",
+        "ExecReload=/usr/local/bin/edgeproxy check --config /etc/edgeproxy/proxy.toml",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "User=edgeproxy",
         "AmbientCapabilities=CAP_NET_BIND_SERVICE",

@@ -26,6 +26,9 @@ Type=notify
 NotifyAccess=main
 ExecStartPre={executable} check --config {config}
 ExecStart={executable} run --config {config}
+# A config that fails the check (certificates included) fails `systemctl reload`; the
+# running one stays, as after `nginx -s reload` with a broken nginx.conf.
+ExecReload={executable} check --config {config}
 ExecReload=/bin/kill -HUP $MAINPID
 # SIGTERM to the master only: it drains the workers ([edge] shutdown_timeout), then exits 0.
 KillMode=mixed
