@@ -72,8 +72,9 @@ def test_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 def test_check_loads_the_files_the_config_names(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """As `nginx -t` loads its certificates: a valid config naming a file that will not load
-    fails `check` (the unit's ExecStartPre and ExecReload), naming the key and the file."""
+    """As `nginx -t` loads its certificates and opens its logs: a valid config naming a file
+    that will not load fails `check` (the unit's ExecStartPre and ExecReload), naming the key
+    and the file."""
     upstream = {"name": "docker.io", "url": "https://r.example"}
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
@@ -81,6 +82,11 @@ def test_check_loads_the_files_the_config_names(
     tls = {"certificate": str(missing), "key": str(garbage)}
     cases: list[tuple[dict[str, Any], dict[str, Any] | None, str]] = [
         ({}, {"https": "127.0.0.1:8443", "tls": tls}, f"edge.tls: {missing}: no such file"),
+        (
+            {},
+            {"http": "127.0.0.1:8080", "access_log": str(missing / "access.log")},
+            f"edge.access_log: cannot open {missing}/access.log: No such file or directory",
+        ),
         ({"auth": {"htpasswd": str(missing)}}, None, f"auth.htpasswd: cannot read {missing}"),
         (
             {"upstream": [{**upstream, "ca": str(garbage)}]},

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -45,6 +46,18 @@ def test_workers_share_the_listener_and_are_replaced(tmp_path: Path) -> None:
     assert f"worker {first} exited with -9; starting another" in process.log()
 
 
+def run_fails(tmp_path: Path, config: dict[str, Any]) -> str:
+    """`edgeproxy run` of `config`, which must exit 1 before any worker starts; its stderr."""
+    result = subprocess.run(
+        [sys.executable, "-m", "edgeproxy.cli", "run", "--config",
+         str(write_toml(tmp_path / "proxy.toml", config))],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and "worker" not in result.stderr, result.stderr
+    return result.stderr
+
+
 def test_an_unusable_cache_root_is_reported_before_any_worker_starts(tmp_path: Path) -> None:
     config = {
         "mirror": {
@@ -53,14 +66,22 @@ def test_an_unusable_cache_root_is_reported_before_any_worker_starts(tmp_path: P
             "upstream": [{"name": "docker.io", "url": "http://127.0.0.1:1"}],
         }
     }
-    result = subprocess.run(
-        [sys.executable, "-m", "edgeproxy.cli", "run", "--config",
-         str(write_toml(tmp_path / "proxy.toml", config))],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert result.returncode == 1
-    assert "mirror.root: cannot create /proc/no-such-dir/cache" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "mirror.root: cannot create /proc/no-such-dir/cache" in run_fails(tmp_path, config)
+
+
+def test_an_access_log_that_cannot_open_is_reported_before_any_worker_starts(
+    tmp_path: Path,
+) -> None:
+    """Each worker used to fail with a traceback; nginx says `open() ... failed` at start."""
+    config = {
+        "mirror": {
+            "root": str(tmp_path / "cache"),
+            "upstream": [{"name": "docker.io", "url": "http://127.0.0.1:1"}],
+        },
+        "edge": {"http": f"127.0.0.1:{free_port()}", "access_log": "/proc/no-such-dir/access.log"},
+    }
+    stderr = run_fails(tmp_path, config)
+    assert "edge.access_log: cannot open /proc/no-such-dir/access.log" in stderr
 
 
 def test_an_embedded_server_loads_no_library_it_does_not_use() -> None:
