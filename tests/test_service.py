@@ -275,7 +275,12 @@ def test_a_reload_whose_workers_fail_to_start_keeps_the_old_ones(
     config = mirror_config(tmp_path, port)
     path = write_toml(tmp_path / "proxy.toml", config)
     with started(path, port, notify_socket) as process:
-        config["edge"]["access_log"] = "/proc/no-such-dir/access.log"  # only a worker opens it
+        # A cache root whose layout a worker cannot make (`docker` is a file): the master's
+        # checks pass, each new worker fails at start.
+        broken = tmp_path / "broken-root"
+        broken.mkdir()
+        (broken / "docker").write_text("not a folder")
+        config["mirror"]["root"] = str(broken)
         config["mirror"]["headers"] = {"X-Reloaded": "yes"}
         write_toml(path, config)
         os.kill(process.pid, signal.SIGHUP)
