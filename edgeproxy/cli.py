@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgeproxy: {exc}", file=sys.stderr)
         return 1
     if args.command == "check":
+        from edgeproxy.mirror.auth import exposed_credentials
         from edgeproxy.preflight import check_files
 
         try:
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"edgeproxy: {path}: {exc}", file=sys.stderr)
             return 1
+        for warning in exposed_credentials(config.mirror):  # what run logs as [warn]
+            print(f"edgeproxy: {path}: warning: {warning}", file=sys.stderr)
         print(f"{path}: ok")
         return 0
     if args.command == "cache":

@@ -104,3 +104,19 @@ def test_check_loads_the_files_the_config_names(
         assert main(["check", "--config", str(path)]) == 1
         error = capsys.readouterr().err
         assert error.startswith(f"edgeproxy: {path}: ") and message in error, error
+
+
+def test_check_warns_of_credentials_anyone_may_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Valid, so exit 0, but `check` says what `run` logs as [warn]: the upstream's
+    credentials serve whoever reaches a mirror without [mirror.auth]."""
+    upstream = {"name": "docker.io", "url": "https://r.example", "username": "u", "password": "p"}
+    path = write_toml(tmp_path / "proxy.toml", {"mirror": {"upstream": [upstream]}})
+    assert main(["check", "--config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{path}: ok\n"
+    assert captured.err == (
+        f"edgeproxy: {path}: warning: upstream docker.io has credentials and [mirror.auth] is "
+        "not set: whoever reaches the mirror may pull what they can\n"
+    )
