@@ -748,8 +748,10 @@ def report(bench: Bench, command: str, elapsed: float) -> str:
         "rounds (peak RSS: the maximum over the run); cold means the mirror was stopped, its "
         "cache wiped and started again. MB = 10^6 bytes; MB/s is what `curl -o /dev/null` saw. "
         f"Manifests: `wrk -t2 -c32 -d{args.wrk_seconds}s` with an OCI+Docker `Accept` header, "
-        "after one warm-up pull (tag_ttl is edgeproxy's default 0s: a tag is revalidated "
-        "upstream on every request, as registry:2 does). Ratios above 1 favour edgeproxy.",
+        "after one warm-up pull (tag_ttl is edgeproxy's default 0s: every request by tag is "
+        "revalidated upstream with a HEAD, as registry:2 does, but edgeproxy's requests that "
+        "come while one is out share it; the log below gives the HEADs/s). Ratios above 1 "
+        "favour edgeproxy.",
         "",
         *table(bench.rows),
         "",
