@@ -15,9 +15,10 @@ from starlette.types import Receive, Scope, Send
 from edgeproxy.config import MirrorConfig
 from edgeproxy.mirror.auth import TOKEN_PATH, Authenticator
 from edgeproxy.mirror.blobs import BlobService
+from edgeproxy.mirror.cache_status import HIT, MISS, STALE, forwarded
 from edgeproxy.mirror.errors import RegistryError
 from edgeproxy.mirror.eviction import Evictor
-from edgeproxy.mirror.manifests import HIT, MISS, OCI_INDEX, ManifestService
+from edgeproxy.mirror.manifests import OCI_INDEX, ManifestService
 from edgeproxy.mirror.names import (
     Route,
     Target,
@@ -220,7 +221,7 @@ class MirrorApp:
                 raise
             extra = {"name": route.name}
             response = _paginated(request, "tags", tags, path, extra)
-            response.headers["Cache-Status"] = "edgeproxy; hit; detail=stale"
+            response.headers["Cache-Status"] = STALE
             return response
         if answer.status != 200:
             raise upstream.error(answer.status, "NAME_UNKNOWN", answer.headers.get("retry-after"))
@@ -249,7 +250,8 @@ class MirrorApp:
             return Response(answer.body, headers=headers, media_type=OCI_INDEX)
         if answer.status == 404:  # an upstream without the referrers API has none to give
             empty = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
-            return Response(json.dumps(empty).encode(), media_type=OCI_INDEX)
+            headers = {"Cache-Status": forwarded(404)}
+            return Response(json.dumps(empty).encode(), headers=headers, media_type=OCI_INDEX)
         raise upstream.error(answer.status, "MANIFEST_UNKNOWN", answer.headers.get("retry-after"))
 
 

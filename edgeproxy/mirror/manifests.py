@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgeproxy import metrics
+from edgeproxy.mirror.cache_status import HIT, MISS, REVALIDATED, STALE
 from edgeproxy.mirror.errors import RegistryError
 from edgeproxy.mirror.names import Target, is_digest
 from edgeproxy.mirror.shared import SharedCalls
@@ -38,12 +39,6 @@ DEFAULT_ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFES
 _MEDIA_TYPE = re.compile(r"[A-Za-z0-9][\w!#$&^.+-]{0,126}/[A-Za-z0-9][\w!#$&^.+-]{0,126}", re.ASCII)
 
 MEMORY_BYTES = 32 * 1024 * 1024  # parsed manifests kept in memory, per process
-
-# RFC 9211 Cache-Status values.
-HIT = "edgeproxy; hit"
-MISS = "edgeproxy; fwd=miss"
-REVALIDATED = "edgeproxy; fwd=stale; fwd-status=200"
-STALE = "edgeproxy; hit; detail=stale"
 
 
 @dataclass(frozen=True)

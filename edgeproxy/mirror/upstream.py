@@ -21,6 +21,7 @@ import httpx
 
 from edgeproxy.config import UpstreamConfig
 from edgeproxy.mirror.blobstream import BlobRequest, BlobStream, BlobStreamError, ConnectionPool
+from edgeproxy.mirror.cache_status import forwarded
 from edgeproxy.mirror.errors import RegistryError
 
 log = logging.getLogger("edgeproxy.upstream")
@@ -37,8 +38,13 @@ _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
 class UpstreamUnavailable(RegistryError):
     """The upstream could not answer: refused, timed out, or a 5xx. A cache may serve stale."""
 
-    def __init__(self, upstream: str, reason: str) -> None:
-        super().__init__("UNAVAILABLE", f"upstream {upstream} is unavailable: {reason}", status=503)
+    def __init__(self, upstream: str, reason: str, upstream_status: int | None = None) -> None:
+        super().__init__(
+            "UNAVAILABLE",
+            f"upstream {upstream} is unavailable: {reason}",
+            status=503,
+            headers={"Cache-Status": forwarded(upstream_status)},
+        )
 
 
 @dataclass(frozen=True)
@@ -265,13 +271,15 @@ class UpstreamClient:
 
     def error(self, status: int, not_found: str, retry_after: str | None = None) -> RegistryError:
         """The registry error a client sees for an upstream's non-success status."""
+        cache = {"Cache-Status": forwarded(status)}
         if status == 404:
-            return RegistryError(not_found, f"not found at upstream {self.name}")
+            return RegistryError(not_found, f"not found at upstream {self.name}", headers=cache)
         if status in (401, 403):
-            return RegistryError("DENIED", f"upstream {self.name} denied access")
+            return RegistryError("DENIED", f"upstream {self.name} denied access", headers=cache)
         if status == 429:
-            headers = {"Retry-After": retry_after} if retry_after else {}
+            if retry_after:
+                cache["Retry-After"] = retry_after
             return RegistryError(
-                "TOOMANYREQUESTS", f"upstream {self.name} is rate limiting", headers=headers
+                "TOOMANYREQUESTS", f"upstream {self.name} is rate limiting", headers=cache
             )
-        return UpstreamUnavailable(self.name, f"answered {status}")
+        return UpstreamUnavailable(self.name, f"answered {status}", status)

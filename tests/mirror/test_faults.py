@@ -111,20 +111,27 @@ def test_cached_tag_is_served_stale_when_the_upstream_fails(
 def test_rate_limit_and_errors_pass_through_when_nothing_is_cached(
     mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
 ) -> None:
+    """Each error says, in Cache-Status, that the cache missed and what the upstream said."""
     _, client = mirror
     upstream.faults["/manifests/v1"] = 429
     limited = client.get("/v2/x/manifests/v1")
     assert limited.status_code == 429
     assert limited.headers["retry-after"] == "7"
     assert limited.json()["errors"][0]["code"] == "TOOMANYREQUESTS"
+    assert limited.headers["cache-status"] == "edgeproxy; fwd=miss; fwd-status=429"
     upstream.faults["/manifests/v1"] = 500
-    assert client.get("/v2/x/manifests/v1").status_code == 503
+    failed = client.get("/v2/x/manifests/v1")
+    assert failed.status_code == 503
+    assert failed.headers["cache-status"] == "edgeproxy; fwd=miss; fwd-status=500"
     unknown = client.get("/v2/x/manifests/nope")
     assert unknown.status_code == 404
     assert unknown.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
-    missing = client.get("/v2/x/blobs/sha256:" + "0" * 64)
-    assert missing.status_code == 404
-    assert missing.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+    assert unknown.headers["cache-status"] == "edgeproxy; fwd=miss; fwd-status=404"
+    for method in ("HEAD", "GET"):
+        missing = client.request(method, "/v2/x/blobs/sha256:" + "0" * 64)
+        assert missing.status_code == 404
+        assert missing.headers["cache-status"] == "edgeproxy; fwd=miss; fwd-status=404"
+    assert missing.json()["errors"][0]["code"] == "BLOB_UNKNOWN"  # the GET's body
 
 
 def test_upstream_down_at_start(tmp_path: Path) -> None:
@@ -135,6 +142,7 @@ def test_upstream_down_at_start(tmp_path: Path) -> None:
         response = client.get("/v2/x/manifests/v1")
         assert response.status_code == 503
         assert "unavailable" in response.json()["errors"][0]["message"]
+        assert response.headers["cache-status"] == "edgeproxy; fwd=miss"  # no answer came
 
 
 def test_client_disconnect_does_not_abort_the_fill(

@@ -1,0 +1,13 @@
+"""RFC 9211 `Cache-Status` values: what the cache did for a response, errors included."""
+
+from __future__ import annotations
+
+HIT = "edgeproxy; hit"
+MISS = "edgeproxy; fwd=miss"
+REVALIDATED = "edgeproxy; fwd=stale; fwd-status=200"
+STALE = "edgeproxy; hit; detail=stale"
+
+
+def forwarded(upstream_status: int | None) -> str:
+    """A miss the upstream answered with `upstream_status` (None: it did not answer)."""
+    return MISS if upstream_status is None else f"{MISS}; fwd-status={upstream_status}"
