@@ -164,6 +164,29 @@ def test_cache_serves_with_the_upstream_stopped(
         upstream.close()
 
 
+def test_an_ipv6_upstream(
+    push_all: Callable[[Registry], dict[str, Pushed]], tmp_path: Path
+) -> None:
+    """`url = "http://[::1]:PORT"`: both upstream clients (httpx for manifests, http.client for
+    blobs) reach it. The images are pushed over IPv4 to a registry sharing its storage: skopeo
+    takes no IPv6 address in an image reference."""
+    pusher = start_registry(tmp_path / "pusher")
+    v6 = None
+    try:
+        small = push_all(pusher)["small"]
+        v6 = start_registry(tmp_path / "v6", address="::1", storage=pusher.root)
+        assert v6.url.startswith("http://[::1]:")
+        with run_edgeproxy(tmp_path / "mirror", [upstream_entry(v6)]) as mirror:
+            pull(mirror, f"{small.repo}:v1", tmp_path / "pulled")
+        assert pulled_digest(tmp_path / "pulled") == small.image.manifest_digest
+        for digest in small.image.layer_digests:
+            assert v6.wait_count("GET", f"/blobs/{digest}", 1) == 1
+    finally:
+        if v6 is not None:
+            v6.close()
+        pusher.close()
+
+
 def test_serves_a_cache_filled_by_registry2(
     push_all: Callable[[Registry], dict[str, Pushed]], tmp_path: Path
 ) -> None:

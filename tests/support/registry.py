@@ -66,17 +66,19 @@ class Registry:
     remote: str | None = None  # proxy mode: proxy.remoteurl
     token_server: TokenServer | None = None  # mode "token": the realm
     tls: bool = False  # https with http.tls's certificate (its CA is the certificate itself)
+    address: str = "127.0.0.1"  # or "::1"
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
         """The registry's base URL."""
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     @property
     def host(self) -> str:
-        """host:port, as used in image references."""
-        return f"127.0.0.1:{self.port}"
+        """host:port, as used in image references (skopeo takes no IPv6 address there)."""
+        address = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{address}:{self.port}"
 
     @property
     def creds(self) -> tuple[str, str] | None:
@@ -205,14 +207,23 @@ def start_registry(
     *,
     token_expires_in: int = 300,
     tls: tuple[Path, Path] | None = None,
+    address: str = "127.0.0.1",
+    storage: Path | None = None,
 ) -> Registry:
     """Configure and start a registry in `workdir`: auth `mode`, a mirror of `remote` if given,
-    https with `tls` = (certificate, key) if given.
+    https with `tls` = (certificate, key) if given, listening on `address` ("::1": IPv6),
+    keeping its blobs in `storage` (another registry's `root`, say) or its own folder.
 
     In proxy mode registry:2 panics at start when `remote` is unreachable: start it first.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    registry = Registry(mode=mode, port=free_port(), root=workdir / "storage", workdir=workdir)
+    registry = Registry(
+        mode=mode,
+        port=free_port(),
+        root=storage or workdir / "storage",
+        workdir=workdir,
+        address=address,
+    )
     config: dict[str, object] = {
         "version": "0.1",
         "log": {"level": "info", "formatter": "text", "accesslog": {"disabled": False}},
