@@ -182,9 +182,14 @@ async def serve(config: Config, listeners: Listeners, report: int | None = None)
     for server, _ in servers:
         server.config.timeout_graceful_shutdown = max(1, round(config.shutdown_timeout))
     checking = asyncio.create_task(health.run())
+    loop = asyncio.get_running_loop()
+    if access_log is not None:
+        loop.add_signal_handler(signal.SIGUSR1, access_log.reopen)
     try:
         await _run(servers, report)
     finally:
+        if access_log is not None:
+            loop.remove_signal_handler(signal.SIGUSR1)
         checking.cancel()
         if mirror is not None:
             await mirror.aclose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import socket
 import ssl
@@ -291,3 +292,29 @@ def test_a_reload_whose_workers_fail_to_start_keeps_the_old_ones(
             response = httpx.get(f"{process.url}/v2/")
             assert response.status_code == 200
             assert "x-reloaded" not in response.headers
+
+
+def test_sigusr1_reopens_the_access_log_as_nginx_does(
+    tmp_path: Path, notify_socket: NotifySocket
+) -> None:
+    """logrotate moves the file, then signals USR1 (nginx's logrotate does; by default the
+    signal kills). The workers go on, writing to a new file; nothing restarts."""
+    port = free_port()
+    config = mirror_config(tmp_path, port)
+    log = tmp_path / "access.log"
+    config["edge"]["access_log"] = str(log)
+    edge = f"http://{config['edge']['http']}"
+    with started(write_toml(tmp_path / "proxy.toml", config), port, notify_socket) as process:
+        workers = re.findall(r"worker (\d+) started", process.log())
+        assert httpx.get(f"{edge}/v2/?before").status_code == 200
+        assert wait_until(lambda: "/v2/?before" in log.read_text())
+        rotated = log.rename(tmp_path / "access.log.1")
+        os.kill(process.pid, signal.SIGUSR1)
+        reopened = [f"{pid}#0: edgeproxy.accesslog: reopened" for pid in workers]
+        assert wait_until(lambda: all(line in process.log() for line in reopened))
+        for _ in range(10):  # new connections: spread over the workers
+            assert httpx.get(f"{edge}/v2/?after", headers={"Connection": "close"}).is_success
+        assert wait_until(lambda: log.read_text().count("/v2/?after") == 10)
+        assert "?after" not in rotated.read_text()
+        assert "reopening the access log" in process.log()  # the master passed it on
+        assert re.findall(r"worker (\d+) started", process.log()) == workers  # none restarted

@@ -3,10 +3,10 @@
 What `systemd-analyze verify` cannot say: that the service starts with all its hardening
 (User=, ProtectSystem=strict, PrivateDevices=, RestrictNamespaces=...), binds ports 80 and
 443 as an unprivileged user, tells systemd it is ready (Type=notify), serves a pull through
-the TLS edge, survives `systemctl reload`, fails one whose config does not check, and stops
-cleanly. edgeproxy is installed the way a user would: a venv of Debian's python3, `pip
-install` of this checkout. The upstream is Debian's docker-registry, a unit of the same
-container.
+the TLS edge, survives `systemctl reload`, fails one whose config does not check, reopens
+its access log on USR1 (logrotate's way), and stops cleanly. edgeproxy is installed the way
+a user would: a venv of Debian's python3, `pip install` of this checkout. The upstream is
+Debian's docker-registry, a unit of the same container.
 """
 
 from __future__ import annotations
@@ -86,6 +86,16 @@ for _ in $(seq 600); do [ "$(show ActiveState)" = active ] && break; sleep 0.1; 
 fact state_after_reload "$(show ActiveState)/$(show SubState)"
 fact same_main_pid "$([ "$(show MainPID)" = "$pid" ] && echo yes || echo no)"
 pull warm; fact pull_warm $?
+# logrotate's way: move the file, then USR1 to the main process (nginx's logrotate does so).
+mv /var/log/edgeproxy/access.log /var/log/edgeproxy/access.log.1
+systemctl kill --signal=USR1 --kill-whom=main edgeproxy; fact usr1 $?
+workers=$(ps -o pid= --ppid "$pid" | wc -l)
+for _ in $(seq 300); do  # until every worker said it reopened
+    [ "$(journalctl -u edgeproxy -g 'accesslog: reopened' -q | wc -l)" -ge "$workers" ] && break
+    sleep 0.1
+done
+curl -sk -o /dev/null https://localhost/v2/?rotated
+fact state_after_usr1 "$(show ActiveState)/$(show SubState)"
 cp {work}/proxy.toml {work}/proxy.good
 sed -i 's/server.crt/missing.crt/' {work}/proxy.toml
 systemctl reload edgeproxy; fact bad_reload $?
@@ -94,6 +104,7 @@ cp {work}/proxy.good {work}/proxy.toml
 systemctl stop edgeproxy; fact stop $?
 fact result "$(show Result)"
 fact exit_status "$(show ExecMainStatus)"
+cp /var/log/edgeproxy/access.log.1 "$out/access.log.1"
 cp /var/log/edgeproxy/access.log "$out/access.log"
 journalctl -u edgeproxy -u registry --no-pager >"$out/journal.txt"
 """
@@ -221,6 +232,8 @@ def test_the_installed_unit_serves_reloads_and_stops_under_systemd(work: Path) -
         "state_after_reload": "active/running",
         "same_main_pid": "yes",
         "pull_warm": "0",
+        "usr1": "0",
+        "state_after_usr1": "active/running",
         "bad_reload": "1",  # ExecReload's check failed: the signal was never sent
         "state_after_bad_reload": "active/running",
         "stop": "0",
@@ -230,10 +243,13 @@ def test_the_installed_unit_serves_reloads_and_stops_under_systemd(work: Path) -
     assert int(facts["workers"]) >= 1
     for pull in ("cold", "warm"):
         assert pulled_digest(out / f"{pull}.json") == image.manifest_digest
-    access = (out / "access.log").read_text()
+    rotated = (out / "access.log.1").read_text()
     for digest in image.layer_digests:  # both pulls through the edge: TLS, the seed's format
-        assert access.count(f'"GET /v2/test/systemd/blobs/{digest} HTTP/1.1" - - 200 ') == 2
-    assert " TLSv1.3 " in access
+        assert rotated.count(f'"GET /v2/test/systemd/blobs/{digest} HTTP/1.1" - - 200 ') == 2
+    assert " TLSv1.3 " in rotated
+    # After USR1 the workers write to a new file: the request made then is there, only there.
+    access = (out / "access.log").read_text()
+    assert '"GET /v2/?rotated HTTP/1.1"' in access and "?rotated" not in rotated, access
     journal = (out / "journal.txt").read_text()
     assert "new workers serving" in journal, journal  # the reload: new workers, old ones drained
     assert f"edge.tls: {work}/certs/missing.crt: no such file" in journal, journal

@@ -13,10 +13,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from datetime import datetime
 from typing import IO, Any
+
+log = logging.getLogger("edgeproxy.accesslog")
 
 # nginx keeps a request body in memory (and so in $request_body) up to client_body_buffer_size,
 # 16k on 64-bit platforms; a larger body goes to a temporary file and logs as "-".
@@ -181,14 +184,28 @@ class AccessLog:
     def __init__(self, target: str, log_format: str = "main") -> None:
         self._format = format_json if log_format == "json" else format_main
         self._stream: IO[str] | None
-        self._owned = False
+        self._path = target if target not in ("off", "-") else None
         if target == "off":
             self._stream = None
         elif target == "-":
             self._stream = sys.stdout
         else:
-            self._stream = open(target, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
-            self._owned = True
+            self._stream = _open(target)
+        self._owned = self._path is not None
+
+    def reopen(self) -> None:
+        """Open the file again, as nginx does on SIGUSR1: logrotate has moved it. If it cannot
+        be opened, the lines go on to the old one."""
+        if self._path is None or self._stream is None:
+            return
+        try:
+            stream = _open(self._path)
+        except OSError as exc:
+            log.error("access log: cannot reopen %s: %s", self._path, exc.strerror)
+            return
+        old, self._stream = self._stream, stream
+        old.close()
+        log.info("reopened %s", self._path)
 
     def write(self, entry: Entry) -> None:
         if self._stream is not None:
@@ -200,3 +217,7 @@ class AccessLog:
         if self._owned and self._stream is not None:
             self._stream.close()
         self._stream = None
+
+
+def _open(path: str) -> IO[str]:
+    return open(path, "a", buffering=1, encoding="utf-8")  # appended, as nginx does

@@ -11,6 +11,7 @@ dies, and tells systemd (sd_notify) where it stands:
   drain (stop accepting, finish what is in flight, `shutdown_timeout` at most), then READY=1.
 - SIGTERM/SIGINT: STOPPING=1, the master closes its copies of the listeners, the workers
   drain and the master exits 0 when they are gone. A second signal forces them (SIGQUIT).
+- SIGUSR1: the workers reopen the access log (logrotate moved it), as nginx's do.
 
 The master waits in one `select` on the signals (`signal.set_wakeup_fd`) and on a pipe on
 which the workers report "ready PID" and "closed PID".
@@ -75,7 +76,7 @@ class Master:
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
-        handled = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+        handled = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1)
         for sig in handled:  # the handler does nothing: the wakeup fd carries the number
             signal.signal(sig, lambda *_: None)
         selector = selectors.DefaultSelector()
@@ -110,6 +111,10 @@ class Master:
             self._reload()
         elif signum in (signal.SIGTERM, signal.SIGINT):
             self._stop(force=self.stopping)
+        elif signum == signal.SIGUSR1:  # nginx's: reopen the logs (logrotate moved them)
+            log.info("reopening the access log")
+            for pid in self._workers():
+                _signal(pid, signal.SIGUSR1)
 
     # Workers
     def _spawn_all(self, generation: Generation) -> None:
@@ -131,6 +136,7 @@ class Master:
             for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the master's business
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the worker reopens its log
             os.close(self._reports)
             mine = {id(sock) for sock in generation.listeners.bound()}
             for sock in self.bound.values():  # another generation's address: not ours to hold
