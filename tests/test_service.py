@@ -195,9 +195,12 @@ def test_sighup_swaps_certificate_and_config_without_dropping_a_download(
         assert wait_until(lambda: "old workers drained" in process.log())
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGQUIT], ids=lambda s: s.name)
 def test_sigterm_drains_a_download_then_exits_0(
-    tmp_path: Path, notify_socket: NotifySocket
+    tmp_path: Path, notify_socket: NotifySocket, stop: signal.Signals
 ) -> None:
+    """SIGTERM, or SIGQUIT (nginx's graceful stop: Debian's nginx unit stops with it; by
+    default it would dump the master's core), to the master."""
     certs = tmp_path / "certs"
     self_signed(["127.0.0.1"], certs)
     digest = write_warm_blob(tmp_path / "cache", 256 << 20)
@@ -207,7 +210,7 @@ def test_sigterm_drains_a_download_then_exits_0(
         url = f"https://127.0.0.1:{https}/v2/test/big/blobs/{digest}"
         with download(url, certs / "server.crt") as body:
             hasher = hashlib.sha256(next(body))
-            os.kill(process.pid, signal.SIGTERM)
+            os.kill(process.pid, stop)
             assert notify_socket.next()["STOPPING"] == "1"
             # New connections are refused once every process closed its listener copy.
             assert wait_until(lambda: not accepts(https))

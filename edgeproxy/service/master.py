@@ -9,8 +9,9 @@ dies, and tells systemd (sd_notify) where it stands:
   new generation of workers starts on the same sockets (an address still configured keeps
   its socket: no connection is refused meanwhile); once all of them are ready, the old ones
   drain (stop accepting, finish what is in flight, `shutdown_timeout` at most), then READY=1.
-- SIGTERM/SIGINT: STOPPING=1, the master closes its copies of the listeners, the workers
-  drain and the master exits 0 when they are gone. A second signal forces them (SIGQUIT).
+- SIGTERM/SIGINT (or SIGQUIT, nginx's graceful stop): STOPPING=1, the master closes its copies
+  of the listeners, the workers drain and the master exits 0 when they are gone. A second
+  signal forces them (the master sends them SIGQUIT).
 - SIGUSR1: the workers reopen the access log (logrotate moved it), as nginx's do.
 
 The master waits in one `select` on the signals (`signal.set_wakeup_fd`) and on a pipe on
@@ -76,7 +77,10 @@ class Master:
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
-        handled = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1)
+        handled = (
+            *(signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT),
+            *(signal.SIGCHLD, signal.SIGUSR1),
+        )
         for sig in handled:  # the handler does nothing: the wakeup fd carries the number
             signal.signal(sig, lambda *_: None)
         selector = selectors.DefaultSelector()
@@ -109,7 +113,7 @@ class Master:
     def _on_signal(self, signum: int) -> None:
         if signum == signal.SIGHUP and not self.stopping:
             self._reload()
-        elif signum in (signal.SIGTERM, signal.SIGINT):
+        elif signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):  # QUIT: nginx's drain
             self._stop(force=self.stopping)
         elif signum == signal.SIGUSR1:  # nginx's: reopen the logs (logrotate moved them)
             log.info("reopening the access log")
@@ -133,8 +137,9 @@ class Master:
         code = 0
         try:
             signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
                 signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the master's business
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the worker reopens its log
             os.close(self._reports)
