@@ -22,6 +22,8 @@ from edgeproxy.mirror.manifests import OCI_INDEX, ManifestService
 from edgeproxy.mirror.names import (
     Route,
     Target,
+    if_range_holds,
+    names_etag,
     parse_accept,
     parse_count,
     parse_range,
@@ -151,9 +153,8 @@ class MirrorApp:
             "Content-Length": str(len(manifest.data)),
             "Cache-Status": status,
         }
-        if _etag_matches(request, manifest.digest):
-            del headers["Content-Length"]
-            return Response(status_code=304, headers=headers)
+        if _not_modified(request, manifest.digest):
+            return Response(status_code=304, headers=_without_content(headers))
         body = b"" if request.method == "HEAD" else manifest.data
         return Response(body, headers=headers, media_type=manifest.media_type)
 
@@ -164,7 +165,7 @@ class MirrorApp:
         if request.method == "HEAD":
             size = self.blobs.size(digest)
             if size is None:
-                return await self._head_cold_blob(target, upstream, digest)
+                return await self._head_cold_blob(request, target, upstream, digest)
             self.pulls.blob(target.local_name, digest)
             return _blob_response(request, digest, HIT, size, None)
         # A warm GET holds the blob open from here on: an eviction cannot cut its body short.
@@ -191,7 +192,7 @@ class MirrorApp:
         return _blob_response(request, digest, MISS, fill.size, body_of_fill)
 
     async def _head_cold_blob(
-        self, target: Target, upstream: UpstreamClient, digest: str
+        self, request: Request, target: Target, upstream: UpstreamClient, digest: str
     ) -> Response:
         """Answer from the upstream's HEAD: a HEAD never downloads the blob."""
         head = await upstream.request(
@@ -200,8 +201,9 @@ class MirrorApp:
         if head.status != 200:
             raise upstream.error(head.status, "BLOB_UNKNOWN", head.headers.get("retry-after"))
         length = head.headers.get("content-length")
-        headers = _blob_headers(digest, MISS, int(length) if length else None)
-        return Response(status_code=200, headers=headers)
+        if not length:
+            return Response(status_code=200, headers=_blob_headers(digest, MISS, None))
+        return _blob_response(request, digest, MISS, int(length), None)
 
     async def _tags(
         self, request: Request, route: Route, target: Target, upstream: UpstreamClient
@@ -262,11 +264,17 @@ def _blob_response(
     size: int,
     body: Callable[[int, int], AsyncIterator[bytes | memoryview]] | None,
 ) -> Response:
-    """The blob's answer: 304, 206 for a Range, headers only when `body` is None (HEAD)."""
+    """The blob's answer, headers only when `body` is None (HEAD). Conditions as Go's
+    http.ServeContent (registry:2's blob server) takes them: If-Match (412), If-None-Match
+    (304), then Range (206) unless If-Range names another version."""
     headers = _blob_headers(digest, cache_status, size)
-    if _etag_matches(request, digest):
-        return Response(status_code=304, headers=headers)
-    span = parse_range(request.headers.get("range"), size)
+    if_match = request.headers.getlist("if-match")
+    if if_match and not names_etag(if_match, headers["ETag"], weak=False):
+        return Response(status_code=412, headers=_without_content(headers))
+    if _not_modified(request, digest):
+        return Response(status_code=304, headers=_without_content(headers))
+    ranged = if_range_holds(request.headers.get("if-range"), headers["ETag"])
+    span = parse_range(request.headers.get("range"), size) if ranged else None
     status = 200
     start, end = 0, size
     if span is not None:
@@ -300,9 +308,16 @@ def _accept(request: Request) -> str | None:
     return parse_accept(request.headers.getlist("accept"))
 
 
-def _etag_matches(request: Request, digest: str) -> bool:
-    header = request.headers.get("if-none-match") or ""
-    return f'"{digest}"' in {tag.strip() for tag in header.split(",")}
+def _not_modified(request: Request, digest: str) -> bool:
+    """If-None-Match names the content's ETag, or is the bare digest (registry:2 takes that
+    for manifests)."""
+    values = request.headers.getlist("if-none-match")
+    return names_etag(values, f'"{digest}"', weak=True) or digest in values
+
+
+def _without_content(headers: dict[str, str]) -> dict[str, str]:
+    """A body-less answer's headers: no Content-Type or Content-Length (as Go sends a 304)."""
+    return {k: v for k, v in headers.items() if k not in ("Content-Type", "Content-Length")}
 
 
 def _json(document: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> Response:

@@ -1,6 +1,6 @@
-"""Parsing of everything a client puts in a registry URL: repository names, references,
-digests, Range headers and the upstream a request is for. Pure functions; each input is
-checked here once and becomes a typed value or a RegistryError.
+"""Parsing of everything a client puts in a registry request: repository names, references,
+digests, Range and conditional headers and the upstream a request is for. Pure functions;
+each input is checked here once and becomes a typed value or a RegistryError.
 """
 
 from __future__ import annotations
@@ -142,6 +142,25 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if start >= size:
         raise _unsatisfiable(size)
     return start, min(_number(last) + 1, size) if last else size
+
+
+def names_etag(values: list[str], etag: str, weak: bool) -> bool:
+    """Whether If-Match or If-None-Match `values` name the entity tag `etag` (quoted) or are
+    `*`: weak comparison (W/"x" names "x") for If-None-Match, strong for If-Match (RFC 9110)."""
+    for value in values:
+        for tag in value.split(","):  # our tags hold no comma
+            tag = tag.strip()
+            if weak and tag.startswith("W/"):
+                tag = tag[2:]
+            if tag in ("*", etag):
+                return True
+    return False
+
+
+def if_range_holds(value: str | None, etag: str) -> bool:
+    """Whether a Range applies under If-Range `value`: absent, or the same strong entity tag.
+    A date never holds: blobs carry no Last-Modified (registry:2 serves them with none)."""
+    return value is None or value.strip() == etag
 
 
 def parse_count(value: str) -> int:

@@ -2,7 +2,14 @@ import pytest
 
 from edgeproxy.config import UpstreamConfig
 from edgeproxy.mirror.errors import RegistryError
-from edgeproxy.mirror.names import Route, parse_range, parse_route, resolve_target
+from edgeproxy.mirror.names import (
+    Route,
+    if_range_holds,
+    names_etag,
+    parse_range,
+    parse_route,
+    resolve_target,
+)
 
 DIGEST = "sha256:" + "a" * 64
 HUB = UpstreamConfig(name="docker.io", url="https://registry-1.docker.io")
@@ -85,3 +92,24 @@ def test_ranges() -> None:
             parse_range(unsatisfiable, 100)
         assert caught.value.status == 416
         assert caught.value.headers["Content-Range"] == "bytes */100"
+
+
+def test_entity_tag_lists() -> None:
+    etag = '"sha256:aa"'
+    assert names_etag(['"sha256:aa"'], etag, weak=False)
+    assert names_etag(['"x", "sha256:aa"'], etag, weak=False)
+    assert names_etag(['"x"', ' "sha256:aa" '], etag, weak=False)  # one header per tag
+    assert names_etag(["*"], etag, weak=False)
+    assert names_etag(['W/"sha256:aa"'], etag, weak=True)
+    assert not names_etag(['W/"sha256:aa"'], etag, weak=False)  # If-Match compares strongly
+    assert not names_etag(["sha256:aa", '"sha256:ab"'], etag, weak=True)
+    assert not names_etag([], etag, weak=True)
+
+
+def test_if_range() -> None:
+    etag = '"sha256:aa"'
+    assert if_range_holds(None, etag)
+    assert if_range_holds('"sha256:aa"', etag)
+    assert not if_range_holds('W/"sha256:aa"', etag)
+    assert not if_range_holds('"sha256:ab"', etag)
+    assert not if_range_holds("Wed, 21 Oct 2015 07:28:00 GMT", etag)

@@ -1,0 +1,123 @@
+"""Conditional and ranged requests answered as the real registry answers them.
+
+registry:2 serves a stored blob with Go's http.ServeContent (the same code in proxy mode, once
+the blob is cached), so the oracle is the Debian docker-registry itself: each request goes to
+it and to a warm edgeproxy, and the answers must agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from edgeproxy.mirror.cache_status import HIT
+from edgeproxy.mirror.manifests import OCI_MANIFEST
+from tests.e2e.test_mirror_pull import largest_layer, upstream_entry
+from tests.support.images import Pushed
+from tests.support.registry import Registry
+from tests.support.servers import run_edgeproxy
+from tests.support.wait import wait_until
+
+pytestmark = pytest.mark.e2e
+
+DATE = "Wed, 21 Oct 2015 07:28:00 GMT"
+
+
+def blob_requests(digest: str) -> list[dict[str, str]]:
+    tag, other = f'"{digest}"', '"sha256:' + "0" * 64 + '"'
+    # Multiple ranges are left out: ServeContent answers multipart/byteranges, edgeproxy the
+    # whole blob (RFC 9110 lets a server ignore Range; no registry client sends two).
+    return [
+        {},
+        {"If-None-Match": tag},
+        {"If-None-Match": f"W/{tag}"},
+        {"If-None-Match": "*"},
+        {"If-None-Match": other},
+        {"If-None-Match": f"{other}, {tag}"},
+        {"If-Match": tag},
+        {"If-Match": "*"},
+        {"If-Match": other},
+        {"If-Match": f"W/{tag}"},
+        {"If-Match": other, "If-None-Match": tag},
+        {"Range": "bytes=10-19"},
+        {"Range": "bytes=-5"},
+        {"Range": "bytes=10-19", "If-Range": tag},
+        {"Range": "bytes=10-19", "If-Range": other},
+        {"Range": "bytes=10-19", "If-Range": f"W/{tag}"},
+        {"Range": "bytes=10-19", "If-Range": DATE},
+        {"Range": "bytes=10-19", "If-None-Match": tag},
+        {"Range": "bytes=10-19", "If-Match": other},
+    ]
+
+
+Answer = tuple[int, str | None, str | None, str | None, bytes | None]
+
+
+def answer(client: httpx.Client, method: str, url: str, headers: dict[str, str]) -> Answer:
+    """What must agree: the status, the range sent, the ETag, and the body with its length.
+    registry:2's 412 keeps the blob's Content-Length and sends no body (Go then closes the
+    connection): only a 200's or a 206's length and body are compared."""
+    with client.stream(method, url, headers=headers) as response:
+        sent = response.status_code in (200, 206)
+        return (
+            response.status_code,
+            response.headers.get("content-range"),
+            response.headers.get("etag"),
+            response.headers.get("content-length") if sent else None,
+            response.read() if sent else None,
+        )
+
+
+def test_blob_conditions_and_ranges_as_registry2(
+    registry_none: Registry,
+    push_all: Callable[[Registry], dict[str, Pushed]],
+    tmp_path: Path,
+) -> None:
+    item = push_all(registry_none)["multi"]
+    digest, blob = largest_layer(item)
+    path = f"/v2/{item.repo}/blobs/{digest}"
+    with (
+        run_edgeproxy(tmp_path, [upstream_entry(registry_none)]) as mirror,
+        httpx.Client(timeout=60) as client,
+    ):
+        # Cold, a HEAD is answered from the upstream's HEAD (the blob is not fetched) ...
+        gets = registry_none.count("GET", f"/blobs/{digest}")  # the registry is the session's
+        for headers in blob_requests(digest):
+            expected = answer(client, "HEAD", registry_none.url + path, headers)
+            assert answer(client, "HEAD", mirror.url + path, headers) == expected, headers
+        assert registry_none.count("GET", f"/blobs/{digest}") == gets
+        # ... warm, from the cache.
+        assert client.get(mirror.url + path).content == blob
+        # The fill commits just after its clients had the last byte.
+        assert wait_until(lambda: client.head(mirror.url + path).headers.get("cache-status") == HIT)
+        for method in ("GET", "HEAD"):
+            for headers in blob_requests(digest):
+                expected = answer(client, method, registry_none.url + path, headers)
+                assert answer(client, method, mirror.url + path, headers) == expected, (
+                    method,
+                    headers,
+                )
+
+
+def test_manifest_not_modified_as_registry2(
+    registry_none: Registry,
+    push_all: Callable[[Registry], dict[str, Pushed]],
+    tmp_path: Path,
+) -> None:
+    """registry:2 takes If-None-Match quoted or bare for manifests; edgeproxy takes both."""
+    item = push_all(registry_none)["small"]
+    digest = item.image.manifest_digest
+    path = f"/v2/{item.repo}/manifests/{digest}"
+    with (
+        run_edgeproxy(tmp_path, [upstream_entry(registry_none)]) as mirror,
+        httpx.Client(timeout=60) as client,
+    ):
+        for value in (f'"{digest}"', digest):
+            for base in (registry_none.url, mirror.url):
+                headers = {"If-None-Match": value, "Accept": OCI_MANIFEST}
+                response = client.get(base + path, headers=headers)
+                assert response.status_code == 304, (base, value)
+                assert response.content == b""
