@@ -321,3 +321,18 @@ def test_sigusr1_reopens_the_access_log_as_nginx_does(
         assert "?after" not in rotated.read_text()
         assert "reopening the access log" in process.log()  # the master passed it on
         assert re.findall(r"worker (\d+) started", process.log()) == workers  # none restarted
+
+
+def test_sigusr2_to_the_group_changes_nothing(tmp_path: Path, notify_socket: NotifySocket) -> None:
+    """nginx's binary upgrade signal, sent to every process (systemctl kill's default; by
+    default the signal kills): the master says it is not supported, and all keep serving."""
+    port = free_port()
+    config_path = write_toml(tmp_path / "proxy.toml", mirror_config(tmp_path, port))
+    with started(config_path, port, notify_socket) as process:
+        workers = re.findall(r"worker (\d+) started", process.log())
+        for pid in (process.pid, *map(int, workers)):
+            os.kill(pid, signal.SIGUSR2)
+        assert wait_until(lambda: "SIGUSR2 ignored" in process.log())
+        for _ in range(10):
+            assert httpx.get(f"{process.url}/v2/", headers={"Connection": "close"}).is_success
+        assert re.findall(r"worker (\d+) started", process.log()) == workers  # none restarted

@@ -13,6 +13,8 @@ dies, and tells systemd (sd_notify) where it stands:
   of the listeners, the workers drain and the master exits 0 when they are gone. A second
   signal forces them (the master sends them SIGQUIT).
 - SIGUSR1: the workers reopen the access log (logrotate moved it), as nginx's do.
+- SIGUSR2 (nginx's binary upgrade): refused with a log line, nothing stops. A new version is
+  run by a restart; new workers forked by a reload would run the master's old code.
 
 The master waits in one `select` on the signals (`signal.set_wakeup_fd`) and on a pipe on
 which the workers report "ready PID" and "closed PID".
@@ -79,7 +81,7 @@ class Master:
         old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
         handled = (
             *(signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT),
-            *(signal.SIGCHLD, signal.SIGUSR1),
+            *(signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2),
         )
         for sig in handled:  # the handler does nothing: the wakeup fd carries the number
             signal.signal(sig, lambda *_: None)
@@ -119,6 +121,8 @@ class Master:
             log.info("reopening the access log")
             for pid in self._workers():
                 _signal(pid, signal.SIGUSR1)
+        elif signum == signal.SIGUSR2:
+            log.warning("SIGUSR2 ignored: no binary upgrade here; restart to run a new version")
 
     # Workers
     def _spawn_all(self, generation: Generation) -> None:
@@ -142,6 +146,7 @@ class Master:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the master's business
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the worker reopens its log
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # sent to the group: the master's
             os.close(self._reports)
             mine = {id(sock) for sock in generation.listeners.bound()}
             for sock in self.bound.values():  # another generation's address: not ours to hold
