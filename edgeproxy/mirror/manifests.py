@@ -104,6 +104,9 @@ class ManifestService:
         return manifest
 
     def _remember(self, key: tuple[str, str], manifest: Manifest) -> None:
+        if key in self._memory:  # fetched again meanwhile: the same bytes
+            self._memory.move_to_end(key)
+            return
         self._memory[key] = manifest
         self._memory_bytes += len(manifest.data)
         while self._memory_bytes > MEMORY_BYTES:
@@ -126,26 +129,27 @@ class ManifestService:
     ) -> tuple[Manifest, str]:
         known = self._storage.read_tag(target.local_name, tag)
         cached = self._cached(target, known[0]) if known else None
-        usable = cached is not None and acceptable(cached.media_type, accept)
-        if known and usable and time.time() - known[1] < target.upstream.tag_ttl:
-            assert cached is not None
+        fresh = known is not None and time.time() - known[1] < target.upstream.tag_ttl
+        if cached is not None and fresh and acceptable(cached.media_type, accept):
             return cached, HIT
         try:
             digest = await self._revalidations.run(
                 (upstream.name, target.remote_name, tag, accept or ""),
                 lambda: _tag_digest(upstream, target, tag, accept),
             )
-            if usable and cached is not None and digest == cached.digest:
-                _keep(f"tag {tag}", self._storage.write_tag, target.local_name, tag, digest)
-                return cached, REVALIDATED
-            manifest = await self._fetch(upstream, target, digest or tag, accept)
+            # The tag's digest may be cached already (the same tag before, another tag).
+            manifest = self._cached(target, digest) if digest else None
+            status = REVALIDATED
+            if manifest is None:
+                manifest, status = await self._fetch(upstream, target, digest or tag, accept), MISS
         except RegistryError as exc:
             if cached is not None and _may_serve_stale(exc):
                 log.warning("serving %s:%s stale: %s", target.local_name, tag, exc.message)
                 return cached, STALE
             raise
-        _keep(f"tag {tag}", self._storage.write_tag, target.local_name, tag, manifest.digest)
-        return manifest, MISS
+        if _sees_lists(accept):
+            _keep(f"tag {tag}", self._storage.write_tag, target.local_name, tag, manifest.digest)
+        return manifest, status
 
     async def _fetch(
         self, upstream: UpstreamClient, target: Target, reference: str, accept: str | None
@@ -181,6 +185,13 @@ class ManifestService:
         manifest = Manifest(response.body, digest, media_type)
         self._remember((target.local_name, digest), manifest)
         return manifest
+
+
+def _sees_lists(accept: str | None) -> bool:
+    """Whether a client's Accept lets the upstream answer a tag with what it points to. To one
+    that takes no list, registries answer a multi-platform tag with its linux/amd64 manifest:
+    that answer must not become the tag for every other client."""
+    return acceptable(OCI_INDEX, accept) or acceptable(DOCKER_LIST, accept)
 
 
 async def _tag_digest(

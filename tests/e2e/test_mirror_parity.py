@@ -1,4 +1,5 @@
-"""Conditional and ranged requests answered as the real registry answers them.
+"""Requests answered as the real registry answers them: conditions and ranges, and tags
+asked for with an Accept that takes no list.
 
 registry:2 serves a stored blob with Go's http.ServeContent (the same code in proxy mode, once
 the blob is cached), so the oracle is the Debian docker-registry itself: each request goes to
@@ -16,9 +17,10 @@ import pytest
 from edgeproxy.mirror.cache_status import HIT
 from edgeproxy.mirror.manifests import OCI_MANIFEST
 from tests.e2e.test_mirror_pull import largest_layer, upstream_entry
-from tests.support.images import Pushed
+from tests.support.images import Image, Pushed
 from tests.support.registry import Registry
 from tests.support.servers import run_edgeproxy
+from tests.support.skopeo import skopeo
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -121,3 +123,34 @@ def test_manifest_not_modified_as_registry2(
                 response = client.get(base + path, headers=headers)
                 assert response.status_code == 304, (base, value)
                 assert response.content == b""
+
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+
+
+def test_a_narrow_accept_never_changes_the_tag_for_others(
+    registry_none: Registry, test_images: dict[str, Image], tmp_path: Path
+) -> None:
+    """registry:2 answers a tag of a Docker manifest list, to a client that takes no list,
+    with the linux/amd64 manifest. The mirror passes that answer on, but keeps the tag: a
+    client that takes lists still gets the list, from the cache while `tag_ttl` lasts."""
+    index = test_images["multiarch"]
+    repo = "test/docker-list"
+    skopeo(
+        "copy", "--all", "--format", "v2s2", "--dest-tls-verify=false", "--dest-no-creds",
+        f"oci:{index.layout}:{index.tag}", f"docker://{registry_none.host}/{repo}:v1",
+    )  # fmt: skip
+    path = f"/v2/{repo}/manifests/v1"
+    narrow = {"Accept": DOCKER_MANIFEST}
+    full = {"Accept": f"{DOCKER_LIST}, {DOCKER_MANIFEST}"}
+    entry = {**upstream_entry(registry_none), "tag_ttl": "1h"}
+    with run_edgeproxy(tmp_path, [entry]) as mirror, httpx.Client(timeout=60) as client:
+        for headers in (narrow, full, full):
+            expected = client.get(registry_none.url + path, headers=headers)
+            response = client.get(mirror.url + path, headers=headers)
+            assert response.status_code == expected.status_code == 200
+            assert response.headers["content-type"] == expected.headers["content-type"]
+            assert response.content == expected.content
+        assert expected.headers["content-type"] == DOCKER_LIST
+        assert response.headers["cache-status"] == HIT

@@ -147,6 +147,24 @@ def test_tag_ttl_trusts_a_tag_without_asking(tmp_path: Path) -> None:
         assert upstream.requests["HEAD /v2/a/b/manifests/v1"] == 1
 
 
+def test_a_tag_whose_digest_is_cached_is_not_fetched_again(tmp_path: Path) -> None:
+    """`v2` points where `v1` does (or a tag moves back): its HEAD is the only request, and
+    the manifest kept in memory is counted once."""
+    with fake_upstream() as upstream:
+        digest = upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
+        upstream.tags["v2"] = digest
+        mirror = mirror_of(upstream, tmp_path)
+        with serve_app(mirror) as url, httpx.Client(base_url=url) as client:
+            first = client.get("/v2/a/b/manifests/v1")
+            for _ in range(3):
+                again = client.get("/v2/a/b/manifests/v2")
+                assert again.headers["cache-status"] == "edgeproxy; fwd=stale; fwd-status=200"
+                assert again.content == first.content
+        assert upstream.requests[f"GET /v2/a/b/manifests/{digest}"] == 1
+        assert upstream.requests["HEAD /v2/a/b/manifests/v2"] == 3
+        assert mirror.manifests._memory_bytes == len(first.content)
+
+
 def test_bearer_token_is_cached_and_renewed_once_on_401(tmp_path: Path) -> None:
     with fake_upstream() as upstream:
         upstream.tokens = set()
