@@ -115,8 +115,15 @@ def resolve_target(name: str, namespace: str | None, upstreams: list[UpstreamCon
             upstream, remote = upstreams[0], name
     if upstream.adds_library_prefix and "/" not in remote:
         remote = f"library/{remote}"
-    local = remote if upstream is upstreams[0] else f"{upstream.name}/{remote}"
-    return Target(upstream, remote, local)
+    if upstream is not upstreams[0]:
+        return Target(upstream, remote, f"{upstream.name}/{remote}")
+    if by_name.get(remote.partition("/")[0], upstream) is not upstream:
+        # `?ns=<default>` (or `<default>/` before it) with `<other upstream>/repo`: its cache
+        # name would be the other upstream's, whose content and access rules it must not reach.
+        raise RegistryError(
+            "NAME_UNKNOWN", "the name starts with another upstream's name", {"name": name[:255]}
+        )
+    return Target(upstream, remote, remote)
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:

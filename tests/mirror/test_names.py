@@ -77,6 +77,22 @@ def test_upstream_selection() -> None:
     assert caught.value.status == 404
 
 
+@pytest.mark.parametrize(
+    ("name", "namespace"),
+    [("ghcr.io/owner/app", "docker.io"), ("docker.io/ghcr.io/owner/app", None)],
+)
+def test_the_default_upstream_never_reaches_another_upstreams_cache(
+    name: str, namespace: str | None
+) -> None:
+    """Its cache names carry no prefix: `ghcr.io/owner/app` there is ghcr.io's `owner/app`."""
+    with pytest.raises(RegistryError) as caught:
+        resolve_target(name, namespace, [HUB, GHCR])
+    assert caught.value.code == "NAME_UNKNOWN"
+    assert resolve_target("docker.io/owner/app", "docker.io", [HUB, GHCR]).local_name == (
+        "docker.io/owner/app"
+    )
+
+
 def test_ranges() -> None:
     assert parse_range(None, 100) is None
     assert parse_range("bytes=10-19", 100) == (10, 20)
