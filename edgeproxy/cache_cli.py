@@ -25,7 +25,13 @@ from edgeproxy.config import Config, UpstreamConfig
 from edgeproxy.mirror.app import MirrorApp
 from edgeproxy.mirror.errors import RegistryError
 from edgeproxy.mirror.eviction import Entry, Evictor, Inventory, Plan, references, scan
-from edgeproxy.mirror.names import Target, check_name, check_reference, resolve_target
+from edgeproxy.mirror.names import (
+    Target,
+    check_digest,
+    check_name,
+    check_reference,
+    resolve_target,
+)
 from edgeproxy.mirror.storage import FilesystemStorage
 from edgeproxy.mirror.verify import corrupt
 
@@ -240,12 +246,13 @@ async def _warm_one(mirror: MirrorApp, progress: Progress, image: str, platform:
             name = _platform_of(child)
             if platform is not None and name != platform and not name.startswith(platform + "/"):
                 continue
-            manifest, _ = await mirror.manifests.get(upstream, target, child["digest"], None)
+            digest = check_digest(str(child.get("digest")))  # the upstream's word: a path here
+            manifest, _ = await mirror.manifests.get(upstream, target, digest, None)
             mirror.pulls.manifest(target.local_name, manifest.digest)
             images.append(manifest)
         if not images:
             raise RegistryError("MANIFEST_UNKNOWN", f"no manifest for platform {platform}")
-    digests = sorted({d for manifest in images for d in references(manifest.data)})
+    digests = sorted({check_digest(d) for manifest in images for d in references(manifest.data)})
     for digest in digests:
         await _warm_blob(mirror, progress, target, digest)
     return len(digests)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from edgeproxy.cli import main
 from edgeproxy.mirror.storage import FilesystemStorage
 from tests.conftest import TEST_TAG
 from tests.e2e.test_mirror_pull import pull, pulled_digest, upstream_entry
+from tests.mirror.fake_upstream import MANIFEST_TYPE, digest_of, fake_upstream
 from tests.support.images import build_image, build_index, push, random_layer
 from tests.support.registry import Registry, start_registry
 from tests.support.servers import run_edgeproxy, write_toml
@@ -126,3 +128,27 @@ def test_check_reads_and_names_the_cache_limits(
     assert "mirror.cache.max_size: not a size" in err
     assert "mirror.cache.interval:" in err
     assert "mirror.cache.ttl: unknown key" in err
+
+
+def test_warm_refuses_a_digest_that_is_a_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A hostile upstream (or one on http:// behind a man in the middle) names a layer
+    `sha256:../..`: the digest is refused before it becomes a path."""
+    escape = "sha256:../../../../../../escaped"
+    document = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_TYPE,
+        "config": {"mediaType": "application/json", "digest": escape, "size": 1},
+        "layers": [],
+    }
+    data = json.dumps(document).encode()
+    with fake_upstream() as upstream:
+        upstream.manifests[digest_of(data)] = data
+        upstream.tags["v1"] = digest_of(data)
+        entry = {"name": "docker.io", "url": upstream.url}
+        mirror = {"root": str(tmp_path / "deep/down/cache"), "upstream": [entry]}
+        config = ["--config", str(write_toml(tmp_path / "cli.toml", {"mirror": mirror}))]
+        assert main(["cache", "warm", *config, "test/evil:v1"]) == 1
+    assert "invalid digest" in capsys.readouterr().err
+    assert not any(path.name.startswith("escaped") for path in tmp_path.rglob("*"))
