@@ -40,9 +40,7 @@ def mirror(tmp_path: Path, upstream: FakeUpstream) -> Iterator[tuple[MirrorApp, 
 
 def cache_files(app: MirrorApp) -> list[str]:
     root = app.config.root
-    return sorted(
-        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix != ".lock"
-    )
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
 def fetch(client: httpx.Client, path: str) -> tuple[int, bytes, bool]:

@@ -126,12 +126,16 @@ class FilePartialBlob(PartialBlob):
             target = self._storage.blob_path(self._digest)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.path, target)
+        except BaseException:
+            self.path.unlink(missing_ok=True)  # while locked: after, the path is the next fill's
+            raise
         finally:
             self._release()
 
     def abort(self) -> None:
-        self.path.unlink(missing_ok=True)
-        self._release()
+        if not self._released:  # else a failed commit removed the spool already
+            self.path.unlink(missing_ok=True)
+            self._release()
 
     def _release(self) -> None:
         if self._released:
@@ -139,9 +143,7 @@ class FilePartialBlob(PartialBlob):
         self._released = True
         os.close(self._fd)
         self._storage.fill_path(self._digest, "size").unlink(missing_ok=True)
-        # Unlink the lock file while still holding it; `_lock` re-checks the inode it locked.
-        self._storage.fill_path(self._digest, "lock").unlink(missing_ok=True)
-        os.close(self._lock_fd)
+        self._storage.unlock(self._digest, self._lock_fd)
 
 
 class FilesystemStorage(Storage):
@@ -162,9 +164,9 @@ class FilesystemStorage(Storage):
             lock_fd = self._lock(digest)
             if lock_fd is None:
                 continue  # a running fill, in another worker
-            for suffix in ("partial", "size", "lock"):
+            for suffix in ("partial", "size"):
                 self.fill_path(digest, suffix).unlink(missing_ok=True)
-            os.close(lock_fd)
+            self.unlock(digest, lock_fd)
 
     # Paths
     def blob_path(self, digest: str) -> Path:
@@ -209,23 +211,29 @@ class FilesystemStorage(Storage):
                 pass
             os.close(fd)  # the holder before us unlinked it: lock the new file instead
 
+    def unlock(self, digest: str, lock_fd: int) -> None:
+        """Let a fill lock go, unlinking its file while still holding it (`_lock` re-checks
+        the inode it locked): no lock file outlives its holder."""
+        self.fill_path(digest, "lock").unlink(missing_ok=True)
+        os.close(lock_fd)
+
     def try_begin_blob(self, digest: str) -> PartialBlob | None:
         lock_fd = self._lock(digest)
         if lock_fd is None:
             return None
         if self.blob_size(digest) is not None:  # committed by the holder we just followed
-            os.close(lock_fd)
+            self.unlock(digest, lock_fd)
             return None
         try:
             return FilePartialBlob(self, digest, lock_fd)
         except BaseException:
-            os.close(lock_fd)
+            self.unlock(digest, lock_fd)
             raise
 
     def partial_progress(self, digest: str) -> tuple[int, int | None] | None:
         lock_fd = self._lock(digest)
         if lock_fd is not None:  # nobody holds it: no fill is running
-            os.close(lock_fd)
+            self.unlock(digest, lock_fd)
             return None
         try:
             written = self.fill_path(digest, "partial").stat().st_size
