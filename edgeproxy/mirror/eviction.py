@@ -161,14 +161,15 @@ def plan(inventory: Inventory, limits: CacheConfig, now: float) -> Plan:
 
 
 def execute(storage: Storage, planned: Plan, taken: float) -> Plan:
-    """Remove what was planned, except what was pulled since the scan began (and what such
-    a manifest references); return what was removed."""
+    """Remove what was planned, except what was pulled since the scan began and what such a
+    manifest references (an index's children: the plan puts an index before them); return
+    what was removed."""
     kept: set[str] = set()
     manifests = []
     for entry in planned.manifests:
         name, digest = entry.manifest.name, entry.manifest.digest
         last_pull = storage.manifest_last_pull(name, digest)
-        if last_pull is not None and last_pull > taken:
+        if digest in kept or (last_pull is not None and last_pull > taken):
             kept |= entry.refs | {digest}
             continue
         storage.remove_manifest(name, digest)

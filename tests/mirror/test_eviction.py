@@ -188,6 +188,20 @@ def test_content_pulled_after_the_scan_is_not_removed(storage: FilesystemStorage
     assert storage.repositories() == ["a"]
 
 
+def test_an_index_pulled_after_the_scan_keeps_its_children(storage: FilesystemStorage) -> None:
+    children = [put_image(storage, "multi", [os.urandom(100)], age=9 * DAY, tag="") for _ in "ab"]
+    document = {"mediaType": INDEX, "manifests": [{"digest": d} for d in children]}
+    index = put_manifest(storage, "multi", document, age=9 * DAY, tag="v1")
+    inventory = scan(storage)
+    planned = plan(inventory, CacheConfig(max_age=7 * DAY), inventory.taken)
+    assert len(planned.manifests) == 3
+    time.sleep(0.01)
+    storage.record_manifest_pull("multi", index)  # `docker pull multi:v1`, just then
+    done = execute(storage, planned, inventory.taken)
+    assert (done.manifests, done.blobs) == ([], [])
+    assert all(storage.read_manifest("multi", d) is not None for d in children)
+
+
 def test_one_evictor_at_a_time(storage: FilesystemStorage) -> None:
     put_image(storage, "a", [os.urandom(100)], age=10 * DAY)
     evictor = Evictor(CacheConfig(max_age=7 * DAY), storage, storage.root / "edgeproxy")
