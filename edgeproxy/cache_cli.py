@@ -260,12 +260,14 @@ async def _warm_one(mirror: MirrorApp, progress: Progress, image: str, platform:
 
 async def _warm_blob(mirror: MirrorApp, progress: Progress, target: Target, digest: str) -> None:
     label = digest[7:19]
+    upstream = mirror.upstreams[target.upstream.name]
+    if mirror.blobs.needs_confirming(target.local_name, digest):  # cached for another image
+        await mirror.blobs.confirm(upstream, target, digest)
     size = mirror.blobs.size(digest)
     if size is not None:
         mirror.pulls.blob(target.local_name, digest)
         progress.add_task(f"{label} cached", total=size, completed=size)
         return
-    upstream = mirror.upstreams[target.upstream.name]
     fill = await mirror.blobs.fill(upstream, target, digest)
     task = progress.add_task(label, total=fill.size)
     async for chunk in mirror.blobs.read_fill(fill, 0, fill.size):

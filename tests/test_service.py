@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from edgeproxy.edge.certs import self_signed
+from edgeproxy.mirror.storage import FilesystemStorage
 from tests.support.ports import free_port
 from tests.support.servers import EdgeproxyProcess, write_toml
 from tests.support.wait import wait_until
@@ -104,8 +105,9 @@ def test_notify_ready_reload_refused_reload_stopping(
     assert "Traceback" not in process.log()
 
 
-def write_warm_blob(root: Path, size: int) -> str:
-    """A blob of `size` bytes straight into the cache (registry:2's layout); its digest."""
+def write_warm_blob(root: Path, size: int, repository: str = "test/big") -> str:
+    """A blob of `size` bytes straight into the cache (registry:2's layout), linked in
+    `repository`; its digest."""
     block = os.urandom(1 << 20)
     hasher = hashlib.sha256()
     staging = root / "staging"
@@ -119,7 +121,9 @@ def write_warm_blob(root: Path, size: int) -> str:
     data = root / "docker/registry/v2/blobs/sha256" / hexdigest[:2] / hexdigest / "data"
     data.parent.mkdir(parents=True)
     staging.rename(data)
-    return f"sha256:{hexdigest}"
+    digest = f"sha256:{hexdigest}"
+    FilesystemStorage(root).link_blob(repository, digest)
+    return digest
 
 
 def edge_config(tmp_path: Path, ports: tuple[int, int], certs: Path, **edge: Any) -> dict[str, Any]:

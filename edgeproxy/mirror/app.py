@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 from edgeproxy.config import MirrorConfig
 from edgeproxy.mirror.auth import TOKEN_PATH, Authenticator
 from edgeproxy.mirror.blobs import BlobService
-from edgeproxy.mirror.cache_status import HIT, MISS, STALE, forwarded
+from edgeproxy.mirror.cache_status import HIT, MISS, REVALIDATED, STALE, forwarded
 from edgeproxy.mirror.errors import RegistryError
 from edgeproxy.mirror.eviction import Evictor
 from edgeproxy.mirror.manifests import OCI_INDEX, ManifestService
@@ -162,19 +162,23 @@ class MirrorApp:
         self, request: Request, route: Route, target: Target, upstream: UpstreamClient
     ) -> Response:
         digest = route.reference
+        status = HIT
+        if self.blobs.needs_confirming(target.local_name, digest):
+            await self.blobs.confirm(upstream, target, digest)
+            status = REVALIDATED
         if request.method == "HEAD":
             size = self.blobs.size(digest)
             if size is None:
                 return await self._head_cold_blob(request, target, upstream, digest)
             self.pulls.blob(target.local_name, digest)
-            return _blob_response(request, digest, HIT, size, None)
+            return _blob_response(request, digest, status, size, None)
         # A warm GET holds the blob open from here on: an eviction cannot cut its body short.
         reader = self.blobs.open_stored(digest)
         if reader is not None:
             self.pulls.blob(target.local_name, digest)
             body = functools.partial(self.blobs.read_stored, reader, request.scope["scheme"])
             try:
-                response = _blob_response(request, digest, HIT, reader.size, body)
+                response = _blob_response(request, digest, status, reader.size, body)
             except BaseException:
                 reader.close()
                 raise
@@ -195,15 +199,10 @@ class MirrorApp:
         self, request: Request, target: Target, upstream: UpstreamClient, digest: str
     ) -> Response:
         """Answer from the upstream's HEAD: a HEAD never downloads the blob."""
-        head = await upstream.request(
-            "HEAD", f"/v2/{target.remote_name}/blobs/{digest}", target.remote_name
-        )
-        if head.status != 200:
-            raise upstream.error(head.status, "BLOB_UNKNOWN", head.headers.get("retry-after"))
-        length = head.headers.get("content-length")
-        if not length:
+        length = await self.blobs.confirm(upstream, target, digest)
+        if length is None:
             return Response(status_code=200, headers=_blob_headers(digest, MISS, None))
-        return _blob_response(request, digest, MISS, int(length), None)
+        return _blob_response(request, digest, MISS, length, None)
 
     async def _tags(
         self, request: Request, route: Route, target: Target, upstream: UpstreamClient

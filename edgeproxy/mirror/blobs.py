@@ -7,6 +7,10 @@ last byte is held back until the digest matched, so nobody is ever served a wron
 When another process holds the fill (workers share the root), this process follows that
 fill's spool file instead of fetching again.
 
+A blob is served only through a repository the upstream gave it in: the one whose GET
+fetched it, or one the upstream confirmed with a HEAD. registry:2 serves its cache only
+through repositories that link a blob; a name that merely knows a digest gets nothing.
+
 When the spool cannot be written (the disk is full: ENOSPC, or any other write error), the
 fill goes on without it: the blob is streamed to the clients already reading it, still
 verified, and not cached; the slowest of them then sets the pace of the upstream read, so
@@ -20,15 +24,16 @@ import collections
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from edgeproxy import metrics
 from edgeproxy.mirror.blobstream import BlobStreamError
 from edgeproxy.mirror.errors import RegistryError
 from edgeproxy.mirror.names import Target
+from edgeproxy.mirror.shared import SharedCalls
 from edgeproxy.mirror.storage import BlobReader, PartialBlob, Storage
-from edgeproxy.mirror.upstream import UpstreamClient, UpstreamUnavailable
+from edgeproxy.mirror.upstream import UpstreamClient, UpstreamResponse, UpstreamUnavailable
 
 log = logging.getLogger("edgeproxy.blobs")
 
@@ -53,8 +58,11 @@ class Fill:
     reader is past it.
     """
 
-    def __init__(self, digest: str) -> None:
+    def __init__(self, digest: str, name: str) -> None:
         self.digest = digest
+        # The repositories it is for: the one it started for (its GET asks there), and those
+        # the upstream confirmed meanwhile. All are linked when it commits.
+        self.names = {name}
         self.size: int | None = None
         self.received = 0
         self.written = 0
@@ -163,11 +171,50 @@ class BlobService:
         self._storage = storage
         self._fills: dict[str, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._heads: SharedCalls[tuple[str, str, str], UpstreamResponse] = SharedCalls()
 
     async def aclose(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # Which repository may have a blob
+    def needs_confirming(self, name: str, digest: str) -> bool:
+        """Whether `digest` is held here (stored, or being filled) but was never given in
+        repository `name`: the upstream must confirm it there first."""
+        fill = self._fills.get(digest)
+        if fill is not None and not fill.committed:
+            return name not in fill.names
+        if self._storage.blob_size(digest) is None:
+            return False
+        return not self._storage.blob_linked(name, digest)
+
+    async def confirm(self, upstream: UpstreamClient, target: Target, digest: str) -> int | None:
+        """The upstream's HEAD of the blob in `target`'s repository (one for concurrent
+        callers): its length, or its error raised. A blob held here is then linked there (at
+        its fill's commit if it is still filling). Never downloads the blob."""
+        head = await self._heads.run(
+            (upstream.name, target.remote_name, digest),
+            lambda: upstream.request(
+                "HEAD", f"/v2/{target.remote_name}/blobs/{digest}", target.remote_name
+            ),
+        )
+        if head.status != 200:
+            raise upstream.error(head.status, "BLOB_UNKNOWN", head.headers.get("retry-after"))
+        fill = self._fills.get(digest)
+        if fill is not None and not fill.committed:
+            fill.names.add(target.local_name)
+        elif self._storage.blob_size(digest) is not None:
+            self._link([target.local_name], digest)
+        length = head.headers.get("content-length")
+        return int(length) if length and length.isdigit() else None
+
+    def _link(self, names: Iterable[str], digest: str) -> None:
+        for name in names:
+            try:
+                self._storage.link_blob(name, digest)
+            except OSError as exc:  # the blob is safe; the next request asks the upstream again
+                log.warning("no layer link for %s in %s: %s", digest, name, exc)
 
     # Warm
     def size(self, digest: str) -> int | None:
@@ -212,7 +259,7 @@ class BlobService:
         """The running fill of `digest`, started if needed; returns once its size is known."""
         fill = self._fills.get(digest)
         if fill is None:
-            fill = self._fills[digest] = Fill(digest)
+            fill = self._fills[digest] = Fill(digest, target.local_name)
             task = asyncio.create_task(self._run(fill, upstream, target))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -264,13 +311,21 @@ class BlobService:
 
     async def _run(self, fill: Fill, upstream: UpstreamClient, target: Target) -> None:
         try:
+            asked = False
             while not fill.done:
-                if (size := self._storage.blob_size(fill.digest)) is not None:
-                    fill.advance(size)  # committed, here or by another process
-                    fill.start(size)
-                    fill.commit()
-                elif not await self._download(fill, upstream, target):
+                size = self._storage.blob_size(fill.digest)
+                if size is None and await self._download(fill, upstream, target):
+                    return
+                if not asked:  # another process fetches it: ask in our repository, as our GET
+                    await self.confirm(upstream, target, fill.digest)
+                    asked = True
+                if size is None:
                     await self._follow(fill)
+                else:  # committed by another process
+                    fill.advance(size)
+                    fill.start(size)
+                    self._link(fill.names, fill.digest)
+                    fill.commit()
         except RegistryError as exc:
             fill.fail(exc)
         except Exception as exc:
@@ -316,10 +371,7 @@ class BlobService:
             await asyncio.to_thread(partial.abort)
             raise
         metrics.fetch_ended(pulled=fill.written)
-        try:
-            self._storage.link_blob(target.local_name, fill.digest)
-        except OSError as exc:  # the blob is safe; only the repository's link is missing
-            log.warning("no layer link for %s in %s: %s", fill.digest, target.local_name, exc)
+        self._link(fill.names, fill.digest)
         fill.commit()
         log.info("cached %s (%s bytes) from %s", fill.digest, fill.written, upstream.name)
         return True

@@ -154,3 +154,23 @@ def test_a_narrow_accept_never_changes_the_tag_for_others(
             assert response.content == expected.content
         assert expected.headers["content-type"] == DOCKER_LIST
         assert response.headers["cache-status"] == HIT
+
+
+def test_a_cached_blob_through_a_repository_without_it(
+    registry_none: Registry,
+    push_all: Callable[[Registry], dict[str, Pushed]],
+    tmp_path: Path,
+) -> None:
+    """registry:2 answers 404 for a blob asked through a repository that does not have it;
+    the mirror too, though it has the bytes (cached through another repository)."""
+    item = push_all(registry_none)["small"]
+    digest = item.image.layer_digests[0]
+    with (
+        run_edgeproxy(tmp_path, [upstream_entry(registry_none)]) as mirror,
+        httpx.Client(timeout=60) as client,
+    ):
+        assert client.get(f"{mirror.url}/v2/{item.repo}/blobs/{digest}").status_code == 200
+        for base in (registry_none.url, mirror.url):
+            answer = client.get(f"{base}/v2/test/elsewhere/blobs/{digest}")
+            assert answer.status_code == 404, base
+            assert answer.json()["errors"][0]["code"] == "BLOB_UNKNOWN"

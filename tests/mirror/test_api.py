@@ -11,8 +11,10 @@ import pytest
 
 from edgeproxy.config import config_from_dict
 from edgeproxy.mirror.app import MirrorApp
+from edgeproxy.mirror.cache_status import HIT
 from tests.mirror.fake_upstream import FakeUpstream, fake_upstream, mirror_of
 from tests.support.servers import serve_app
+from tests.support.wait import wait_until
 
 
 @pytest.fixture
@@ -163,6 +165,38 @@ def test_a_tag_whose_digest_is_cached_is_not_fetched_again(tmp_path: Path) -> No
         assert upstream.requests[f"GET /v2/a/b/manifests/{digest}"] == 1
         assert upstream.requests["HEAD /v2/a/b/manifests/v2"] == 3
         assert mirror.manifests._memory_bytes == len(first.content)
+
+
+def test_a_cached_blob_is_served_only_where_the_upstream_has_it(tmp_path: Path) -> None:
+    """Knowing a digest is not enough: through another repository the upstream is asked
+    (HEAD, never a second download) before the cached bytes go out, and a repository is
+    linked only when the upstream said yes (no folder for every name a client makes up)."""
+    with fake_upstream() as upstream:
+        layer = b"private layer" * 1000
+        digest = upstream.add_blob(layer)
+        upstream.faults[f"/secret/blobs/{digest}"] = 404  # only a/b has it upstream
+        mirror = mirror_of(upstream, tmp_path)
+        repositories = tmp_path / "docker/registry/v2/repositories"
+        with serve_app(mirror) as url, httpx.Client(base_url=url) as client:
+            assert client.get(f"/v2/a/b/blobs/{digest}").content == layer
+            assert wait_until(lambda: mirror.storage.blob_size(digest) is not None)
+            for method in ("GET", "HEAD"):
+                refused = client.request(method, f"/v2/x/secret/blobs/{digest}")
+                assert refused.status_code == 404
+                assert refused.headers["cache-status"] == "edgeproxy; fwd=miss; fwd-status=404"
+            assert refused.request.method == "HEAD"
+            assert client.get(f"/v2/x/secret/blobs/{digest}").json()["errors"][0]["code"] == (
+                "BLOB_UNKNOWN"
+            )
+            assert not (repositories / "x").exists()
+            shared = client.get(f"/v2/c/d/blobs/{digest}")  # the same layer in another image
+            assert shared.content == layer
+            assert shared.headers["cache-status"] == "edgeproxy; fwd=stale; fwd-status=200"
+            assert client.get(f"/v2/c/d/blobs/{digest}").headers["cache-status"] == HIT
+        assert mirror.storage.blob_linked("c/d", digest)
+        assert upstream.requests[f"HEAD /v2/c/d/blobs/{digest}"] == 1
+        blob_gets = [r for r in upstream.requests if r.startswith("GET ") and "/blobs/" in r]
+        assert blob_gets == [f"GET /v2/a/b/blobs/{digest}"]
 
 
 def test_bearer_token_is_cached_and_renewed_once_on_401(tmp_path: Path) -> None:

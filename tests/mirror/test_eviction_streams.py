@@ -56,6 +56,7 @@ def warm_blob(tmp_path: Path) -> Iterator[tuple[FilesystemStorage, str, bytes]]:
     assert partial is not None
     partial.write(blob)
     partial.commit()
+    storage.link_blob("test/big", digest)  # as its fill would: the repository it came from
     yield storage, digest, blob
 
 

@@ -108,6 +108,10 @@ class Storage(ABC):
         """Record that repository `name` uses a blob (registry:2's _layers link)."""
 
     @abstractmethod
+    def blob_linked(self, name: str, digest: str) -> bool:
+        """Whether repository `name` has a blob's link: the upstream gave it there."""
+
+    @abstractmethod
     def read_manifest(self, name: str, digest: str) -> bytes | None: ...
 
     @abstractmethod
@@ -135,8 +139,7 @@ class Storage(ABC):
 
     @abstractmethod
     def record_blob_pull(self, name: str, digest: str) -> None:
-        """Mark a blob pulled now through repository `name`, and link it there as registry:2
-        would (a layer shared with an image cached before); nothing if it is not stored."""
+        """Mark a blob pulled now through repository `name`; nothing if it is not stored."""
 
     @abstractmethod
     def blobs(self) -> Iterator[StoredBlob]:

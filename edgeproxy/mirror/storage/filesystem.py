@@ -256,6 +256,9 @@ class FilesystemStorage(Storage):
         if not link.exists():
             _write_atomic(link, digest.encode())
 
+    def blob_linked(self, name: str, digest: str) -> bool:
+        return self._digest_link(self._repo(name) / "_layers", digest).exists()
+
     def read_manifest(self, name: str, digest: str) -> bytes | None:
         revisions = self._repo(name) / "_manifests" / "revisions"
         if _read_link(self._digest_link(revisions, digest)) != digest:
@@ -318,10 +321,6 @@ class FilesystemStorage(Storage):
 
     def record_blob_pull(self, name: str, digest: str) -> None:
         _touch(self.blob_path(digest))
-        # Bookkeeping never fails a pull (a read-only or full disk still serves the cache).
-        with contextlib.suppress(OSError):
-            if self.blob_size(digest) is not None:
-                self.link_blob(name, digest)
 
     def manifest_last_pull(self, name: str, digest: str) -> float | None:
         return _mtime(self._revision(name, digest))
