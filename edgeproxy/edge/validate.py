@@ -25,8 +25,11 @@ def request_line_status(line: bytes) -> int | None:
         return 400
     if match["major"] is None:
         return None  # HTTP/0.9: left to the HTTP parser
-    major, minor = int(match["major"]), int(match["minor"])
-    if major < 1 or major > 99 or minor > 99:
+    # Past 99 before int(): it refuses more than 4300 digits, and a line may hold 32 KiB.
+    if any(len(match[part].lstrip(b"0")) > 2 for part in ("major", "minor")):
+        return 400
+    major = int(match["major"])
+    if major < 1:
         return 400
     return 505 if major > 1 else None
 

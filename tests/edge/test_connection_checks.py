@@ -29,6 +29,9 @@ from edgeproxy.edge.validate import head_status, request_line_status
         (b"GET / HTTP/0.9", 400),
         (b"GET / HTTP/2.0", 505),
         (b"GET / HTTP/10.0", 505),
+        (b"GET / HTTP/001.01", None),  # nginx counts the value, not the digits
+        (b"GET / HTTP/1.100", 400),
+        (b"GET / HTTP/1." + b"1" * 5000, 400),  # past int()'s 4300 digits: still nginx's 400
         (b"\x16\x03\x01\x00", 400),
     ],
 )
