@@ -61,6 +61,16 @@ def test_errors_name_file_and_key(tmp_path: Path) -> None:
     assert f"{path}: mirror.upstream.0.bogus: unknown key" in message
 
 
+def test_a_file_that_is_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A Latin-1 byte in a comment: a message, not a traceback (a reload keeps the old config)."""
+    path = tmp_path / "proxy.toml"
+    path.write_bytes(b"# caf\xe9\n[mirror]\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path)
+    assert main(["check", "--config", str(path)]) == 1
+    assert f"{path}: not UTF-8 (byte 5)" in capsys.readouterr().err
+
+
 def test_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "--config", str(ROOT / "proxy.toml")]) == 0
     bad = tmp_path / "bad.toml"
