@@ -177,6 +177,7 @@ class _Exchange:
         """413 and close, as nginx answers while it reads; the backend sees the client gone
         (a points-to backend's request is cut, never ended as if whole), and what it still
         sends is dropped."""
+        self.read_before_answer = False  # the 413 goes now, not once the body has ended
         if not self.started:
             await send_page(self.send, 413, close=True)
         self._refused = True

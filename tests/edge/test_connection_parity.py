@@ -359,3 +359,16 @@ def test_chunked_body_over_the_limit_to_the_embedded_mirror(
     theirs = exchange(nginx.port, upload, body=chunked(3 << 20))
     assert outcome(ours) == outcome(theirs) == (413, "413 Request Entity Too Large")
     assert under.status == 405  # under the limit: the mirror's answer to a write
+    with run_edge(tmp_path, OFFLINE, tls=False, client_max_body_size="1m", workers=1) as edge:
+        ours_early = answer_before_the_body_ends(edge.http_port, upload)
+    assert ours_early == answer_before_the_body_ends(nginx.port, upload) == b"HTTP/1.1 413 "
+
+
+def answer_before_the_body_ends(port: int, upload: bytes) -> bytes:
+    """Send 2 MiB of a chunked body, small pieces, and never its end: nginx answers 413 as
+    the limit is crossed. The edge did only once the body ended, each piece past the limit
+    a deeper recursion (a RecursionError, so a 500, after a few hundred)."""
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.settimeout(30)
+        conn.sendall(upload + chunked(2 << 20, piece=1024)[: -len(b"0\r\n\r\n")])
+        return conn.recv(13)
