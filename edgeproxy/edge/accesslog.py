@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import IO, Any
@@ -24,6 +26,7 @@ log = logging.getLogger("edgeproxy.accesslog")
 # nginx keeps a request body in memory (and so in $request_body) up to client_body_buffer_size,
 # 16k on 64-bit platforms; a larger body goes to a temporary file and logs as "-".
 REQUEST_BODY_LOGGED = 16 * 1024
+WRITE_ERROR_EVERY = 60.0  # seconds between two error lines about a log that cannot be written
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -192,6 +195,7 @@ class AccessLog:
         else:
             self._stream = _open(target)
         self._owned = self._path is not None
+        self._failed_at = -WRITE_ERROR_EVERY
 
     def reopen(self) -> None:
         """Open the file again, as nginx does on SIGUSR1: logrotate has moved it. If it cannot
@@ -204,18 +208,29 @@ class AccessLog:
             log.error("access log: cannot reopen %s: %s", self._path, exc.strerror)
             return
         old, self._stream = self._stream, stream
-        old.close()
+        with contextlib.suppress(OSError):  # its last lines could not be written (a full disk)
+            old.close()
         log.info("reopened %s", self._path)
 
     def write(self, entry: Entry) -> None:
-        if self._stream is not None:
+        """One line; one that cannot be written (ENOSPC, EIO, a closed stdout) is dropped
+        with an error line at most once a minute: the request it logs is not failed for it."""
+        if self._stream is None:
+            return
+        try:
             self._stream.write(self._format(entry) + "\n")
             if not self._owned:
                 self._stream.flush()
+        except OSError as exc:
+            now = time.monotonic()
+            if now - self._failed_at >= WRITE_ERROR_EVERY:
+                self._failed_at = now
+                log.error("access log: write to %s failed: %s", self._path or "-", exc)
 
     def close(self) -> None:
         if self._owned and self._stream is not None:
-            self._stream.close()
+            with contextlib.suppress(OSError):
+                self._stream.close()
         self._stream = None
 
 

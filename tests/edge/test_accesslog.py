@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+
+import pytest
 
 from edgeproxy.edge.accesslog import AccessLog, Entry, basic_user, cache_state, escape, format_main
 
@@ -101,3 +104,16 @@ def test_log_file_main_and_json(tmp_path: Path) -> None:
     assert record["ssl_protocol"] == "TLSv1.3"
     assert record["request_time"] == 0.012
     AccessLog("off").write(entry())  # writes nothing, raises nothing
+
+
+def test_a_full_disk_drops_lines_not_requests(caplog: pytest.LogCaptureFixture) -> None:
+    """/dev/full answers every write ENOSPC: no exception reaches the request, and the error
+    log says so once, not once per request."""
+    full = AccessLog("/dev/full")
+    with caplog.at_level(logging.ERROR, logger="edgeproxy.accesslog"):
+        for _ in range(3):
+            full.write(entry())
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "write to /dev/full failed" in errors[0]
+    full.close()  # its buffer holds a line it cannot write: dropped too
