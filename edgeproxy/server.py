@@ -149,12 +149,13 @@ async def serve(config: Config, listeners: Listeners, report: int | None = None)
     health = HealthMonitor(config.mirror.root, config.mirror.upstream, config.health)
     servers: list[tuple[_Server, socket.socket]] = []
     mirror: MirrorApp | None = None
-    routed: Any = None  # the mirror with its metrics and /debug/health
+    measured: Any = None  # the mirror, its requests counted by route
     if listeners.mirror is not None or (edge is not None and edge.embedded):
         mirror = MirrorApp(config.mirror)
-        routed = _with_health(metrics.RequestMetrics(mirror), health)
+        measured = metrics.RequestMetrics(mirror)
         mirror.start()
     if listeners.mirror is not None:
+        routed = _with_health(measured, health)
         server = _uvicorn(routed, access_log=True, timeout_keep_alive=120)
         servers.append((server, listeners.mirror))
         host, port = listeners.mirror.getsockname()[:2]
@@ -163,7 +164,9 @@ async def serve(config: Config, listeners: Listeners, report: int | None = None)
     access_log: AccessLog | None = None
     if edge is not None:
         if edge.embedded:
-            backend: Any = routed
+            # Not /debug/health: its upstream errors are not for the public edge (nginx in
+            # front of registry:2 passes that path to the registry's API port, which 404s it).
+            backend: Any = measured
         else:
             # Here, not at the top: aiohttp costs every worker ~10 MB that embedded never uses.
             from edgeproxy.edge.proxy import ProxyBackend
@@ -189,7 +192,7 @@ async def serve(config: Config, listeners: Listeners, report: int | None = None)
         await _run(servers, report)
     finally:
         if access_log is not None:
-            loop.remove_signal_handler(signal.SIGUSR1)
+            _stop_handling(loop, [signal.SIGUSR1], report)
         checking.cancel()
         if mirror is not None:
             await mirror.aclose()
@@ -275,12 +278,23 @@ async def _run(servers: list[tuple[_Server, socket.socket]], report: int | None)
         drain()
         await asyncio.wait(tasks)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
-            loop.remove_signal_handler(sig)
+        _stop_handling(loop, [signal.SIGINT, signal.SIGTERM, signal.SIGQUIT], report)
     for task in tasks:
         error = task.exception()
         if error is not None:
             raise error
+
+
+def _stop_handling(
+    loop: asyncio.AbstractEventLoop, signals: list[signal.Signals], report: int | None
+) -> None:
+    """Remove the loop's handlers. A worker (it reports to a master) then ignores the
+    signals: it is on its way out, and their defaults (KeyboardInterrupt, a core dump, death
+    by USR1 from logrotate) would cut its clean-up short."""
+    for sig in signals:
+        loop.remove_signal_handler(sig)
+        if report is not None:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def _report(fd: int | None, event: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,8 +80,10 @@ def test_unwritable_cache_turns_503_and_recovers(tmp_path: Path, registry_none: 
             assert document["storage"]["status"] == "down"
             assert "Operation not permitted" in document["storage"]["error"]
             assert document["upstreams"]["docker.io"]["status"] == "ok"
-            # The mirror's own listener answers the same path.
+            # The mirror's own listener answers the same path; the public edge does not.
             assert wait_until(lambda: answered(f"{process.url}/debug/health", 503, answers))
+            edge = tomllib.loads((tmp_path / "proxy.toml").read_text())["edge"]["http"]
+            assert httpx.get(f"http://{edge}/debug/health", timeout=30).status_code == 404
         assert wait_until(lambda: health(url) == (200, healthy(["docker.io"])))
     assert "storage " in process.log() and " is down: " in process.log()
     assert " is back" in process.log()

@@ -277,8 +277,8 @@ class Master:
 
     def _abandon(self, generation: Generation) -> None:
         self.next = None
-        for pid in generation.pids:
-            _signal(pid, signal.SIGQUIT)
+        for pid in generation.pids:  # TERM: one still starting dies (QUIT would dump its
+            _signal(pid, signal.SIGTERM)  # core), one that serves finishes what it took
         self.draining.append(generation)
         generation.closed = set(generation.pids)  # they are stopped, not awaited for READY
         self._close_unused()
