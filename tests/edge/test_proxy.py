@@ -4,6 +4,8 @@ receives, what the client gets back, streaming both ways, 502 and 504."""
 from __future__ import annotations
 
 import hashlib
+import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -174,3 +176,49 @@ def test_backend_down_is_502() -> None:
     assert "502 Bad Gateway" in response.text
     assert head.status_code == 502
     assert head.content == b""
+
+
+class EndlessBackend:
+    """A backend that sends a 1 GiB body in 1 MiB pieces to its one client, and counts what
+    its socket took before the edge closed the connection."""
+
+    SIZE = 1 << 30
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.sent = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn, self.listener:
+            while b"\r\n\r\n" not in conn.recv(65536):
+                pass
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.SIZE
+            piece = b"x" * (1 << 20)
+            try:
+                conn.sendall(head)
+                while self.sent < self.SIZE:
+                    conn.sendall(piece)
+                    self.sent += len(piece)
+            except OSError:
+                pass  # the edge closed it
+
+
+def test_a_client_that_leaves_stops_the_backend_download() -> None:
+    """nginx closes the upstream connection when its client aborts; the edge used to read
+    the rest of a multi-GB layer from the backend and drop it (uvicorn's send() returns
+    quietly once the client is gone)."""
+    backend = EndlessBackend()
+    with serve_edge_app(ProxyEdge(backend.url, read_timeout=30)) as edge:
+        with httpx.Client(timeout=30) as client, client.stream("GET", f"{edge}/v2/x/blobs/y") as r:
+            assert r.status_code == 200
+            next(r.iter_raw())  # some of it, then gone
+        backend.thread.join(timeout=120)
+    assert not backend.thread.is_alive()
+    assert backend.sent < EndlessBackend.SIZE // 4
