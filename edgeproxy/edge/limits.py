@@ -36,9 +36,8 @@ class HeadMeter:
         self.begun = False  # a byte of this request arrived
         self.head = bytearray()  # this head's bytes so far (the buffers bound it)
         self.request_line_done = False
-        # Where the request line ends in the data last fed (its LF) and starts (0 if before).
+        # Where the request line ends in the data last fed (its LF), if it ended there.
         self.line_end: int | None = None
-        self.line_start = 0
         self._request_line = True
         self._size = BUFFER  # the buffer the current line is in
         self._start = 0  # where the current line starts in it
@@ -61,7 +60,7 @@ class HeadMeter:
             self._check()
             if complete:
                 if self._request_line and self._line > 2:
-                    self.line_start, self.line_end = max(0, end + 1 - self._line), end
+                    self.line_end = end
                 self._line_done()
 
     @property

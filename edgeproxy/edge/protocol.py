@@ -80,6 +80,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._receiving = False  # a request's bytes are still arriving
         self._line_checked = False  # this request's line went through request_line_status
+        self._held = b""  # the CR or spaces that may end a request line still arriving
         self._refused = False
         self._began = 0.0  # when this request's first byte came, for $request_time
         self._linger_timer: asyncio.TimerHandle | None = None
@@ -124,8 +125,19 @@ class EdgeHttpProtocol(HttpToolsProtocol):
                 if status is not None:
                     self._refuse(status)
                     return
-            if self._meter.line_end is not None:
-                data = _request_line_for_llhttp(data, self._meter.line_start, self._meter.line_end)
+            if not self._meter.request_line_done:
+                # A CR or spaces that may end the line wait for the next read: its LF decides
+                # what llhttp gets (`_request_line_for_llhttp`).
+                data = self._held + data
+                kept = len(data.rstrip(b"\r "))
+                data, self._held = data[:kept], data[kept:]
+                if data:
+                    super().data_received(data)
+                return
+            end, held = self._meter.line_end, len(self._held)
+            data, self._held = self._held + data, b""
+            if end is not None:
+                data = _request_line_for_llhttp(data, held + end)
         super().data_received(data)
 
     def on_message_begin(self) -> None:
@@ -285,11 +297,13 @@ def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
     return False
 
 
-def _request_line_for_llhttp(data: bytes, start: int, end: int) -> bytes:
+def _request_line_for_llhttp(data: bytes, end: int) -> bytes:
     """nginx takes a request line ended by a bare LF, or with spaces after the version; llhttp
-    does not (it takes a bare LF in headers only): end it with CR LF and no spaces for it."""
+    does not (it takes a bare LF in headers only): end it with CR LF and no spaces for it.
+    `data` holds the whole line (and any empty lines before it); its LF is at `end`."""
     if data[end - 1 : end] == b"\r" and data[end - 2 : end - 1] != b" ":
         return data  # as nearly every client sends it
+    start = data.rfind(b"\n", 0, end) + 1
     line = data[start:end].rstrip(b"\r ")
     return data[:start] + line + b"\r\n" + data[end + 1 :]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, closing, suppress
 from dataclasses import dataclass
@@ -169,6 +170,23 @@ def test_malformed_requests_as_nginx(case: str, sides: tuple[Server, Server]) ->
         results.append((outcome(answer), fields(line)))
         assert exchange(server.port, get()).status == 200  # and it serves the next client
     assert results[1] == results[0]
+
+
+@pytest.mark.parametrize("first", [b"GET / HTTP/1.1\r", b"GET / HTTP/1.1 \r", b"GET / HTTP/1.1"])
+def test_a_request_line_whose_end_comes_in_the_next_read(
+    first: bytes, sides: tuple[Server, Server]
+) -> None:
+    """The line's CR (or spaces) in one segment, its LF in the next: as nginx, a request
+    (it was a 400: the line had gone to llhttp before its end was known)."""
+    rest = (b"\n" if first.endswith(b"\r") else b"\r\n") + b"Host: x\r\nConnection: close\r\n\r\n"
+    statuses = []
+    for server in sides:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
+            conn.sendall(first)
+            time.sleep(0.2)  # two segments, most likely; either way the answer must be 200
+            conn.sendall(rest)
+            statuses.append(conn.recv(12))
+    assert statuses == [b"HTTP/1.1 200"] * 2
 
 
 def test_the_malformed_cases_cover_each_answer(sides: tuple[Server, Server]) -> None:
