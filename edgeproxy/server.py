@@ -83,6 +83,7 @@ def _uvicorn(app: Any, **options: Any) -> _Server:
             loop="none",
             http=options.pop("http", "httptools"),
             lifespan="off",  # the apps are closed by `serve`, once, after every server stopped
+            ws="none",  # an Upgrade is a plain request here, as nginx proxies it by default
             log_config=None,
             server_header=False,
             **options,

@@ -545,6 +545,20 @@ def test_bare_question_mark_kept(open_pair: Pair) -> None:
     assert backend_view(ours.backend) == backend_view(theirs.backend)
 
 
+def test_a_websocket_upgrade_is_a_plain_request_as_nginx(open_pair: Pair) -> None:
+    """nginx proxies Upgrade only when told to (the seed does not): a plain GET, Upgrade and
+    Connection not passed on. uvicorn tried the handshake and answered 400."""
+    case = request(
+        "GET", "/v2/", "Connection: close, Upgrade", "Upgrade: websocket",
+        "Sec-WebSocket-Version: 13", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    )  # fmt: skip
+    case = case.replace(b"Connection: close\r\n", b"", 1)
+    theirs, ours = send(open_pair.nginx, case), send(open_pair.edge, case)
+    assert response_view(ours.answer) == response_view(theirs.answer)
+    assert ours.answer.status == 200
+    assert backend_view(ours.backend) == backend_view(theirs.backend)
+
+
 def test_expect_continue_as_nginx(open_pair: Pair) -> None:
     case = request("GET", "/v2/", "Expect: 100-continue", length=0)
     theirs, ours = send(open_pair.nginx, case), send(open_pair.edge, case)
