@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from edgeproxy.edge.accesslog import cache_state
+from edgeproxy.edge.forward import header
 from edgeproxy.mirror.errors import RegistryError
 from edgeproxy.mirror.names import parse_route
 
@@ -119,16 +121,14 @@ class RequestMetrics:
         metrics = _metrics
         route = _route(scope["path"])
         status = 0
-        cache_status = ""
+        cache_status: bytes | None = None
         sent = 0
 
         async def counting_send(message: Message) -> None:
             nonlocal status, cache_status, sent
             if message["type"] == "http.response.start":
                 status = message["status"]
-                for name, value in message.get("headers", ()):
-                    if name.lower() == b"cache-status":
-                        cache_status = value.decode("latin-1")
+                cache_status = header(message.get("headers", ()), b"cache-status")
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
             await send(message)
@@ -142,13 +142,12 @@ class RequestMetrics:
             if kind is not None and 200 <= status < 300:
                 metrics.proxy_requests.labels(kind).inc()
                 metrics.pushed.labels(kind).inc(sent)
-                # RFC 9211: "hit" (maybe "detail=stale"), "fwd=miss", "fwd=stale" (revalidated)
-                tokens = {token.strip() for token in cache_status.split(";")}
-                if "hit" in tokens or "fwd=stale" in tokens:
+                state = cache_state(cache_status)
+                if state in ("HIT", "STALE", "REVALIDATED"):  # registry:2 counts them as hits
                     metrics.hits.labels(kind).inc()
-                elif "fwd=miss" in tokens:
+                elif state == "MISS":
                     metrics.misses.labels(kind).inc()
-                if "detail=stale" in tokens:
+                if state == "STALE":
                     metrics.stale.labels(kind).inc()
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import IO, Any
 
+from edgeproxy.edge.forward import header
+
 log = logging.getLogger("edgeproxy.accesslog")
 
 # nginx keeps a request body in memory (and so in $request_body) up to client_body_buffer_size,
@@ -129,13 +131,13 @@ def request_entry(
     $http_* fields; `tls` is the session's (protocol, cipher); it ends now."""
 
     def text(name: bytes) -> str:
-        return next((value for key, value in headers if key == name), b"").decode("latin-1")
+        return (header(headers, name) or b"").decode("latin-1")
 
     protocol, cipher = tls or ("", "")
     return Entry(
         server_name=server_name,
         remote_addr=client[0] if client else "",
-        remote_user=basic_user(next((v for k, v in headers if k == b"authorization"), None)),
+        remote_user=basic_user(header(headers, b"authorization")),
         time=datetime.now().astimezone(),
         request=request,
         request_body=request_body,
@@ -167,16 +169,14 @@ def basic_user(authorization: bytes | None) -> str:
 
 def cache_state(cache_status: bytes | None) -> str:
     """HIT / MISS / STALE / REVALIDATED from an RFC 9211 Cache-Status of the mirror."""
-    if not cache_status:
-        return ""
-    text = cache_status.decode("latin-1")
-    if "detail=stale" in text:
+    tokens = {token.strip() for token in (cache_status or b"").decode("latin-1").split(";")}
+    if "detail=stale" in tokens:
         return "STALE"
-    if "fwd=stale" in text:
+    if "fwd=stale" in tokens:
         return "REVALIDATED"
-    if "fwd=miss" in text:
+    if "fwd=miss" in tokens:
         return "MISS"
-    if "; hit" in text:
+    if "hit" in tokens:
         return "HIT"
     return ""
 
