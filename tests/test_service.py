@@ -3,7 +3,9 @@ certificate) under a download in flight, a refused reload, SIGTERM's drain."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import os
 import re
 import signal
@@ -17,8 +19,10 @@ from typing import Any
 import httpx
 import pytest
 
+from edgeproxy.config import config_from_dict
 from edgeproxy.edge.certs import self_signed
 from edgeproxy.mirror.storage import FilesystemStorage
+from edgeproxy.service.master import Master
 from tests.support.ports import free_port
 from tests.support.servers import EdgeproxyProcess, write_toml
 from tests.support.wait import wait_until
@@ -340,3 +344,20 @@ def test_sigusr2_to_the_group_changes_nothing(tmp_path: Path, notify_socket: Not
         for _ in range(10):
             assert httpx.get(f"{process.url}/v2/", headers={"Connection": "close"}).is_success
         assert re.findall(r"worker (\d+) started", process.log()) == workers  # none restarted
+
+
+def test_a_refused_fork_is_an_error_line_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """EAGAIN from fork() (a pid or memory limit): at start the master exits 1 with a line
+    saying so; nginx's master logs "fork() failed" the same way and goes on serving."""
+    config = config_from_dict(mirror_config(tmp_path, free_port()))
+
+    def refused() -> int:
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", refused)
+    master = Master(tmp_path / "proxy.toml", config, lambda *_: None)
+    with caplog.at_level(logging.ERROR, logger="edgeproxy"):
+        assert master.run() == 1
+    assert "cannot start a worker: fork failed: Resource temporarily unavailable" in caplog.text

@@ -83,13 +83,16 @@ class Master:
             *(signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT),
             *(signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2),
         )
+        previous = {sig: signal.getsignal(sig) for sig in handled}
         for sig in handled:  # the handler does nothing: the wakeup fd carries the number
             signal.signal(sig, lambda *_: None)
         selector = selectors.DefaultSelector()
         selector.register(wake_r, selectors.EVENT_READ)
         selector.register(self._reports, selectors.EVENT_READ)
         try:
-            self._spawn_all(self.current)
+            if not self._spawn_all(self.current):
+                self.failed = True
+                self._stop(force=False)
             while self._workers():
                 for key, _ in selector.select():
                     if key.fileobj is wake_r:
@@ -100,8 +103,8 @@ class Master:
                 self._reap()
         finally:
             signal.set_wakeup_fd(old_wakeup)
-            for sig in handled:
-                signal.signal(sig, signal.SIG_DFL)
+            for sig, handler in previous.items():  # None: set outside Python, unknown here
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
             selector.close()
             wake_r.close()
             wake_w.close()
@@ -125,17 +128,23 @@ class Master:
             log.warning("SIGUSR2 ignored: no binary upgrade here; restart to run a new version")
 
     # Workers
-    def _spawn_all(self, generation: Generation) -> None:
-        for _ in range(generation.config.worker_count):
-            self._spawn(generation)
+    def _spawn_all(self, generation: Generation) -> bool:
+        return all(self._spawn(generation) for _ in range(generation.config.worker_count))
 
-    def _spawn(self, generation: Generation) -> None:
-        pid = os.fork()
+    def _spawn(self, generation: Generation) -> bool:
+        """Start a worker; False when the system refuses the fork (EAGAIN, ENOMEM): the
+        running workers go on, as nginx's master goes on after "fork() failed"."""
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            log.error("cannot start a worker: fork failed: %s", exc.strerror or exc)
+            return False
         if pid == 0:  # pragma: no cover - the child's life ends in os._exit
             self._child(generation)
         generation.pids.add(pid)
         self.started[pid] = time.monotonic()
         log.info("worker %d started", pid)
+        return True
 
     def _child(self, generation: Generation) -> None:
         code = 0
@@ -261,7 +270,9 @@ class Master:
         notify.reloading()
         self.announced = False
         self.next = Generation(config, listeners)
-        self._spawn_all(self.next)
+        if not self._spawn_all(self.next):
+            log.error("reload failed: a new worker could not start; keeping the running config")
+            self._abandon(self.next)
 
     def _switch(self) -> None:
         """The new workers all accept: the old ones drain."""
