@@ -15,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 from edgeproxy.config import MirrorConfig
 from edgeproxy.mirror.auth import TOKEN_PATH, Authenticator
 from edgeproxy.mirror.blobs import BlobService
+from edgeproxy.mirror.byteranges import Byteranges, Read
 from edgeproxy.mirror.cache_status import HIT, MISS, REVALIDATED, STALE, forwarded
 from edgeproxy.mirror.errors import RegistryError
 from edgeproxy.mirror.eviction import Evictor
@@ -26,7 +27,7 @@ from edgeproxy.mirror.names import (
     names_etag,
     parse_accept,
     parse_count,
-    parse_range,
+    parse_ranges,
     parse_route,
     resolve_target,
 )
@@ -177,14 +178,7 @@ class MirrorApp:
         if reader is not None:
             self.pulls.blob(target.local_name, digest)
             body = functools.partial(self.blobs.read_stored, reader, request.scope["scheme"])
-            try:
-                response = _blob_response(request, digest, status, reader.size, body)
-            except BaseException:
-                reader.close()
-                raise
-            if not isinstance(response, StreamingResponse):  # else its body closes the reader
-                reader.close()
-            return response
+            return _blob_response(request, digest, status, reader.size, body, reader.close)
         fill = await self.blobs.fill(upstream, target, digest)
         if fill.size is None:  # an upstream that sent no length: stream it all, chunked
             return StreamingResponse(
@@ -261,31 +255,67 @@ def _blob_response(
     digest: str,
     cache_status: str,
     size: int,
-    body: Callable[[int, int], AsyncIterator[bytes | memoryview]] | None,
+    body: Read | None,
+    release: Callable[[], None] | None = None,
 ) -> Response:
-    """The blob's answer, headers only when `body` is None (HEAD). Conditions as Go's
+    """The blob's answer, headers only when `body` is None (HEAD); `release` (an open blob's
+    close) is called once the answer no longer needs `body`: after its last byte, or at once."""
+    try:
+        status, headers, content = _blob_answer(request, digest, cache_status, size, body)
+    except BaseException:
+        if release is not None:
+            release()
+        raise
+    if content is None:
+        if release is not None:
+            release()
+        return Response(status_code=status, headers=headers)
+    if release is not None:
+        content = _releasing(content, release)
+    return StreamingResponse(content, status_code=status, headers=headers)
+
+
+def _blob_answer(
+    request: Request, digest: str, cache_status: str, size: int, body: Read | None
+) -> tuple[int, dict[str, str], AsyncIterator[bytes | memoryview] | None]:
+    """Status, headers and body of a blob's answer, with the conditions as Go's
     http.ServeContent (registry:2's blob server) takes them: If-Match (412), If-None-Match
-    (304), then Range (206) unless If-Range names another version."""
+    (304), then Range (206, multipart for several spans) unless If-Range names another
+    version."""
     headers = _blob_headers(digest, cache_status, size)
     if_match = request.headers.getlist("if-match")
     if if_match and not names_etag(if_match, headers["ETag"], weak=False):
-        return Response(status_code=412, headers=_without_content(headers))
+        return 412, _without_content(headers), None
     if _not_modified(request, digest):
-        return Response(status_code=304, headers=_without_content(headers))
+        return 304, _without_content(headers), None
     ranged = if_range_holds(request.headers.get("if-range"), headers["ETag"])
-    span = parse_range(request.headers.get("range"), size) if ranged else None
-    status = 200
-    start, end = 0, size
-    if span is not None:
-        start, end = span
-        status = 206
+    try:
+        spans = parse_ranges(request.headers.get("range"), size) if ranged else []
+    except RegistryError as exc:  # a 416 names the blob as well, as Go's does
+        exc.headers = {**_without_content(headers), **exc.headers}
+        raise
+    start, end = spans[0] if len(spans) == 1 else (0, size)
+    parts = Byteranges(spans, size, headers["Content-Type"]) if len(spans) > 1 else None
+    if len(spans) == 1:
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         headers["Content-Length"] = str(end - start)
+    elif parts is not None:
+        headers["Content-Type"] = parts.content_type
+        headers["Content-Length"] = str(parts.length)
+    status = 206 if spans else 200
     if body is None:
-        return Response(status_code=status, headers=headers)
-    return StreamingResponse(
-        body(start, end), status_code=status, headers=headers, media_type=headers["Content-Type"]
-    )
+        return status, headers, None
+    return status, headers, body(start, end) if parts is None else parts.body(body)
+
+
+async def _releasing(
+    content: AsyncIterator[bytes | memoryview], release: Callable[[], None]
+) -> AsyncIterator[bytes | memoryview]:
+    try:
+        async for chunk in content:
+            yield chunk
+    finally:
+        release()
 
 
 def _blob_headers(digest: str, cache_status: str, size: int | None) -> dict[str, str]:

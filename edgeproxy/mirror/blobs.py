@@ -232,27 +232,25 @@ class BlobService:
         self, reader: BlobReader, scheme: str, start: int, end: int
     ) -> AsyncIterator[bytes | memoryview]:
         """Bytes [start, end) of an open blob, sent over `scheme`: from the page cache on the
-        event loop, else read in a thread (the disk may be cold)."""
+        event loop, else read in a thread (the disk may be cold). The caller closes `reader`:
+        one answer may read several spans of it."""
         piece = READ_CHUNK.get(scheme, CHUNK)
-        try:
-            position = start
-            while position < end:
-                length = min(piece, end - position)
-                chunk = reader.read_cached(position, length)
-                if chunk is None:
-                    chunk = await asyncio.to_thread(reader.read, position, length)
-                else:
-                    # A fast client never makes the send wait: give the other connections a turn.
-                    await asyncio.sleep(0)
-                if not chunk:
-                    raise OSError("a cached blob is shorter than its size")
-                position += len(chunk)
-                yield chunk
-                # Sent, the empty piece waits in uvicorn's send() until the client took this
-                # one: a stalled client holds one piece, not two (1.09 MiB, not 2.06).
-                yield b""
-        finally:
-            reader.close()
+        position = start
+        while position < end:
+            length = min(piece, end - position)
+            chunk = reader.read_cached(position, length)
+            if chunk is None:
+                chunk = await asyncio.to_thread(reader.read, position, length)
+            else:
+                # A fast client never makes the send wait: give the other connections a turn.
+                await asyncio.sleep(0)
+            if not chunk:
+                raise OSError("a cached blob is shorter than its size")
+            position += len(chunk)
+            yield chunk
+            # Sent, the empty piece waits in uvicorn's send() until the client took this
+            # one: a stalled client holds one piece, not two (1.09 MiB, not 2.06).
+            yield b""
 
     # Cold
     async def fill(self, upstream: UpstreamClient, target: Target, digest: str) -> Fill:

@@ -28,6 +28,8 @@ _ROUTE = re.compile(
 _TAGS = re.compile(r"/v2/(?P<name>.+)/tags/list", re.DOTALL)
 # Past any blob and any page: Python's int() refuses strings over 4300 digits.
 _HUGE = 10**20
+# One byte-range-spec, spaces around its numbers allowed (Go trims them).
+_RANGE_SPEC = re.compile(r"([0-9]*)[ \t]*-[ \t]*([0-9]*)")
 
 Kind = Literal["base", "catalog", "manifests", "blobs", "tags", "referrers"]
 
@@ -126,29 +128,44 @@ def resolve_target(name: str, namespace: str | None, upstreams: list[UpstreamCon
     return Target(upstream, remote, remote)
 
 
-def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """(start, end exclusive) for a single satisfiable byte range; None to send it all.
+def parse_ranges(header: str | None, size: int) -> list[tuple[int, int]]:
+    """The (start, end exclusive) spans of a Range header, as Go's http.ServeContent (the
+    registry's blob server) reads them; an empty list sends the whole body.
 
-    Multiple ranges are answered with the whole body (RFC 9110 lets a server ignore Range);
-    an unsatisfiable one raises RANGE_INVALID (416).
+    A malformed range is RANGE_INVALID (416), as is a set where none overlaps the body (with
+    `Content-Range: bytes */size`); a span that does not overlap is dropped, and spans that add
+    up to more than the body are ignored. Where Go departs from RFC 9110, the RFC wins: another
+    range unit is ignored (200, not 416), `-0` is unsatisfiable (Go sends a 206 with an
+    impossible Content-Range), and a number past any body means "to the end".
     """
     if not header:
-        return None
-    unit, _, spec = header.partition("=")
-    match = re.fullmatch(r"\s*([0-9]*)-([0-9]*)\s*", spec)
-    if unit.strip().lower() != "bytes" or not match or match.group(1, 2) == ("", ""):
-        return None
-    first, last = match.group(1, 2)
-    if not first:  # a suffix range: the last N bytes
-        if _number(last) == 0:
-            raise _unsatisfiable(size)
-        return max(0, size - _number(last)), size
-    start = _number(first)
-    if last and _number(last) < start:  # syntactically invalid: ignored, as RFC 9110 says
-        return None
-    if start >= size:
+        return []
+    unit, _, specs = header.partition("=")
+    if unit.strip().lower() != "bytes":
+        return []
+    spans = []
+    for spec in specs.split(","):
+        spec = spec.strip(" \t")
+        if not spec:
+            continue
+        match = _RANGE_SPEC.fullmatch(spec)
+        if match is None or match.group(1, 2) == ("", ""):
+            raise _invalid_range(spec)
+        first, last = match.group(1, 2)
+        if not first:  # a suffix range: the last N bytes; zero of them is none at all
+            if _number(last) and size:
+                spans.append((max(0, size - _number(last)), size))
+            continue
+        start = _number(first)
+        if last and _number(last) < start:
+            raise _invalid_range(spec)
+        if start < size:
+            spans.append((start, min(_number(last) + 1, size) if last else size))
+    if not spans and specs.strip(" \t,"):
         raise _unsatisfiable(size)
-    return start, min(_number(last) + 1, size) if last else size
+    if sum(end - start for start, end in spans) > size:  # Go: "probably an attack"
+        return []
+    return spans
 
 
 def names_etag(values: list[str], etag: str, weak: bool) -> bool:
@@ -187,6 +204,10 @@ def parse_accept(values: list[str]) -> str | None:
 def _number(digits: str) -> int:
     digits = digits.lstrip("0") or "0"
     return int(digits) if len(digits) < 20 else _HUGE
+
+
+def _invalid_range(spec: str) -> RegistryError:
+    return RegistryError("RANGE_INVALID", "invalid range", {"range": spec[:64]})
 
 
 def _unsatisfiable(size: int) -> RegistryError:

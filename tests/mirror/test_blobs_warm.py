@@ -58,10 +58,8 @@ def test_read_stored_sends_the_range_in_pieces_of_the_schemes_size(
     service = BlobService(FilesystemStorage(tmp_path / "root"))
 
     async def read() -> list[bytes]:
-        return [
-            bytes(piece)
-            async for piece in service.read_stored(reader_type(path), scheme, start, end)
-        ]
+        with contextlib.closing(reader_type(path)) as reader:
+            return [bytes(piece) async for piece in service.read_stored(reader, scheme, start, end)]
 
     pieces = asyncio.run(read())
     assert b"".join(pieces) == data[start:end]
@@ -111,5 +109,6 @@ def test_a_stalled_client_holds_one_piece_not_two(tmp_path: Path, blob: tuple[Pa
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    asyncio.run(run())
+    with contextlib.closing(reader):
+        asyncio.run(run())
     assert reader.offsets == {0}

@@ -6,7 +6,7 @@ from edgeproxy.mirror.names import (
     Route,
     if_range_holds,
     names_etag,
-    parse_range,
+    parse_ranges,
     parse_route,
     resolve_target,
 )
@@ -94,18 +94,27 @@ def test_the_default_upstream_never_reaches_another_upstreams_cache(
 
 
 def test_ranges() -> None:
-    assert parse_range(None, 100) is None
-    assert parse_range("bytes=10-19", 100) == (10, 20)
-    assert parse_range("bytes=90-", 100) == (90, 100)
-    assert parse_range("bytes=90-1000", 100) == (90, 100)
-    assert parse_range("bytes=-10", 100) == (90, 100)
-    assert parse_range("bytes=-1000", 100) == (0, 100)
-    assert parse_range("bytes=0-1,5-6", 100) is None  # multiple ranges: the whole body
-    assert parse_range("bytes=20-10", 100) is None
-    assert parse_range("items=0-1", 100) is None
-    for unsatisfiable in ("bytes=100-", "bytes=-0"):
+    assert parse_ranges(None, 100) == []
+    assert parse_ranges("bytes=10-19", 100) == [(10, 20)]
+    assert parse_ranges("bytes=90-", 100) == [(90, 100)]
+    assert parse_ranges("bytes=90-1000", 100) == [(90, 100)]
+    assert parse_ranges("bytes=0-" + "9" * 30, 100) == [(0, 100)]
+    assert parse_ranges("bytes=-10", 100) == [(90, 100)]
+    assert parse_ranges("bytes=-1000", 100) == [(0, 100)]
+    assert parse_ranges("bytes= 0-1 ,\t5 - 6,", 100) == [(0, 2), (5, 7)]
+    assert parse_ranges("bytes=0-1,200-,5-6", 100) == [(0, 2), (5, 7)]  # no overlap: dropped
+    assert parse_ranges("bytes=-0,5-6", 100) == [(5, 7)]
+    assert parse_ranges("bytes=0-,0-", 100) == []  # more than the body: ignored, as Go does
+    assert parse_ranges("items=0-1", 100) == []  # RFC 9110: an unknown unit is ignored
+    assert parse_ranges("bytes=", 100) == parse_ranges("bytes=,", 100) == []
+    for invalid in ("bytes=20-10", "bytes=abc", "bytes=-", "bytes=1-2-3", "bytes=+1-2"):
         with pytest.raises(RegistryError) as caught:
-            parse_range(unsatisfiable, 100)
+            parse_ranges(invalid, 100)
+        assert caught.value.status == 416
+        assert "Content-Range" not in caught.value.headers
+    for unsatisfiable in ("bytes=100-", "bytes=-0", "bytes=100-,200-"):
+        with pytest.raises(RegistryError) as caught:
+            parse_ranges(unsatisfiable, 100)
         assert caught.value.status == 416
         assert caught.value.headers["Content-Range"] == "bytes */100"
 
