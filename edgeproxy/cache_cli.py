@@ -236,7 +236,7 @@ def _platform_of(descriptor: dict[str, object]) -> str:
 async def _warm_one(mirror: MirrorApp, progress: Progress, image: str, platform: str | None) -> int:
     target, reference = parse_image(image, list(mirror.config.upstream))
     upstream = mirror.upstreams[target.upstream.name]
-    top, _ = await mirror.manifests.get(upstream, target, reference, None)
+    top, _ = await mirror.manifests.get(upstream, target, reference)
     mirror.pulls.manifest(target.local_name, top.digest)
     images = [top]
     document = json.loads(top.data)
@@ -247,7 +247,7 @@ async def _warm_one(mirror: MirrorApp, progress: Progress, image: str, platform:
             if platform is not None and name != platform and not name.startswith(platform + "/"):
                 continue
             digest = check_digest(str(child.get("digest")))  # the upstream's word: a path here
-            manifest, _ = await mirror.manifests.get(upstream, target, digest, None)
+            manifest, _ = await mirror.manifests.get(upstream, target, digest)
             mirror.pulls.manifest(target.local_name, manifest.digest)
             images.append(manifest)
         if not images:

@@ -144,7 +144,7 @@ class MirrorApp:
     async def _manifest(
         self, request: Request, route: Route, target: Target, upstream: UpstreamClient
     ) -> Response:
-        manifest, status = await self.manifests.get(
+        manifest, status = await self.manifests.get_for(
             upstream, target, route.reference, _accept(request)
         )
         self.pulls.manifest(target.local_name, manifest.digest)

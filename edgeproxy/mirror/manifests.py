@@ -2,7 +2,8 @@
 
 A digest reference is immutable: once cached it never needs the upstream. A tag is trusted
 for the upstream's `tag_ttl`, then confirmed with a HEAD; when the upstream fails, the
-cached tag is served stale.
+cached tag is served stale. As in registry:2's proxy, the upstream is always asked for every
+manifest type (it answers with what it stores) and each client's Accept is met here.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from edgeproxy import metrics
 from edgeproxy.mirror.cache_status import HIT, MISS, REVALIDATED, STALE
 from edgeproxy.mirror.errors import RegistryError
-from edgeproxy.mirror.names import Target, is_digest
+from edgeproxy.mirror.names import Target, check_digest, is_digest
 from edgeproxy.mirror.shared import SharedCalls
 from edgeproxy.mirror.storage import Storage
 from edgeproxy.mirror.upstream import UpstreamClient, UpstreamResponse, UpstreamUnavailable
@@ -32,8 +33,8 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_V1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
-# Asked for when the client names none, so that the upstream never converts to schema 1.
-DEFAULT_ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
+# What the upstream is asked for: every type, so that it never converts to schema 1.
+UPSTREAM_ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
 
 # RFC 6838's type/subtype: the declared mediaType becomes the Content-Type header.
 _MEDIA_TYPE = re.compile(r"[A-Za-z0-9][\w!#$&^.+-]{0,126}/[A-Za-z0-9][\w!#$&^.+-]{0,126}", re.ASCII)
@@ -70,13 +71,6 @@ def media_type_of(data: bytes) -> str:
     return OCI_INDEX if "manifests" in document else OCI_MANIFEST
 
 
-def acceptable(media_type: str, accept: str | None) -> bool:
-    if not accept:
-        return True
-    kinds = {part.split(";")[0].strip() for part in accept.split(",")}
-    return bool(kinds & {media_type, "*/*", "application/*"})
-
-
 class ManifestService:
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
@@ -87,7 +81,7 @@ class ManifestService:
         self._fetches: SharedCalls[tuple[str, str], Manifest] = SharedCalls()
         # One HEAD per tag at a time: clients that ask while it is out take its answer (the
         # CI runners that all start `FROM python:3.12` at once cost one HEAD, not hundreds).
-        self._revalidations: SharedCalls[tuple[str, str, str, str], str | None] = SharedCalls()
+        self._revalidations: SharedCalls[tuple[str, str, str], str | None] = SharedCalls()
         self._memory_bytes = 0
 
     def _cached(self, target: Target, digest: str) -> Manifest | None:
@@ -114,59 +108,77 @@ class ManifestService:
             self._memory_bytes -= len(dropped.data)
 
     async def get(
-        self, upstream: UpstreamClient, target: Target, reference: str, accept: str | None
+        self, upstream: UpstreamClient, target: Target, reference: str
     ) -> tuple[Manifest, str]:
-        """The manifest and the Cache-Status saying how it was obtained."""
+        """The manifest as the upstream stores it, and the Cache-Status saying how it was
+        obtained."""
         if is_digest(reference):
             cached = self._cached(target, reference)
             if cached is not None:
                 return cached, HIT
-            return await self._fetch(upstream, target, reference, accept), MISS
-        return await self._get_tag(upstream, target, reference, accept)
+            return await self._fetch(upstream, target, reference), MISS
+        return await self._get_tag(upstream, target, reference)
+
+    async def get_for(
+        self, upstream: UpstreamClient, target: Target, reference: str, accept: str | None
+    ) -> tuple[Manifest, str]:
+        """The manifest a client whose Accept is `accept` gets, as registry:2's handler
+        chooses it: an OCI manifest or index only to a client that names its type, and for a
+        tag of a Docker manifest list, to a client that takes no list, its linux/amd64
+        manifest (registry:2 2.8 would then rewrite a schema 2 manifest to schema 1 for a
+        client that takes no schema 2; edgeproxy serves schema 2, as distribution 3 does)."""
+        manifest, status = await self.get(upstream, target, reference)
+        kinds = _accepted_types(accept)
+        if manifest.media_type in (OCI_MANIFEST, OCI_INDEX) and manifest.media_type not in kinds:
+            found = "OCI index" if manifest.media_type == OCI_INDEX else "OCI manifest"
+            raise RegistryError(
+                "MANIFEST_UNKNOWN", f"{found} found, but accept header does not support it"
+            )
+        by_tag = not is_digest(reference)
+        if by_tag and manifest.media_type == DOCKER_LIST and DOCKER_LIST not in kinds:
+            manifest, _ = await self.get(upstream, target, _default_platform(manifest))
+        return manifest, status
 
     async def _get_tag(
-        self, upstream: UpstreamClient, target: Target, tag: str, accept: str | None
+        self, upstream: UpstreamClient, target: Target, tag: str
     ) -> tuple[Manifest, str]:
         known = self._storage.read_tag(target.local_name, tag)
         cached = self._cached(target, known[0]) if known else None
         fresh = known is not None and time.time() - known[1] < target.upstream.tag_ttl
-        if cached is not None and fresh and acceptable(cached.media_type, accept):
+        if cached is not None and fresh:
             return cached, HIT
         try:
             digest = await self._revalidations.run(
-                (upstream.name, target.remote_name, tag, accept or ""),
-                lambda: _tag_digest(upstream, target, tag, accept),
+                (upstream.name, target.remote_name, tag),
+                lambda: _tag_digest(upstream, target, tag),
             )
             # The tag's digest may be cached already (the same tag before, another tag).
             manifest = self._cached(target, digest) if digest else None
             status = REVALIDATED
             if manifest is None:
-                manifest, status = await self._fetch(upstream, target, digest or tag, accept), MISS
+                manifest, status = await self._fetch(upstream, target, digest or tag), MISS
         except RegistryError as exc:
             if cached is not None and _may_serve_stale(exc):
                 log.warning("serving %s:%s stale: %s", target.local_name, tag, exc.message)
                 return cached, STALE
             raise
-        if _sees_lists(accept):
-            _keep(f"tag {tag}", self._storage.write_tag, target.local_name, tag, manifest.digest)
+        _keep(f"tag {tag}", self._storage.write_tag, target.local_name, tag, manifest.digest)
         return manifest, status
 
-    async def _fetch(
-        self, upstream: UpstreamClient, target: Target, reference: str, accept: str | None
-    ) -> Manifest:
+    async def _fetch(self, upstream: UpstreamClient, target: Target, reference: str) -> Manifest:
         """The running fetch of a digest, or a new one; a tag is fetched on its own."""
         if not is_digest(reference):
-            return await self._fetch_once(upstream, target, reference, accept)
+            return await self._fetch_once(upstream, target, reference)
         return await self._fetches.run(
             (target.local_name, reference),
-            lambda: self._fetch_once(upstream, target, reference, accept),
+            lambda: self._fetch_once(upstream, target, reference),
         )
 
     async def _fetch_once(
-        self, upstream: UpstreamClient, target: Target, reference: str, accept: str | None
+        self, upstream: UpstreamClient, target: Target, reference: str
     ) -> Manifest:
         """GET from the upstream, verify the bytes against the digest, store."""
-        response = await _ask(upstream, "GET", target, reference, accept)
+        response = await _ask(upstream, "GET", target, reference)
         digest = sha256_digest(response.body)
         expected = reference if is_digest(reference) else None
         expected = expected or response.headers.get("docker-content-digest")
@@ -187,31 +199,42 @@ class ManifestService:
         return manifest
 
 
-def _sees_lists(accept: str | None) -> bool:
-    """Whether a client's Accept lets the upstream answer a tag with what it points to. To one
-    that takes no list, registries answer a multi-platform tag with its linux/amd64 manifest:
-    that answer must not become the tag for every other client."""
-    return acceptable(OCI_INDEX, accept) or acceptable(DOCKER_LIST, accept)
+def _accepted_types(accept: str | None) -> set[str]:
+    """The media types an Accept names, as registry:2 reads it: parameters (`q=0` too) are
+    ignored, a wildcard names no type, and case counts."""
+    return {kind.split(";")[0].strip() for kind in (accept or "").split(",")}
 
 
-async def _tag_digest(
-    upstream: UpstreamClient, target: Target, tag: str, accept: str | None
-) -> str | None:
+def _default_platform(manifest_list: Manifest) -> str:
+    """The digest of a Docker manifest list's linux/amd64 manifest (registry:2's default)."""
+    children = json.loads(manifest_list.data).get("manifests")
+    for child in children if isinstance(children, list) else []:
+        platform = child.get("platform") if isinstance(child, dict) else None
+        if isinstance(platform, dict) and (platform.get("os"), platform.get("architecture")) == (
+            "linux",
+            "amd64",
+        ):
+            return check_digest(str(child.get("digest")))
+    raise RegistryError("MANIFEST_UNKNOWN", "the manifest list has no linux/amd64 manifest")
+
+
+async def _tag_digest(upstream: UpstreamClient, target: Target, tag: str) -> str | None:
     """The digest the upstream's tag points to now (HEAD), if the upstream says."""
-    head = await _ask(upstream, "HEAD", target, tag, accept)
+    head = await _ask(upstream, "HEAD", target, tag)
     digest: str | None = head.headers.get("docker-content-digest")
     return digest
 
 
 async def _ask(
-    upstream: UpstreamClient, method: str, target: Target, reference: str, accept: str | None
+    upstream: UpstreamClient, method: str, target: Target, reference: str
 ) -> UpstreamResponse:
-    """A manifest HEAD or GET upstream; anything but a 200 becomes the client's error."""
+    """A manifest HEAD or GET upstream, for every type (so that it answers with what it
+    stores, never a conversion); anything but a 200 becomes the client's error."""
     response = await upstream.request(
         method,
         f"/v2/{target.remote_name}/manifests/{reference}",
         target.remote_name,
-        headers={"Accept": accept or DEFAULT_ACCEPT},
+        headers={"Accept": UPSTREAM_ACCEPT},
     )
     if response.status != 200:
         retry_after = response.headers.get("retry-after")

@@ -15,7 +15,14 @@ import httpx
 import pytest
 
 from edgeproxy.mirror.cache_status import HIT
-from edgeproxy.mirror.manifests import OCI_MANIFEST
+from edgeproxy.mirror.manifests import (
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    DOCKER_V1_SIGNED,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    UPSTREAM_ACCEPT,
+)
 from tests.e2e.test_mirror_pull import largest_layer, upstream_entry
 from tests.support.images import Image, Pushed
 from tests.support.registry import Registry
@@ -151,8 +158,80 @@ def test_manifest_not_modified_as_registry2(
                 assert response.content == b""
 
 
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+ACCEPTS = [
+    None,
+    "*/*",
+    "application/json",
+    OCI_MANIFEST,
+    OCI_INDEX,
+    DOCKER_MANIFEST,
+    DOCKER_LIST,
+    f"{OCI_MANIFEST}, {OCI_INDEX}",
+    f"{DOCKER_LIST}, {DOCKER_MANIFEST}",
+    f"{OCI_INDEX}; q=0, {DOCKER_MANIFEST}",
+    OCI_MANIFEST.upper(),
+]
+
+
+def manifest_answer(client: httpx.Client, method: str, url: str, accept: str | None) -> Answer:
+    """A manifest's status, type, digest, length and body, or its error code."""
+    headers = {} if accept is None else {"Accept": accept}
+    response = client.request(method, url, headers=headers)
+    if response.status_code != 200:
+        code = response.json()["errors"][0]["code"] if method == "GET" else None
+        return response.status_code, code, *GONE, None
+    return (
+        200,
+        response.headers["content-type"],
+        response.headers["docker-content-digest"],
+        response.headers.get("content-length"),
+        response.headers["etag"],
+        response.content,
+    )
+
+
+def test_manifests_for_each_accept_as_registry2(
+    registry_none: Registry,
+    push_all: Callable[[Registry], dict[str, Pushed]],
+    test_images: dict[str, Image],
+    tmp_path: Path,
+) -> None:
+    """registry:2 meets a client's Accept itself (the same code in proxy mode): an OCI
+    manifest or index only to a client that names its type, a Docker list's linux/amd64
+    manifest to one that takes no list (by tag). The mirror asks its upstream for every type
+    and answers each client the same way, by tag and by digest, cold and warm. Where
+    registry:2 2.8 rewrites schema 2 to schema 1 for a client that takes no schema 2, the
+    mirror serves schema 2 (as distribution 3 does)."""
+    pushed = push_all(registry_none)
+    images = {"oci": pushed["small"].repo, "oci-index": pushed["multiarch"].repo}
+    for name, source in (
+        ("docker", test_images["small"]),
+        ("docker-list", test_images["multiarch"]),
+    ):
+        images[name] = f"test/{name}"
+        skopeo(
+            "copy", "--all", "--format", "v2s2", "--dest-tls-verify=false", "--dest-no-creds",
+            f"oci:{source.layout}:{source.tag}", f"docker://{registry_none.host}/{images[name]}:v1",
+        )  # fmt: skip
+    with (
+        run_edgeproxy(tmp_path, [upstream_entry(registry_none)]) as mirror,
+        httpx.Client(timeout=60) as client,
+    ):
+        del client.headers["accept"]  # httpx sends */* unless told not to
+        for repo in images.values():
+            top = client.get(
+                f"{registry_none.url}/v2/{repo}/manifests/v1", headers={"Accept": UPSTREAM_ACCEPT}
+            )
+            for reference in ("v1", top.headers["docker-content-digest"]):
+                path = f"/v2/{repo}/manifests/{reference}"
+                for accept in ACCEPTS:
+                    for method in ("GET", "HEAD"):
+                        expected = manifest_answer(client, method, registry_none.url + path, accept)
+                        got = manifest_answer(client, method, mirror.url + path, accept)
+                        if expected[1] == DOCKER_V1_SIGNED:
+                            assert got[1] == DOCKER_MANIFEST, (path, accept)
+                            continue
+                        assert got == expected, (path, accept, method)
 
 
 def test_a_narrow_accept_never_changes_the_tag_for_others(

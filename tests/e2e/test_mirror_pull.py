@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from edgeproxy.mirror.manifests import OCI_MANIFEST
 from tests.support.edge import make_certificate
 from tests.support.images import Pushed, build_image, push, random_layer
 from tests.support.podman import mirror_env
@@ -154,9 +155,10 @@ def test_cache_serves_with_the_upstream_stopped(
             pull(mirror, f"{small.repo}:v1", tmp_path / "by-tag")  # served stale
             pull(mirror, f"{small.repo}@{small.image.manifest_digest}", tmp_path / "by-digest")
             assert pulled_digest(tmp_path / "by-tag") == small.image.manifest_digest
-            response = httpx.get(f"{mirror.url}/v2/{small.repo}/manifests/v1")
+            oci = {"Accept": OCI_MANIFEST}
+            response = httpx.get(f"{mirror.url}/v2/{small.repo}/manifests/v1", headers=oci)
             assert response.headers["cache-status"] == "edgeproxy; hit; detail=stale"
-            uncached = httpx.get(f"{mirror.url}/v2/test/multi/manifests/v1")
+            uncached = httpx.get(f"{mirror.url}/v2/test/multi/manifests/v1", headers=oci)
             assert uncached.status_code == 503
             assert uncached.json()["errors"][0]["code"] == "UNAVAILABLE"
             assert "unavailable" in uncached.json()["errors"][0]["message"]

@@ -20,7 +20,9 @@ from edgeproxy.config import config_from_dict
 from edgeproxy.mirror.app import MirrorApp
 from tests.support.ports import free_port, wait_for_port
 
-MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+# Docker schema 2: served whatever a client's Accept names (an OCI manifest goes only to a
+# client that names its type, as registry:2 does; tests/e2e/test_mirror_parity.py).
+MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 
 
 def digest_of(data: bytes) -> str:

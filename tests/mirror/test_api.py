@@ -12,7 +12,7 @@ import pytest
 from edgeproxy.config import config_from_dict
 from edgeproxy.mirror.app import MirrorApp
 from edgeproxy.mirror.cache_status import HIT
-from tests.mirror.fake_upstream import FakeUpstream, fake_upstream, mirror_of
+from tests.mirror.fake_upstream import MANIFEST_TYPE, FakeUpstream, fake_upstream, mirror_of
 from tests.support.servers import serve_app
 from tests.support.wait import wait_until
 
@@ -84,7 +84,7 @@ def test_manifest_headers_head_and_conditional(setup: tuple[FakeUpstream, httpx.
     assert got.content == body
     assert got.headers["docker-content-digest"] == digest
     assert got.headers["etag"] == f'"{digest}"'
-    assert got.headers["content-type"] == "application/vnd.oci.image.manifest.v1+json"
+    assert got.headers["content-type"] == MANIFEST_TYPE
     assert got.headers["content-length"] == str(len(body))
     head = client.head(f"/v2/library/x/manifests/{digest}")
     assert (head.status_code, head.content) == (200, b"")

@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 from edgeproxy.config import config_from_dict
 from edgeproxy.mirror.app import MirrorApp
 from edgeproxy.mirror.upstream import may_send_credentials
+from tests.mirror.fake_upstream import MANIFEST_TYPE
 from tests.support.ports import free_port
 from tests.support.servers import serve_app
 
@@ -31,7 +32,7 @@ LAYER_DIGEST = "sha256:" + hashlib.sha256(LAYER).hexdigest()
 MANIFEST = json.dumps(
     {
         "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "mediaType": MANIFEST_TYPE,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": LAYER_DIGEST,
                    "size": len(LAYER)},
         "layers": [],
@@ -81,7 +82,7 @@ class Upstream:
         if path == "/v2/":
             return JSONResponse({})
         if path.endswith("/manifests/v1"):
-            return Response(MANIFEST, media_type="application/vnd.oci.image.manifest.v1+json")
+            return Response(MANIFEST, media_type=MANIFEST_TYPE)
         if path.endswith(f"/blobs/{LAYER_DIGEST}"):
             return RedirectResponse(f"{self.cdn}/blob", status_code=307)
         return JSONResponse({"errors": []}, status_code=404)
