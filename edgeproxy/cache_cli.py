@@ -7,10 +7,13 @@ eviction lock, fills their own); `warm` pulls through the mirror's own code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (
@@ -34,6 +37,27 @@ from edgeproxy.mirror.names import (
 )
 from edgeproxy.mirror.storage import FilesystemStorage
 from edgeproxy.mirror.verify import corrupt
+
+
+@contextlib.contextmanager
+def owned_as_the_cache(root: Path) -> Iterator[None]:
+    """Files made by a command run as root (`sudo edgeproxy cache prune`: the eviction lock,
+    blob folders) are handed to the cache's owner afterwards, or the service (User=edgeproxy)
+    could no longer evict or cache. Not setuid: the command's Python may be root's only."""
+    try:
+        yield
+    finally:
+        try:
+            owner: os.stat_result | None = root.stat()
+        except OSError:
+            owner = None
+        if owner is not None and owner.st_uid != 0 and os.geteuid() == 0:
+            for folder, names, files in os.walk(root):
+                for name in (*names, *files):
+                    path = os.path.join(folder, name)
+                    with contextlib.suppress(OSError):  # removed meanwhile: nothing to hand
+                        if os.lstat(path).st_uid == 0:
+                            os.lchown(path, owner.st_uid, owner.st_gid)
 
 
 def _storage(config: Config) -> FilesystemStorage | None:
@@ -170,9 +194,9 @@ def verify(config: Config, remove: bool) -> int:
         return 1
     checked = sum(1 for _ in storage.blobs())
     found = []
-    for blob, actual in corrupt(storage):
+    for blob, problem in corrupt(storage):
         found.append(blob.digest)
-        print(f"corrupt: {blob.digest} ({size_text(blob.size)}) holds bytes of {actual}")
+        print(f"corrupt: {blob.digest} ({size_text(blob.size)}) {problem}")
     if remove:
         storage.remove_blobs(found)
         for digest in found:
@@ -191,6 +215,10 @@ async def _warm(config: Config, images: list[str], platform: str | None) -> int:
     mirror = MirrorApp(config.mirror)
     failed = 0
     console = Console(stderr=True)
+
+    def say(text: str) -> None:  # names and upstream errors as they are: no rich markup
+        console.print(text, markup=False, emoji=False, highlight=False)
+
     try:
         with Progress(
             TextColumn("{task.description}"),
@@ -204,9 +232,9 @@ async def _warm(config: Config, images: list[str], platform: str | None) -> int:
                     count = await _warm_one(mirror, progress, image, platform)
                 except RegistryError as exc:
                     failed += 1
-                    progress.console.print(f"edgeproxy: {image}: {exc.message}")
+                    say(f"edgeproxy: {image}: {exc.message}")
                 else:
-                    progress.console.print(f"{image}: {count} blobs cached")
+                    say(f"{image}: {count} blobs cached")
     finally:
         await mirror.aclose()
     return 1 if failed else 0

@@ -94,15 +94,16 @@ def _cache_parser(commands: Any, common: argparse.ArgumentParser) -> None:
 def _cache(args: argparse.Namespace, config: Config) -> int:
     from edgeproxy import cache_cli
 
-    if args.action == "ls":
-        return cache_cli.ls(config)
-    if args.action == "du":
-        return cache_cli.du(config)
-    if args.action == "prune":
-        return cache_cli.prune(config, args.dry_run)
-    if args.action == "warm":
-        return cache_cli.warm(config, args.images, args.platform)
-    return cache_cli.verify(config, args.remove)
+    with cache_cli.owned_as_the_cache(config.mirror.root):
+        if args.action == "ls":
+            return cache_cli.ls(config)
+        if args.action == "du":
+            return cache_cli.du(config)
+        if args.action == "prune":
+            return cache_cli.prune(config, args.dry_run)
+        if args.action == "warm":
+            return cache_cli.warm(config, args.images, args.platform)
+        return cache_cli.verify(config, args.remove)
 
 
 def _certs(args: argparse.Namespace) -> int:
@@ -110,7 +111,7 @@ def _certs(args: argparse.Namespace) -> int:
 
     try:
         certificate, key = self_signed(args.name, args.dir, args.days, force=args.force)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, OverflowError) as exc:  # OverflowError: --days past year 9999
         print(f"edgeproxy: {exc}", file=sys.stderr)
         return 1
     print(f"{certificate}\n{key}")
@@ -131,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.command == "check":
         from edgeproxy.mirror.auth import exposed_credentials
-        from edgeproxy.preflight import check_files
+        from edgeproxy.preflight import check
 
         try:
-            check_files(config)
+            check(config)
         except ConfigError as exc:
             print(f"edgeproxy: {path}: {exc}", file=sys.stderr)
             return 1

@@ -6,6 +6,7 @@ bytes here, so no other module parses a config string.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -25,6 +27,7 @@ from pydantic import (
 DEFAULT_CONFIG_PATHS = (Path("proxy.toml"), Path("/etc/edgeproxy/proxy.toml"))
 
 SHUTDOWN_TIMEOUT = 60.0  # seconds; systemd's TimeoutStopSec in the unit is longer
+MAX_DURATION = 10 * 365 * 86400.0  # past any timeout or interval anyone means; keeps timers finite
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
@@ -48,6 +51,8 @@ def parse_duration(value: object) -> float:
         raise ValueError(f"not a duration: {value!r}")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
+    if not seconds <= MAX_DURATION:  # TOML takes inf and nan
+        raise ValueError(f"not a duration: {value!r} (at most 10 years)")
     return seconds
 
 
@@ -62,7 +67,10 @@ def parse_size(value: object) -> int:
         number, prefix, suffix = match.groups()
         # "MB" is decimal; "m", "M", "MiB" are binary, as nginx and registry:2 users expect.
         base = 1000 if suffix.lower() == "b" and prefix else 1024
-        size = int(float(number) * base ** _SIZE_POWERS[prefix.lower()])
+        scaled = float(number) * base ** _SIZE_POWERS[prefix.lower()]
+        if not math.isfinite(scaled):
+            raise ValueError(f"not a size: {value!r} (too large)")
+        size = int(scaled)
     else:
         raise ValueError(f"not a size: {value!r}")
     if size < 0:
@@ -81,10 +89,35 @@ def parse_address(value: object) -> tuple[str, int]:
     return host, int(match.group(2))
 
 
+def _no_nul(value: object) -> object:
+    """A path or header with a NUL byte cannot reach the OS: refused here, not at first use."""
+    if isinstance(value, str) and "\0" in value:
+        raise ValueError("contains a NUL byte")
+    return value
+
+
+def _header_name(name: str) -> str:
+    if not _TOKEN.fullmatch(name):
+        raise ValueError(f"not an HTTP header name: {name!r}")
+    return name
+
+
+def _header_value(value: str) -> str:
+    if not _FIELD_VALUE.fullmatch(value):
+        raise ValueError(f"not an HTTP header value (control characters): {value!r}")
+    return value
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")  # no CR, LF or other controls
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Workers = Literal["auto"] | Annotated[int, Field(ge=1, le=256)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 Address = Annotated[tuple[str, int], BeforeValidator(parse_address)]
+FilePath = Annotated[Path, BeforeValidator(_no_nul)]
+HeaderName = Annotated[str, AfterValidator(_header_name)]
+HeaderValue = Annotated[str, AfterValidator(_header_value)]
 
 
 class _Model(BaseModel):
@@ -100,7 +133,7 @@ class UpstreamConfig(_Model):
     url: str = Field(pattern=r"^https?://[^/\s@]+/?$")
     username: str = ""
     password: str = Field(default="", repr=False)
-    ca: Path | None = None
+    ca: FilePath | None = None
     tag_ttl: Duration = 0.0
     connect_timeout: Duration = 10.0
     read_timeout: Duration = 60.0
@@ -139,7 +172,7 @@ class CacheConfig(_Model):
 class AuthConfig(_Model):
     """`[mirror.auth]`: clients must authenticate, as htpasswd users (bcrypt entries)."""
 
-    htpasswd: Path
+    htpasswd: FilePath
     service: str = "edgeproxy"  # the `service` of the challenge and the tokens' audience
     realm: str = ""  # the token URL clients are sent to; empty: <scheme>://<Host>/token
     token_ttl: Duration = 300.0
@@ -150,9 +183,11 @@ class AuthConfig(_Model):
 class MirrorConfig(_Model):
     """The registry part: what registry:2's config.yml said."""
 
-    root: Path = Path("/var/lib/edgeproxy")
+    root: FilePath = Path("/var/lib/edgeproxy")
     listen: Address | None = None
-    headers: dict[str, str] = Field(default_factory=lambda: {"X-Content-Type-Options": "nosniff"})
+    headers: dict[HeaderName, HeaderValue] = Field(
+        default_factory=lambda: {"X-Content-Type-Options": "nosniff"}
+    )
     upstream: list[UpstreamConfig] = Field(min_length=1)
     cache: CacheConfig = CacheConfig()
     auth: AuthConfig | None = None
@@ -179,8 +214,8 @@ class MirrorConfig(_Model):
 class TlsConfig(_Model):
     """`[edge.tls]`: nginx's ssl_certificate (with its chain) and ssl_certificate_key."""
 
-    certificate: Path
-    key: Path
+    certificate: FilePath
+    key: FilePath
 
 
 class GzipConfig(_Model):
@@ -205,7 +240,7 @@ class EdgeConfig(_Model):
     client_header_timeout: Duration = 60.0  # nginx's default: the head must arrive in this time
     client_body_timeout: Duration = 60.0  # nginx's default: between two reads of a body
     client_max_body_size: Size = 1024 << 20
-    access_log: str = "-"  # a file, "-" for stdout, or "off"
+    access_log: Annotated[str, BeforeValidator(_no_nul)] = "-"  # a file, "-" (stdout) or "off"
     access_log_format: Literal["main", "json"] = "main"
     tls: TlsConfig | None = None
     gzip: GzipConfig = GzipConfig()

@@ -1,6 +1,7 @@
-"""The files a config names, checked before anything starts: what `nginx -t` does for its
-certificates and logs. `edgeproxy check` (the unit's ExecStartPre and ExecReload), `edgeproxy run`
-and every reload use it, so each fails the same way, naming the key and the file."""
+"""What a valid config may still lack to run, checked before anything starts, as `nginx -t`
+checks its listeners, certificates and logs. `edgeproxy check` (the unit's ExecStartPre and
+ExecReload), `edgeproxy run` and every reload use it, so each fails the same way, naming the key
+and the file."""
 
 from __future__ import annotations
 
@@ -11,6 +12,35 @@ from edgeproxy.config import Config, ConfigError
 from edgeproxy.edge.accesslog import AccessLog
 from edgeproxy.edge.tls import TlsError, server_context
 from edgeproxy.mirror.upstream import ssl_context
+
+WILDCARDS = ("0.0.0.0", "::")
+
+
+def check(config: Config) -> None:
+    """Raise ConfigError unless `config` can run: see `check_listeners` and `check_files`."""
+    check_listeners(config)
+    check_files(config)
+
+
+def check_listeners(config: Config) -> None:
+    """Raise ConfigError unless there is something to listen on, and no two listeners want
+    the same port of the same address (a wildcard address takes the port on every one; port 0
+    is any free one)."""
+    edge, metrics = config.edge, config.metrics
+    listeners = {
+        "mirror.listen": config.mirror.listen,
+        "edge.http": edge.http if edge else None,
+        "edge.https": edge.https if edge else None,
+        "metrics.listen": metrics.listen if metrics else None,
+    }
+    wanted = [(key, address) for key, address in listeners.items() if address is not None]
+    if not any(key != "metrics.listen" for key, _ in wanted):
+        raise ConfigError("nothing to listen on: set mirror.listen or [edge]")
+    for i, (key, (host, port)) in enumerate(wanted):
+        for other, (other_host, other_port) in wanted[:i]:
+            overlap = host == other_host or host in WILDCARDS or other_host in WILDCARDS
+            if port == other_port != 0 and overlap:
+                raise ConfigError(f"{other} and {key} both want port {port} of {host}")
 
 
 def check_files(config: Config) -> None:

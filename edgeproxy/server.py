@@ -35,7 +35,7 @@ from edgeproxy.health import HealthMonitor
 from edgeproxy.logs import set_secrets
 from edgeproxy.mirror.app import MirrorApp
 from edgeproxy.mirror.auth import exposed_credentials
-from edgeproxy.preflight import check_files
+from edgeproxy.preflight import check
 from edgeproxy.service.memory import QUIET_CHECK, QuietRelease
 
 if TYPE_CHECKING:
@@ -118,10 +118,8 @@ def bind_listeners(config: Config, bound: Bound | None = None) -> Listeners:
         return bound[address]
 
     edge = config.edge
-    if config.mirror.listen is None and edge is None:
-        raise SystemExit("edgeproxy: nothing to listen on: set mirror.listen or [edge]")
     try:
-        check_files(config)  # fail here, naming the file, not in the middle of start-up
+        check(config)  # fail here, naming the key and the file, not in the middle of start-up
     except ConfigError as exc:
         raise SystemExit(f"edgeproxy: {exc}") from exc
     for warning in exposed_credentials(config.mirror):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +19,7 @@ from tests.e2e.test_mirror_pull import pull, pulled_digest, upstream_entry
 from tests.mirror.fake_upstream import MANIFEST_TYPE, digest_of, fake_upstream
 from tests.support.images import build_image, build_index, push, random_layer
 from tests.support.registry import Registry, start_registry
-from tests.support.servers import run_edgeproxy, write_toml
+from tests.support.servers import WITHOUT_DAC, run_edgeproxy, write_toml
 
 pytestmark = pytest.mark.e2e
 
@@ -104,6 +107,69 @@ def test_verify_finds_a_flipped_byte_and_remove_makes_a_pull_refetch_it(
     assert main(["cache", "verify", *config]) == 0
 
 
+def test_verify_reports_a_blob_it_cannot_read_and_goes_on(tmp_path: Path) -> None:
+    """A failing disk is what a check is for: an unreadable blob is reported as corrupt and
+    the others are still checked (it was a traceback at the first one). Run as root without
+    the power to read anyone's files."""
+    root = tmp_path / "cache"
+    storage = FilesystemStorage(root)
+    for data in (b"unreadable", b"good", b"also good"):
+        path = storage.blob_path(digest_of(data))
+        path.parent.mkdir(parents=True)
+        path.write_bytes(data)
+    locked = storage.blob_path(digest_of(b"unreadable"))
+    os.chown(locked, 65534, 65534)
+    locked.chmod(0o600)
+    mirror = {"root": str(root), "upstream": [{"name": "x", "url": "http://x"}]}
+    config = write_toml(tmp_path / "proxy.toml", {"mirror": mirror})
+    command = [sys.executable, "-m", "edgeproxy.cli", "cache", "verify", "--config", str(config)]
+    done = subprocess.run(
+        [*WITHOUT_DAC, *command],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"corrupt: {digest_of(b'unreadable')} (10 B) cannot be read: Permission denied" in (
+        done.stdout
+    )
+    assert "checked 3 blobs: 1 corrupt" in done.stdout
+
+
+def test_cache_commands_run_as_root_leave_the_cache_to_its_owner(tmp_path: Path) -> None:
+    """`sudo edgeproxy cache prune|warm` on the service's cache: run as root, files made as
+    root (the eviction lock, blob folders) would leave the service (User=edgeproxy) unable to
+    evict or cache. They are handed to the cache's owner."""
+    root = tmp_path / "cache"
+    (root / "docker/registry/v2").mkdir(parents=True)
+    for path in (root, *root.rglob("*")):
+        os.chown(path, 65534, 65534)
+    with fake_upstream() as upstream:
+        upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
+        entry = {"name": "docker.io", "url": upstream.url}
+        mirror = {"root": str(root), "upstream": [entry], "cache": {"max_size": "1GiB"}}
+        config = str(write_toml(tmp_path / "proxy.toml", {"mirror": mirror}))
+        for command in (["prune"], ["warm", "library/x:v1"]):
+            done = subprocess.run(
+                [sys.executable, "-m", "edgeproxy.cli", "cache", *command, "--config", config],
+                capture_output=True,
+                text=True,
+            )
+            assert done.returncode == 0, done.stderr
+        assert FilesystemStorage(root).blob_size(digest_of(b"layer")) == 5
+        assert [p for p in root.rglob("*") if p.stat().st_uid != 65534] == []
+
+
+def test_warm_prints_an_image_name_as_it_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """rich reads `[/]` as markup: a name (or an upstream's error text) is printed verbatim."""
+    mirror = {"root": str(tmp_path / "cache"), "upstream": [{"name": "x", "url": "http://x"}]}
+    config = write_toml(tmp_path / "proxy.toml", {"mirror": mirror})
+    assert main(["cache", "warm", "--config", str(config), "alpine[/]", "a:b:c"]) == 1
+    err = capsys.readouterr().err
+    assert "edgeproxy: alpine[/]: " in err and "edgeproxy: a:b:c: " in err
+
+
 def test_the_cache_commands_need_a_cache(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -119,7 +185,8 @@ def test_check_reads_and_names_the_cache_limits(
 ) -> None:
     upstreams = [{"name": "x", "url": "http://x"}]
     good = {"max_size": "200GiB", "max_age": "168h", "interval": "30s"}
-    config = write_toml(tmp_path / "good.toml", {"mirror": {"upstream": upstreams, "cache": good}})
+    mirror = {"listen": "127.0.0.1:5000", "upstream": upstreams, "cache": good}
+    config = write_toml(tmp_path / "good.toml", {"mirror": mirror})
     assert main(["check", "--config", str(config)]) == 0
     bad = {"max_size": "lots", "interval": "0s", "ttl": "1h"}
     config = write_toml(tmp_path / "bad.toml", {"mirror": {"upstream": upstreams, "cache": bad}})

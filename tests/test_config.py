@@ -1,3 +1,7 @@
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -5,7 +9,8 @@ import pytest
 
 from edgeproxy.cli import main
 from edgeproxy.config import ConfigError, load_config, parse_address, parse_duration, parse_size
-from tests.support.servers import write_toml
+from edgeproxy.edge.certs import self_signed
+from tests.support.servers import WITHOUT_DAC, write_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,10 +31,100 @@ def test_sizes(text: str | int, size: int) -> None:
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("bad", ["5 minutes", "-1s", "s", ""])
-def test_bad_durations(bad: str) -> None:
+@pytest.mark.parametrize("bad", ["5 minutes", "-1s", "s", "", math.inf, math.nan, "9" * 400])
+def test_bad_durations(bad: str | float) -> None:
     with pytest.raises(ValueError):
         parse_duration(bad)
+
+
+@pytest.mark.parametrize("bad", ["9" * 400 + "m", "1" + "0" * 310, "-1", "lots"])
+def test_bad_sizes(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(bad)
+
+
+MIRROR = '[mirror]\nlisten = "127.0.0.1:5000"\n[[mirror.upstream]]\nname = "docker.io"\n'
+MIRROR += 'url = "https://r.example"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # Each passed `check`, then failed `run` or a reload; some took the master down.
+        ("[edge]\nhttp = ':8080'\nshutdown_timeout = inf\n", "edge.shutdown_timeout: not a"),
+        ("[mirror.cache]\nmax_age = nan\n", "mirror.cache.max_age: not a duration"),
+        (f"[mirror.cache]\nmax_size = '{'9' * 400}m'\n", "mirror.cache.max_size: not a size"),
+        ("[mirror.cache]\n", ""),  # the baseline: ok
+    ],
+)
+def test_check_refuses_numbers_run_cannot_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text(MIRROR + text)
+    assert main(["check", "--config", str(path)]) == (1 if message else 0)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            MIRROR.replace("[[mirror", 'root = "a\\u0000b"\n[[mirror'),
+            "mirror.root: contains a NUL byte",
+        ),
+        (
+            MIRROR.replace("[[mirror", 'headers = { X-A = "a\\r\\nSet-Cookie: x=1" }\n[[mirror'),
+            "mirror.headers.X-A: not an HTTP header value",
+        ),
+        (
+            MIRROR.replace("[[mirror", "headers = { 'X A' = 'a' }\n[[mirror"),
+            "mirror.headers.X A.[key]: not an HTTP header name",
+        ),
+        (
+            MIRROR.replace('listen = "127.0.0.1:5000"\n', ""),
+            "nothing to listen on: set mirror.listen or [edge]",
+        ),
+        (
+            MIRROR + "[metrics]\nlisten = '127.0.0.1:5000'\n",
+            "mirror.listen and metrics.listen both want port 5000 of 127.0.0.1",
+        ),
+        (
+            MIRROR + "[edge]\nhttp = '0.0.0.0:5000'\n",
+            "mirror.listen and edge.http both want port 5000 of 0.0.0.0",
+        ),
+    ],
+)
+def test_check_refuses_what_run_cannot_serve(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
+    """A path with a NUL, a header that would fail every response, no listener, one port
+    wanted twice: `check` (ExecStartPre, ExecReload) says so, as `nginx -t` would."""
+    path = tmp_path / "proxy.toml"
+    path.write_text(text)
+    assert main(["check", "--config", str(path)]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_check_names_a_key_it_may_not_read(tmp_path: Path) -> None:
+    """A key only its owner may read (certbot's are root's; the service is not): `check`
+    names it, as nginx -t does. Run as root without the power to read anyone's files."""
+    self_signed(["127.0.0.1"], tmp_path)
+    os.chown(tmp_path / "server.key", 65534, 65534)
+    (tmp_path / "server.key").chmod(0o600)
+    path = tmp_path / "proxy.toml"
+    path.write_text(
+        MIRROR
+        + "[edge]\nhttps = ':8443'\n[edge.tls]\ncertificate = 'server.crt'\nkey = 'server.key'\n"
+    )
+    done = subprocess.run(
+        [*WITHOUT_DAC, sys.executable, "-m", "edgeproxy.cli", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    assert "edge.tls: " in done.stderr and "cannot read: Permission denied" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_addresses() -> None:
@@ -110,6 +205,8 @@ def test_check_loads_the_files_the_config_names(
         }
         if edge is not None:
             config["edge"] = edge
+        else:
+            config["mirror"]["listen"] = "127.0.0.1:5000"
         path = write_toml(tmp_path / "proxy.toml", config)
         assert main(["check", "--config", str(path)]) == 1
         error = capsys.readouterr().err
@@ -122,7 +219,8 @@ def test_check_warns_of_credentials_anyone_may_use(
     """Valid, so exit 0, but `check` says what `run` logs as [warn]: the upstream's
     credentials serve whoever reaches a mirror without [mirror.auth]."""
     upstream = {"name": "docker.io", "url": "https://r.example", "username": "u", "password": "p"}
-    path = write_toml(tmp_path / "proxy.toml", {"mirror": {"upstream": [upstream]}})
+    mirror = {"listen": "127.0.0.1:5000", "upstream": [upstream]}
+    path = write_toml(tmp_path / "proxy.toml", {"mirror": mirror})
     assert main(["check", "--config", str(path)]) == 0
     captured = capsys.readouterr()
     assert captured.out == f"{path}: ok\n"

@@ -24,7 +24,7 @@ from edgeproxy.edge.certs import self_signed
 from edgeproxy.mirror.storage import FilesystemStorage
 from edgeproxy.service.master import Master
 from tests.support.ports import free_port
-from tests.support.servers import EdgeproxyProcess, write_toml
+from tests.support.servers import WITHOUT_DAC, EdgeproxyProcess, write_toml
 from tests.support.wait import wait_until
 
 OFFLINE_UPSTREAM = {"name": "docker.io", "url": "http://127.0.0.1:1"}
@@ -259,6 +259,44 @@ def test_reload_moves_a_listener_and_refuses_a_certificate_that_does_not_load(
         assert "edge.tls:" in process.log()
         assert served_certificate(https) == pem_to_der(certs / "server.crt")
         assert httpx.get(f"http://127.0.0.1:{moved}/v2/").status_code == 301
+
+
+def test_a_reload_refused_for_any_reason_keeps_the_master(
+    tmp_path: Path, notify_socket: NotifySocket
+) -> None:
+    """Refusals that escaped as tracebacks and took the master (and so the service) down: a
+    key the service may not read (PermissionError) and a size too large for a float
+    (OverflowError). nginx logs [emerg] and keeps its workers; so does edgeproxy. Run as root
+    without the power to read anyone's files, as the service's user would be."""
+    certs = tmp_path / "certs"
+    self_signed(["127.0.0.1"], certs)
+    ports = https, http = free_port(), free_port()
+    path = write_toml(tmp_path / "proxy.toml", edge_config(tmp_path, ports, certs))
+    env = {"NOTIFY_SOCKET": str(notify_socket.path)}
+    process = EdgeproxyProcess(path, https, env=env, prefix=WITHOUT_DAC)
+    process.start()
+    try:
+        assert notify_socket.next()["READY"] == "1"
+        locked = tmp_path / "locked"
+        self_signed(["127.0.0.1"], locked)
+        os.chown(locked / "server.key", 65534, 65534)
+        (locked / "server.key").chmod(0o600)
+        write_toml(path, edge_config(tmp_path, ports, locked))
+        os.kill(process.pid, signal.SIGHUP)
+        assert wait_until(lambda: "cannot read: Permission denied" in process.log())
+        config = edge_config(tmp_path, ports, certs)
+        config["mirror"]["cache"] = {"max_size": "9" * 400 + "m"}
+        write_toml(path, config)
+        os.kill(process.pid, signal.SIGHUP)
+        assert wait_until(lambda: "mirror.cache.max_size: not a size" in process.log())
+        assert process.log().count("reload refused") == 2
+        assert served_certificate(https) == pem_to_der(certs / "server.crt")
+        assert httpx.get(f"http://127.0.0.1:{http}/v2/").status_code == 301
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait() == 0
+    finally:
+        process.stop()
+    assert "Traceback" not in process.log()
 
 
 def test_sigterm_cuts_a_stalled_download_after_shutdown_timeout(

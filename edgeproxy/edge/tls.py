@@ -31,6 +31,8 @@ def server_context(tls: TlsConfig) -> ssl.SSLContext:
         raise TlsError(
             f"{tls.certificate}, {tls.key}: not a usable certificate and key: {exc}"
         ) from exc
+    except OSError as exc:  # unreadable: a key only root may read, an I/O error
+        raise TlsError(f"{tls.certificate}, {tls.key}: cannot read: {exc.strerror}") from exc
     return context
 
 

@@ -30,13 +30,17 @@ def rehash(storage: Storage, digest: str, progress: Callable[[int], object] | No
 def corrupt(
     storage: Storage, progress: Callable[[int], object] | None = None
 ) -> Iterator[tuple[StoredBlob, str]]:
-    """(blob, digest of its bytes) for each stored blob whose bytes do not match its name."""
+    """(blob, what is wrong) for each stored blob whose bytes do not match its name, or that
+    cannot be read (a failing disk is what a check is for: it goes on to the next blob)."""
     for blob in storage.blobs():
         try:
             actual = rehash(storage, blob.digest, progress)
         except FileNotFoundError:  # removed meanwhile (an eviction)
             continue
         except ValueError:  # a folder named after no hash algorithm
-            actual = "an unknown algorithm"
-        if actual != blob.digest:
-            yield blob, actual
+            yield blob, "is named after an unknown algorithm"
+        except OSError as exc:
+            yield blob, f"cannot be read: {exc.strerror or exc}"
+        else:
+            if actual != blob.digest:
+                yield blob, f"holds bytes of {actual}"

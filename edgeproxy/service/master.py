@@ -251,20 +251,22 @@ class Master:
             log.warning("reload: one is already under way; ignored")
             return
         log.info("reload: reading %s", self.path)
-        try:
-            config = load_config(self.path)
-        except ConfigError as exc:
-            log.error("reload refused, the running config stays: %s", exc)
-            return
         bound = dict(self.bound)
         try:
+            config = load_config(self.path)
             listeners = bind_listeners(config, bound)
             _make_root(config)
-        except SystemExit as exc:
+        except (SystemExit, Exception) as exc:  # nothing in a config may stop the master
             for address, sock in bound.items():
                 if address not in self.bound:
                     sock.close()
-            log.error("reload refused, the running config stays: %s", exc.code)
+            if isinstance(exc, SystemExit):
+                reason = exc.code
+            elif isinstance(exc, ConfigError):
+                reason = str(exc)
+            else:  # a bug: say what it was
+                reason = f"{type(exc).__name__}: {exc}"
+            log.error("reload refused, the running config stays: %s", reason)
             return
         self.bound = bound
         notify.reloading()

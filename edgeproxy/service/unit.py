@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from edgeproxy.config import SHUTDOWN_TIMEOUT
@@ -12,8 +13,8 @@ UNIT_NAME = "edgeproxy.service"
 _TEMPLATE = """\
 # edgeproxy: a Docker registry mirror with its own TLS edge (nginx + registry:2 in one).
 # Install: edgeproxy service install (or copy this file to /etc/systemd/system/), then
-#   useradd --system --home-dir {root} --shell /usr/sbin/nologin {user}
-#   install -d -o {user} -g {user} {root} {log_dir}
+#   useradd --system --home-dir {root_sh} --shell /usr/sbin/nologin {user}
+#   install -d -o {user} -g {user} {root_sh} {log_dir_sh}
 #   systemctl daemon-reload && systemctl enable --now edgeproxy
 # Reload (config and certificates, no download dropped): systemctl reload edgeproxy
 [Unit]
@@ -44,7 +45,7 @@ AmbientCapabilities=CAP_NET_BIND_SERVICE
 CapabilityBoundingSet=CAP_NET_BIND_SERVICE
 NoNewPrivileges=yes
 ProtectSystem=strict
-ReadWritePaths={root} -{log_dir}
+ReadWritePaths={root} {optional_log_dir}
 # The default folders, made and owned by systemd for {user} (another root: install -d it).
 StateDirectory=edgeproxy
 LogsDirectory=edgeproxy
@@ -73,13 +74,24 @@ def render(
 ) -> str:
     """The unit for these paths (absolute: systemd takes no relative ones)."""
     return _TEMPLATE.format(
-        executable=executable.absolute(),
-        config=config.absolute(),
-        root=root.absolute(),
-        log_dir=log_dir.absolute(),
+        executable=_word(str(executable.absolute())),
+        config=_word(str(config.absolute())),
+        root=_word(str(root.absolute())),
+        optional_log_dir=_word(f"-{log_dir.absolute()}"),  # "-": ignored when missing
+        root_sh=shlex.quote(str(root.absolute())),
+        log_dir_sh=shlex.quote(str(log_dir.absolute())),
         user=user,
         stop_timeout=f"{round(shutdown_timeout) + 30}s",  # the drain, then time to exit
     )
+
+
+def _word(text: str) -> str:
+    """`text` as one word of a unit's command line or path list: `%` would start a systemd
+    specifier, and a space, quote or backslash would split or escape it unless quoted."""
+    text = text.replace("%", "%%")
+    if any(c in text for c in " \t\"'\\"):
+        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
 
 
 def install(unit_dir: Path, unit: str) -> Path:

@@ -26,3 +26,11 @@ def test_self_signed_certificate(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main([*args, "--dir", str(directory)]) == 1
     assert "exists" in capsys.readouterr().err
     assert main([*args, "--dir", str(directory), "--force"]) == 0
+
+
+def test_days_past_year_9999_is_a_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["certs", "self-signed", "--name", "x", "--days", "100000000", "--dir", str(tmp_path)]
+    assert main(args) == 1
+    assert capsys.readouterr().err.startswith("edgeproxy: ")

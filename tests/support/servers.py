@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -44,11 +44,23 @@ def write_toml(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
+# Root without the power to read or write anyone's files (util-linux's setpriv): a file
+# owned by another user with mode 0600 is then as unreadable as it is to the service's user.
+WITHOUT_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+
+
 class EdgeproxyProcess:
     """`edgeproxy run --config FILE` as a child process, its log in a file."""
 
-    def __init__(self, config_path: Path, port: int, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        port: int,
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
         self.config_path = config_path
+        self.prefix = list(prefix)  # a command that runs it, e.g. WITHOUT_DAC
         self.env = {**os.environ, **(env or {})}
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -59,7 +71,11 @@ class EdgeproxyProcess:
     def start(self) -> None:
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "edgeproxy.cli", "run", "--config", str(self.config_path)],
+                [
+                    *self.prefix,
+                    *(sys.executable, "-m", "edgeproxy.cli", "run", "--config"),
+                    str(self.config_path),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
