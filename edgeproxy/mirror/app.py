@@ -33,11 +33,12 @@ from edgeproxy.mirror.names import (
 )
 from edgeproxy.mirror.pulls import PullRecorder
 from edgeproxy.mirror.storage import FilesystemStorage, Storage
-from edgeproxy.mirror.upstream import UpstreamClient, UpstreamUnavailable
+from edgeproxy.mirror.upstream import UpstreamClient
 
 log = logging.getLogger("edgeproxy.mirror")
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
+CATALOG_PAGES = (100, 1000)  # registry:2's page without `n`, and its catalog.maxentries
 BLOB_CACHE_CONTROL = "max-age=31536000"
 
 
@@ -111,6 +112,8 @@ class MirrorApp:
                 return
 
     async def handle(self, request: Request) -> Response:
+        if request.scope["path"] == "/":  # registry:2's liveness answer, for load balancers
+            return Response(headers={"Cache-Control": "no-cache"})
         if self.auth is not None and request.scope["path"] == TOKEN_PATH:
             return await self.auth.token(request)
         route = parse_route(request.scope["path"])
@@ -131,7 +134,7 @@ class MirrorApp:
             return _json({})
         if route.kind == "catalog" or target is None:
             names = self.storage.repositories()
-            return _paginated(request, "repositories", names, "/v2/_catalog", {})
+            return _paginated(request, "repositories", names, "/v2/_catalog", {}, CATALOG_PAGES)
         upstream = self.upstreams[target.upstream.name]
         if route.kind == "manifests":
             return await self._manifest(request, route, target, upstream)
@@ -209,17 +212,18 @@ class MirrorApp:
             answer = await upstream.request(
                 "GET", f"/v2/{target.remote_name}/tags/list", target.remote_name, params=params
             )
-        except UpstreamUnavailable as exc:
-            log.warning("tags of %s from the cache: %s", target.local_name, exc.message)
+            if answer.status != 200:
+                retry_after = answer.headers.get("retry-after")
+                raise upstream.error(answer.status, "NAME_UNKNOWN", retry_after)
+        except RegistryError as exc:  # down or refusing: the tags cached here, as registry:2
             tags = self.storage.list_tags(target.local_name)
             if not tags:
                 raise
+            log.warning("tags of %s from the cache: %s", target.local_name, exc.message)
             extra = {"name": route.name}
             response = _paginated(request, "tags", tags, path, extra)
             response.headers["Cache-Status"] = STALE
             return response
-        if answer.status != 200:
-            raise upstream.error(answer.status, "NAME_UNKNOWN", answer.headers.get("retry-after"))
         headers = {"Cache-Status": MISS}
         if "link" in answer.headers:  # the upstream's next page, under the name the client used
             headers["Link"] = answer.headers["link"].replace(
@@ -354,18 +358,29 @@ def _json(document: Mapping[str, Any], headers: Mapping[str, str] | None = None)
 
 
 def _paginated(
-    request: Request, key: str, items: list[str], path: str, extra: dict[str, str]
+    request: Request,
+    key: str,
+    items: list[str],
+    path: str,
+    extra: dict[str, str],
+    pages: tuple[int, int] | None = None,
 ) -> Response:
-    """registry:2's `n`/`last` pagination over a sorted list, with a Link to the next page."""
+    """registry:2's `n`/`last` pagination over a sorted list, with a Link to the next page;
+    `pages` is (size without `n`, largest `n`), for a list that always comes in pages."""
     last = request.query_params.get("last")
     if last:
         items = [item for item in items if item > last]
     headers = {}
     n_param = request.query_params.get("n")
+    count = None if pages is None else pages[0]
     if n_param is not None:
         count = parse_count(n_param)
-        if len(items) > count:
-            items = items[:count]
-            if items:
-                headers["Link"] = f'<{path}?last={items[-1]}&n={count}>; rel="next"'
+        if pages is not None and count > pages[1]:
+            raise RegistryError(
+                "PAGINATION_NUMBER_INVALID", f"n is over {pages[1]}", {"n": n_param[:32]}
+            )
+    if count is not None and len(items) > count:
+        items = items[:count]
+        if items:
+            headers["Link"] = f'<{path}?last={items[-1]}&n={count}>; rel="next"'
     return _json({**extra, key: items}, headers)

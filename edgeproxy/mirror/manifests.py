@@ -1,9 +1,10 @@
 """Manifests: served byte for byte from the cache, tags revalidated with the upstream.
 
 A digest reference is immutable: once cached it never needs the upstream. A tag is trusted
-for the upstream's `tag_ttl`, then confirmed with a HEAD; when the upstream fails, the
-cached tag is served stale. As in registry:2's proxy, the upstream is always asked for every
-manifest type (it answers with what it stores) and each client's Accept is met here.
+for the upstream's `tag_ttl`, then confirmed with a HEAD; when the upstream fails or refuses
+(down, 5xx, 429, 401/403, or the tag is gone), the cached tag is served stale. As in
+registry:2's proxy, the upstream is always asked for every manifest type (it answers with
+what it stores) and each client's Accept is met here.
 """
 
 from __future__ import annotations
@@ -158,7 +159,9 @@ class ManifestService:
             if manifest is None:
                 manifest, status = await self._fetch(upstream, target, digest or tag), MISS
         except RegistryError as exc:
-            if cached is not None and _may_serve_stale(exc):
+            # Whatever the upstream said, down or not (registry:2 falls back to its copy on
+            # any error too): a tag deleted or refused upstream still pulls from the cache.
+            if cached is not None:
                 log.warning("serving %s:%s stale: %s", target.local_name, tag, exc.message)
                 return cached, STALE
             raise
@@ -248,7 +251,3 @@ def _keep(what: str, write: Callable[[str, str, Any], None], *args: Any) -> None
         write(*args)
     except OSError as exc:
         log.warning("not cached: %s: %s", what, exc)
-
-
-def _may_serve_stale(error: RegistryError) -> bool:
-    return isinstance(error, UpstreamUnavailable) or error.code == "TOOMANYREQUESTS"

@@ -42,6 +42,11 @@ def test_base_and_common_headers(setup: tuple[FakeUpstream, httpx.Client]) -> No
     assert (response.status_code, response.json()) == (200, {})
     assert response.headers["docker-distribution-api-version"] == "registry/2.0"
     assert response.headers["x-content-type-options"] == "nosniff"
+    # registry:2 answers `/` for load balancers' liveness probes, whatever the method.
+    for method in ("GET", "HEAD", "POST"):
+        alive = client.request(method, "/")
+        assert (alive.status_code, alive.content) == (200, b""), method
+        assert alive.headers["cache-control"] == "no-cache"
 
 
 @pytest.mark.parametrize(
@@ -113,6 +118,22 @@ def test_upstream_selection_by_ns_and_prefix(setup: tuple[FakeUpstream, httpx.Cl
     assert catalog == {"repositories": ["other.example/team/app"]}
 
 
+def test_the_catalog_comes_in_pages_of_100_as_registry2s(tmp_path: Path) -> None:
+    hub = {"name": "docker.io", "url": "http://127.0.0.1:1"}
+    config = config_from_dict({"mirror": {"root": str(tmp_path), "upstream": [hub]}})
+    app = MirrorApp(config.mirror)
+    names = [f"team/app{i:03}" for i in range(150)]
+    for name in names:
+        app.storage.write_tag(name, "v1", "sha256:" + "a" * 64)
+    with serve_app(app) as url, httpx.Client(base_url=url) as client:
+        first = client.get("/v2/_catalog")
+        assert first.json() == {"repositories": names[:100]}
+        assert first.headers["link"] == '</v2/_catalog?last=team/app099&n=100>; rel="next"'
+        rest = client.get("/v2/_catalog?last=team/app099&n=100")
+        assert rest.json() == {"repositories": names[100:]}
+        assert "link" not in rest.headers
+
+
 def test_tags_catalog_and_referrers(setup: tuple[FakeUpstream, httpx.Client]) -> None:
     upstream, client = setup
     layer = upstream.add_blob(b"layer")
@@ -125,6 +146,9 @@ def test_tags_catalog_and_referrers(setup: tuple[FakeUpstream, httpx.Client]) ->
     assert page.json() == {"repositories": ["one/x", "three/x"]}
     assert page.headers["link"] == '</v2/_catalog?last=three/x&n=2>; rel="next"'
     assert client.get("/v2/_catalog?last=three/x").json() == {"repositories": ["two/x"]}
+    too_many = client.get("/v2/_catalog?n=1001")  # registry:2's catalog.maxentries
+    assert too_many.status_code == 400
+    assert too_many.json()["errors"][0]["code"] == "PAGINATION_NUMBER_INVALID"
     referrers = client.get(f"/v2/x/referrers/{layer}")
     assert referrers.status_code == 200
     assert referrers.json() == {

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from edgeproxy.mirror.app import MirrorApp
+from edgeproxy.mirror.cache_status import STALE
 from edgeproxy.mirror.manifests import Manifest
 from edgeproxy.mirror.names import resolve_target
 from tests.mirror.fake_upstream import FakeUpstream, fake_upstream, mirror_of
@@ -96,14 +97,22 @@ def test_cached_tag_is_served_stale_when_the_upstream_fails(
     assert (first.status_code, first.headers["cache-status"]) == (200, "edgeproxy; fwd=miss")
     again = client.get("/v2/x/manifests/v1")
     assert again.headers["cache-status"] == "edgeproxy; fwd=stale; fwd-status=200"
-    for fault in (500, 429):
+    # Down, overloaded, refusing, or the tag deleted upstream: registry:2 serves its copy.
+    for fault in (500, 429, 401, 403, 404):
         upstream.faults["/manifests/v1"] = fault
         stale = client.get("/v2/x/manifests/v1")
-        assert stale.status_code == 200
+        assert stale.status_code == 200, fault
         assert stale.headers["cache-status"] == "edgeproxy; hit; detail=stale"
         assert stale.headers["docker-content-digest"] == digest
+    del upstream.faults["/manifests/v1"]
+    del upstream.tags["v1"]
+    assert client.get("/v2/x/manifests/v1").headers["cache-status"] == STALE
     by_digest = client.get(f"/v2/x/manifests/{digest}")
     assert by_digest.headers["cache-status"] == "edgeproxy; hit"
+    for fault in (500, 404):
+        upstream.faults["/tags/list"] = fault
+        tags = client.get("/v2/x/tags/list")
+        assert (tags.json(), tags.headers["cache-status"]) == ({"name": "x", "tags": ["v1"]}, STALE)
 
 
 def test_rate_limit_and_errors_pass_through_when_nothing_is_cached(
