@@ -23,6 +23,7 @@ from edgeproxy.mirror.manifests import OCI_INDEX, ManifestService
 from edgeproxy.mirror.names import (
     Route,
     Target,
+    check_reference,
     if_range_holds,
     names_etag,
     parse_accept,
@@ -247,11 +248,33 @@ class MirrorApp:
             if "oci-filters-applied" in answer.headers:
                 headers["OCI-Filters-Applied"] = answer.headers["oci-filters-applied"]
             return Response(answer.body, headers=headers, media_type=OCI_INDEX)
-        if answer.status == 404:  # an upstream without the referrers API has none to give
-            empty = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+        if answer.status == 404:  # an upstream without the referrers API: its tag schema
+            found = await self._referrers_tag(route, target, upstream)
             headers = {"Cache-Status": forwarded(404)}
-            return Response(json.dumps(empty).encode(), headers=headers, media_type=OCI_INDEX)
+            if "artifactType" in params:
+                found = [d for d in found if d.get("artifactType") == params["artifactType"]]
+                headers["OCI-Filters-Applied"] = "artifactType"
+            index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
+            return Response(json.dumps(index).encode(), headers=headers, media_type=OCI_INDEX)
         raise upstream.error(answer.status, "MANIFEST_UNKNOWN", answer.headers.get("retry-after"))
+
+    async def _referrers_tag(
+        self, route: Route, target: Target, upstream: UpstreamClient
+    ) -> list[dict[str, Any]]:
+        """The referrers an upstream without the API lists under the OCI 1.1 tag schema
+        (`<alg>-<hex>`, the index clients such as notation and oras push there): a client
+        that asks the mirror's API finds them too. None when there is no such tag."""
+        algorithm, _, encoded = route.reference.partition(":")
+        try:
+            tag = check_reference(f"{algorithm[:32]}-{encoded[:64]}")
+            index, _ = await self.manifests.get(upstream, target, tag)
+        except RegistryError as exc:
+            if exc.code in ("MANIFEST_UNKNOWN", "TAG_INVALID"):
+                return []
+            raise
+        document = json.loads(index.data) if index.media_type == OCI_INDEX else {}
+        manifests = document.get("manifests")
+        return [d for d in manifests if isinstance(d, dict)] if isinstance(manifests, list) else []
 
 
 def _blob_response(

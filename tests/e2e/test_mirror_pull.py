@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from edgeproxy.mirror.manifests import OCI_MANIFEST
+from edgeproxy.mirror.manifests import OCI_INDEX, OCI_MANIFEST
 from tests.support.edge import make_certificate
 from tests.support.images import Pushed, build_image, push, random_layer
 from tests.support.podman import mirror_env
@@ -288,3 +288,68 @@ def test_containerd_pulls_through_the_mirror_with_ns(
         log = mirror.log().replace("%3A", ":")
         assert f"GET /v2/test/ctr/blobs/{image.layer_digests[0]}?ns=docker.io" in log
         assert "registry-1.docker.io" not in result.stderr  # never fell back to the upstream
+
+
+SIGNATURE = "application/vnd.cncf.notary.signature"
+
+
+def push_referrer_by_tag_schema(registry: Registry, repo: str, subject: str) -> str:
+    """A signature of `subject` pushed as notation and oras push to a registry without the
+    referrers API (2.8): the artifact, then an index of it under the tag `sha256-<hex>`."""
+    empty = b"{}"
+    empty_digest = "sha256:" + hashlib.sha256(empty).hexdigest()
+    with httpx.Client(base_url=registry.url, timeout=30) as client:
+        upload = client.post(f"/v2/{repo}/blobs/uploads/").headers["location"]
+        joiner = "&" if "?" in upload else "?"
+        assert client.put(f"{upload}{joiner}digest={empty_digest}", content=empty).is_success
+        descriptor = {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty_digest}
+        artifact = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "artifactType": SIGNATURE,
+                "config": {**descriptor, "size": 2},
+                "layers": [{**descriptor, "size": 2}],
+                "subject": {"mediaType": OCI_MANIFEST, "digest": subject, "size": 1},
+            }
+        ).encode()
+        digest = "sha256:" + hashlib.sha256(artifact).hexdigest()
+        headers = {"Content-Type": OCI_MANIFEST}
+        assert client.put(f"/v2/{repo}/manifests/{digest}", content=artifact, headers=headers)
+        entry = {"mediaType": OCI_MANIFEST, "digest": digest, "size": len(artifact)}
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+            {**entry, "artifactType": SIGNATURE}
+        ]}  # fmt: skip
+        tag = subject.replace(":", "-")
+        headers = {"Content-Type": OCI_INDEX}
+        assert client.put(f"/v2/{repo}/manifests/{tag}", content=json.dumps(index), headers=headers)
+    return digest
+
+
+def test_referrers_of_an_upstream_without_the_api(
+    push_all: Callable[[Registry], dict[str, Pushed]], tmp_path: Path
+) -> None:
+    """registry:2 2.8 has no referrers API (404), so signing tools keep referrers under the
+    OCI 1.1 tag schema. The mirror's referrers API lists them from that tag: a client that
+    asks the API (rather than the tag) still finds the signature."""
+    upstream = start_registry(tmp_path / "upstream")
+    try:
+        small = push_all(upstream)["small"]
+        subject = small.image.manifest_digest
+        url = f"{upstream.url}/v2/{small.repo}/referrers/{subject}"
+        assert httpx.get(url).status_code == 404
+        signature = push_referrer_by_tag_schema(upstream, small.repo, subject)
+        with run_edgeproxy(tmp_path / "mirror", [upstream_entry(upstream)]) as mirror:
+            path = f"{mirror.url}/v2/{small.repo}/referrers"
+            found = httpx.get(f"{path}/{subject}")
+            assert found.status_code == 200
+            assert found.headers["content-type"] == OCI_INDEX
+            [descriptor] = found.json()["manifests"]
+            assert (descriptor["digest"], descriptor["artifactType"]) == (signature, SIGNATURE)
+            other = httpx.get(f"{path}/{subject}", params={"artifactType": "application/x-sbom"})
+            assert other.json()["manifests"] == []
+            assert other.headers["oci-filters-applied"] == "artifactType"
+            unsigned = httpx.get(f"{path}/{small.image.config_digest}")
+            assert (unsigned.status_code, unsigned.json()["manifests"]) == (200, [])
+    finally:
+        upstream.close()
