@@ -1,7 +1,9 @@
 """`edgeproxy cache ls|du|prune|warm|verify`: the cache of `[mirror] root`, by hand.
 
-Each works on the storage directly (safely beside a running edgeproxy: removals take the
-eviction lock, fills their own); `warm` pulls through the mirror's own code.
+Each works on the storage directly, safely beside a running edgeproxy: `prune` takes the
+eviction lock, `warm` pulls through the mirror's own code (fills take their own locks), and
+`verify --remove` removes only blobs no client can be served correctly (removing one twice is
+harmless, and a new fill of it writes a new file).
 """
 
 from __future__ import annotations

@@ -53,6 +53,7 @@ class EdgeApp:
             return
         began = time.monotonic()
         exchange = _Exchange(receive, send, self.config.client_max_body_size, scope)
+        exchange.close = self.config.keepalive_timeout == 0  # nginx: keep-alive off
         # nginx reads a body before it answers; the embedded mirror answers writes (405)
         # without reading them: a chunked body over the limit must still get the 413.
         exchange.read_before_answer = self.config.embedded and exchange.chunked_request
@@ -145,6 +146,7 @@ class _Exchange:
         self._refused = False
         self._body_done = False
         self.read_before_answer = False
+        self.close = False  # answer with Connection: close (uvicorn then closes)
         self.started = False
         self.status = 0
         self.cache_status: bytes | None = None
@@ -192,6 +194,9 @@ class _Exchange:
             self.started = True
             self.status = message["status"]
             raw: Any = message.get("headers", [])
+            if self.close and header(raw, b"connection") is None:
+                raw = [*raw, (b"connection", b"close")]
+                message = {**message, "headers": raw}
             self.cache_status = header(raw, b"cache-status")
             # As uvicorn frames it: chunked without a length, but for HEAD, 204 and 304.
             encoding = header(raw, b"transfer-encoding")

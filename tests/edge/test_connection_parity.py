@@ -319,6 +319,22 @@ def test_an_idle_keepalive_connection_is_closed_as_nginx(sides: tuple[Server, Se
             assert read_all(conn) == b"", server.name  # closed by keepalive_timeout
 
 
+def test_keepalive_timeout_0_closes_after_each_answer_as_nginx(tmp_path: Path) -> None:
+    """nginx's `keepalive_timeout 0` turns keep-alive off: each answer says Connection: close
+    and the connection closes."""
+    with ExitStack() as stack:
+        backend = stack.enter_context(serve_app(Counter()))
+        nginx = stack.enter_context(run_nginx(tmp_path / "nginx", backend, keepalive_timeout="0"))
+        edge = stack.enter_context(
+            run_edge(tmp_path / "edge", OFFLINE, tls=False, backend=backend, keepalive_timeout=0)
+        )
+        for port in (nginx, edge.http_port):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+                conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = parse(read_all(conn))  # all of it: the server closed
+            assert (answer.status, answer.header("connection")) == (200, "close"), port
+
+
 def test_a_refused_body_is_read_on_so_the_client_gets_the_answer(
     sides: tuple[Server, Server],
 ) -> None:
