@@ -38,11 +38,11 @@ from edgeproxy.mirror.names import (
     resolve_target,
 )
 from edgeproxy.mirror.storage import FilesystemStorage
-from edgeproxy.mirror.verify import corrupt
+from edgeproxy.mirror.verify import findings
 
 
 @contextlib.contextmanager
-def owned_as_the_cache(root: Path) -> Iterator[None]:
+def owned_as_the_cache(root: Path, writes: bool = True) -> Iterator[None]:
     """Files made by a command run as root (`sudo edgeproxy cache prune`: the eviction lock,
     blob folders) are handed to the cache's owner afterwards, or the service (User=edgeproxy)
     could no longer evict or cache. Not setuid: the command's Python may be root's only."""
@@ -53,13 +53,19 @@ def owned_as_the_cache(root: Path) -> Iterator[None]:
             owner: os.stat_result | None = root.stat()
         except OSError:
             owner = None
-        if owner is not None and owner.st_uid != 0 and os.geteuid() == 0:
-            for folder, names, files in os.walk(root):
-                for name in (*names, *files):
-                    path = os.path.join(folder, name)
-                    with contextlib.suppress(OSError):  # removed meanwhile: nothing to hand
-                        if os.lstat(path).st_uid == 0:
-                            os.lchown(path, owner.st_uid, owner.st_gid)
+        if writes and owner is not None and owner.st_uid != 0 and os.geteuid() == 0:
+            _hand_over(root, owner.st_uid, owner.st_gid)
+
+
+def _hand_over(root: Path, uid: int, gid: int) -> None:
+    """chown what root owns under `root` to uid:gid. By folder descriptor, never following a
+    link: the owner may swap a folder for a link to /etc meanwhile, and must not be handed
+    what is there."""
+    for _, folders, files, folder_fd in os.fwalk(root, follow_symlinks=False):
+        for name in (*folders, *files):
+            with contextlib.suppress(OSError):  # removed meanwhile: nothing to hand
+                if os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_uid == 0:
+                    os.chown(name, uid, gid, dir_fd=folder_fd, follow_symlinks=False)
 
 
 def _storage(config: Config) -> FilesystemStorage | None:
@@ -190,22 +196,26 @@ def _print_plan(done: Plan, dry_run: bool) -> None:
 
 
 def verify(config: Config, remove: bool) -> int:
-    """Re-hash every blob and manifest; 1 when a corrupt one is left in the cache."""
+    """Re-hash every blob and manifest; 1 when a corrupt or unreadable one is left. Only
+    corrupt ones are removed: an unreadable one may be readable again (EMFILE, a permission)."""
     storage = _storage(config)
     if storage is None:
         return 1
     checked = sum(1 for _ in storage.blobs())
-    found = []
-    for blob, problem in corrupt(storage):
-        found.append(blob.digest)
-        print(f"corrupt: {blob.digest} ({size_text(blob.size)}) {problem}")
+    found = list(findings(storage))
+    for finding in found:
+        kind = "corrupt" if finding.corrupt else "unreadable"
+        blob = finding.blob
+        print(f"{kind}: {blob.digest} ({size_text(blob.size)}) {finding.problem}")
+    corrupt = [f.blob.digest for f in found if f.corrupt]
+    unreadable = len(found) - len(corrupt)
     if remove:
-        storage.remove_blobs(found)
-        for digest in found:
+        storage.remove_blobs(corrupt)
+        for digest in corrupt:
             print(f"removed: {digest}")
-    removed = ", removed" if remove and found else ""
-    print(f"checked {checked} blobs: {len(found)} corrupt{removed}")
-    return 1 if found and not remove else 0
+    removed = ", removed" if remove and corrupt else ""
+    print(f"checked {checked} blobs: {len(corrupt)} corrupt{removed}, {unreadable} unreadable")
+    return 1 if unreadable or (corrupt and not remove) else 0
 
 
 def warm(config: Config, images: list[str], platform: str | None) -> int:

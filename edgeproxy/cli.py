@@ -94,7 +94,8 @@ def _cache_parser(commands: Any, common: argparse.ArgumentParser) -> None:
 def _cache(args: argparse.Namespace, config: Config) -> int:
     from edgeproxy import cache_cli
 
-    with cache_cli.owned_as_the_cache(config.mirror.root):
+    writes = args.action not in ("ls", "du")
+    with cache_cli.owned_as_the_cache(config.mirror.root, writes):
         if args.action == "ls":
             return cache_cli.ls(config)
         if args.action == "du":

@@ -99,6 +99,8 @@ def _no_nul(value: object) -> object:
 def _header_name(name: str) -> str:
     if not _TOKEN.fullmatch(name):
         raise ValueError(f"not an HTTP header name: {name!r}")
+    if name.lower() in _FRAMING:
+        raise ValueError(f"{name} is the server's to set (it frames the message)")
     return name
 
 
@@ -108,6 +110,11 @@ def _header_value(value: str) -> str:
     return value
 
 
+# Headers that frame or route a message: a configured one would break every answer.
+_FRAMING = {
+    "connection", "content-length", "keep-alive", "proxy-connection", "te", "trailer",
+    "transfer-encoding", "upgrade",
+}  # fmt: skip
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")  # no CR, LF or other controls
 

@@ -13,8 +13,6 @@ from edgeproxy.edge.accesslog import AccessLog
 from edgeproxy.edge.tls import TlsError, server_context
 from edgeproxy.mirror.upstream import ssl_context
 
-WILDCARDS = ("0.0.0.0", "::")
-
 
 def check(config: Config) -> None:
     """Raise ConfigError unless `config` can run: see `check_listeners` and `check_files`."""
@@ -38,9 +36,16 @@ def check_listeners(config: Config) -> None:
         raise ConfigError("nothing to listen on: set mirror.listen or [edge]")
     for i, (key, (host, port)) in enumerate(wanted):
         for other, (other_host, other_port) in wanted[:i]:
-            overlap = host == other_host or host in WILDCARDS or other_host in WILDCARDS
-            if port == other_port != 0 and overlap:
+            if port == other_port != 0 and _overlap(host, other_host):
                 raise ConfigError(f"{other} and {key} both want port {port} of {host}")
+
+
+def _overlap(host: str, other: str) -> bool:
+    """Whether two listeners on one port collide: the same address, `::` (every address, as
+    Linux binds it), or `0.0.0.0` with another IPv4 address (not with an IPv6 one)."""
+    if host == other or "::" in (host, other):
+        return True
+    return "0.0.0.0" in (host, other) and ":" not in host + other
 
 
 def check_files(config: Config) -> None:

@@ -8,10 +8,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from edgeproxy import cache_cli
 from edgeproxy.cli import main
 from edgeproxy.mirror.storage import FilesystemStorage
 from tests.conftest import TEST_TAG
@@ -85,7 +87,7 @@ def test_verify_finds_a_flipped_byte_and_remove_makes_a_pull_refetch_it(
     config = config_file(tmp_path, registry_none)
     assert main(["cache", "warm", *config, "test/verify:v1"]) == 0
     assert main(["cache", "verify", *config]) == 0
-    assert "checked 3 blobs: 0 corrupt" in capsys.readouterr().out
+    assert "checked 3 blobs: 0 corrupt, 0 unreadable" in capsys.readouterr().out
     layer = image.layer_digests[0]
     storage = FilesystemStorage(tmp_path / "mirror" / "cache")
     with storage.blob_path(layer).open("r+b") as data:
@@ -108,9 +110,9 @@ def test_verify_finds_a_flipped_byte_and_remove_makes_a_pull_refetch_it(
 
 
 def test_verify_reports_a_blob_it_cannot_read_and_goes_on(tmp_path: Path) -> None:
-    """A failing disk is what a check is for: an unreadable blob is reported as corrupt and
-    the others are still checked (it was a traceback at the first one). Run as root without
-    the power to read anyone's files."""
+    """A failing disk is what a check is for: an unreadable blob is reported and the others
+    are still checked (it was a traceback at the first one); `--remove` leaves it, as it may
+    be readable again. Run as root without the power to read anyone's files."""
     root = tmp_path / "cache"
     storage = FilesystemStorage(root)
     for data in (b"unreadable", b"good", b"also good"):
@@ -123,16 +125,13 @@ def test_verify_reports_a_blob_it_cannot_read_and_goes_on(tmp_path: Path) -> Non
     mirror = {"root": str(root), "upstream": [{"name": "x", "url": "http://x"}]}
     config = write_toml(tmp_path / "proxy.toml", {"mirror": mirror})
     command = [sys.executable, "-m", "edgeproxy.cli", "cache", "verify", "--config", str(config)]
-    done = subprocess.run(
-        [*WITHOUT_DAC, *command],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 1, done.stderr
-    assert f"corrupt: {digest_of(b'unreadable')} (10 B) cannot be read: Permission denied" in (
-        done.stdout
-    )
-    assert "checked 3 blobs: 1 corrupt" in done.stdout
+    for extra in ([], ["--remove"]):
+        done = subprocess.run([*WITHOUT_DAC, *command, *extra], capture_output=True, text=True)
+        assert done.returncode == 1, done.stderr
+        unreadable = f"unreadable: {digest_of(b'unreadable')} (10 B) cannot be read: Permission"
+        assert unreadable in done.stdout
+        assert "checked 3 blobs: 0 corrupt, 1 unreadable" in done.stdout
+    assert locked.exists()
 
 
 def test_cache_commands_run_as_root_leave_the_cache_to_its_owner(tmp_path: Path) -> None:
@@ -157,6 +156,35 @@ def test_cache_commands_run_as_root_leave_the_cache_to_its_owner(tmp_path: Path)
             assert done.returncode == 0, done.stderr
         assert FilesystemStorage(root).blob_size(digest_of(b"layer")) == 5
         assert [p for p in root.rglob("*") if p.stat().st_uid != 65534] == []
+
+
+def test_handing_over_never_follows_a_folder_swapped_for_a_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache's owner swaps a folder the walk has listed for a link to /etc: what root owns
+    there must not be handed over (that would make the service's user root)."""
+    root = tmp_path / "cache"
+    (root / "a").mkdir(parents=True)
+    for path in (root, root / "a"):
+        os.chown(path, 65534, 65534)
+    (root / "a" / "made-by-root").write_text("")
+    victim = tmp_path / "etc"
+    victim.mkdir()
+    (victim / "made-by-root").write_text("")
+    real_fwalk = os.fwalk
+
+    def fwalk_with_a_swap(top: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        for step in real_fwalk(top, *args, **kwargs):
+            if step[0] == str(root / "a"):
+                os.rename(root / "a", root / "a.old")
+                os.symlink(victim, root / "a")
+            yield step
+
+    monkeypatch.setattr(os, "fwalk", fwalk_with_a_swap)
+    with cache_cli.owned_as_the_cache(root):
+        pass
+    assert (victim / "made-by-root").stat().st_uid == 0
+    assert (root / "a.old" / "made-by-root").stat().st_uid == 65534
 
 
 def test_warm_prints_an_image_name_as_it_is(

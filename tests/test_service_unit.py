@@ -66,19 +66,20 @@ def test_systemd_analyze_verify_accepts_it(tmp_path: Path) -> None:
 
 @needs_systemd_analyze
 def test_paths_with_spaces_and_percent_signs_stay_one_path(tmp_path: Path) -> None:
-    """systemd splits words at spaces and reads `%x` as a specifier: such paths are quoted
-    and escaped, or `--config` would be two arguments and ReadWritePaths two paths."""
-    folders = {name: tmp_path / name for name in ("e p", "my cache", "lo%g")}
+    """systemd splits words at spaces, reads `%x` as a specifier and `$p` as a variable: such
+    paths are quoted and escaped, or `--config` would be two arguments (or another path) and
+    ReadWritePaths two paths."""
+    folders = {name: tmp_path / name for name in ("e $p", "my cache", "lo%g")}
     for folder in folders.values():
         folder.mkdir()
     unit = render(
         executable=EDGEPROXY,
-        config=folders["e p"] / "p%x.toml",
+        config=folders["e $p"] / "p%x.toml",
         root=folders["my cache"],
         log_dir=folders["lo%g"],
     )
     lines = unit.splitlines()
-    assert f'ExecStart={EDGEPROXY} run --config "{tmp_path}/e p/p%%x.toml"' in lines
+    assert f'ExecStart={EDGEPROXY} run --config "{tmp_path}/e $$p/p%%x.toml"' in lines
     assert f'ReadWritePaths="{tmp_path}/my cache" -{tmp_path}/lo%%g' in lines
     assert f"install -d -o edgeproxy -g edgeproxy '{tmp_path}/my cache' {tmp_path}/lo%g" in unit
     path = tmp_path / "edgeproxy.service"

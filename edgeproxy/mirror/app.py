@@ -148,10 +148,14 @@ class MirrorApp:
     async def _manifest(
         self, request: Request, route: Route, target: Target, upstream: UpstreamClient
     ) -> Response:
-        manifest, status = await self.manifests.get_for(
-            upstream, target, route.reference, _accept(request)
+        found = await self.manifests.get(upstream, target, route.reference)
+        manifest = await self.manifests.negotiate(
+            upstream, target, route.reference, found, _accept(request)
         )
-        self.pulls.manifest(target.local_name, manifest.digest)
+        status = found[1]
+        # A list served as its linux/amd64 manifest is pulled too: eviction keeps the tag.
+        for digest in {found[0].digest, manifest.digest}:
+            self.pulls.manifest(target.local_name, digest)
         headers = {
             "Docker-Content-Digest": manifest.digest,
             "ETag": f'"{manifest.digest}"',

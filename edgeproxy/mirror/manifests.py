@@ -120,25 +120,38 @@ class ManifestService:
             return await self._fetch(upstream, target, reference), MISS
         return await self._get_tag(upstream, target, reference)
 
-    async def get_for(
-        self, upstream: UpstreamClient, target: Target, reference: str, accept: str | None
-    ) -> tuple[Manifest, str]:
-        """The manifest a client whose Accept is `accept` gets, as registry:2's handler
-        chooses it: an OCI manifest or index only to a client that names its type, and for a
-        tag of a Docker manifest list, to a client that takes no list, its linux/amd64
-        manifest (registry:2 2.8 would then rewrite a schema 2 manifest to schema 1 for a
-        client that takes no schema 2; edgeproxy serves schema 2, as distribution 3 does)."""
-        manifest, status = await self.get(upstream, target, reference)
+    async def negotiate(
+        self,
+        upstream: UpstreamClient,
+        target: Target,
+        reference: str,
+        found: tuple[Manifest, str],
+        accept: str | None,
+    ) -> Manifest:
+        """What a client whose Accept is `accept` gets of the manifest `found` (with its
+        Cache-Status) for `reference`, as registry:2's handler chooses: an OCI manifest or
+        index only to a client that names its type, and for a tag of a Docker manifest list,
+        to a client that takes no list, its linux/amd64 manifest (registry:2 2.8 would then
+        rewrite schema 2 to schema 1 for a client that takes no schema 2; edgeproxy serves
+        schema 2, as distribution 3 does)."""
+        manifest, status = found
         kinds = _accepted_types(accept)
+        refusal = None
         if manifest.media_type in (OCI_MANIFEST, OCI_INDEX) and manifest.media_type not in kinds:
-            found = "OCI index" if manifest.media_type == OCI_INDEX else "OCI manifest"
-            raise RegistryError(
-                "MANIFEST_UNKNOWN", f"{found} found, but accept header does not support it"
-            )
-        by_tag = not is_digest(reference)
-        if by_tag and manifest.media_type == DOCKER_LIST and DOCKER_LIST not in kinds:
-            manifest, _ = await self.get(upstream, target, _default_platform(manifest))
-        return manifest, status
+            kind = "OCI index" if manifest.media_type == OCI_INDEX else "OCI manifest"
+            refusal = f"{kind} found, but accept header does not support it"
+        elif (
+            not is_digest(reference)
+            and manifest.media_type == DOCKER_LIST
+            and DOCKER_LIST not in kinds
+        ):
+            platform = _default_platform(manifest)
+            if platform is not None:
+                return (await self.get(upstream, target, platform))[0]
+            refusal = "the manifest list has no linux/amd64 manifest"
+        if refusal is not None:
+            raise RegistryError("MANIFEST_UNKNOWN", refusal, headers={"Cache-Status": status})
+        return manifest
 
     async def _get_tag(
         self, upstream: UpstreamClient, target: Target, tag: str
@@ -208,7 +221,7 @@ def _accepted_types(accept: str | None) -> set[str]:
     return {kind.split(";")[0].strip() for kind in (accept or "").split(",")}
 
 
-def _default_platform(manifest_list: Manifest) -> str:
+def _default_platform(manifest_list: Manifest) -> str | None:
     """The digest of a Docker manifest list's linux/amd64 manifest (registry:2's default)."""
     children = json.loads(manifest_list.data).get("manifests")
     for child in children if isinstance(children, list) else []:
@@ -218,14 +231,20 @@ def _default_platform(manifest_list: Manifest) -> str:
             "amd64",
         ):
             return check_digest(str(child.get("digest")))
-    raise RegistryError("MANIFEST_UNKNOWN", "the manifest list has no linux/amd64 manifest")
+    return None
 
 
 async def _tag_digest(upstream: UpstreamClient, target: Target, tag: str) -> str | None:
     """The digest the upstream's tag points to now (HEAD), if the upstream says."""
     head = await _ask(upstream, "HEAD", target, tag)
     digest: str | None = head.headers.get("docker-content-digest")
-    return digest
+    if digest is None:
+        return None
+    try:
+        return check_digest(digest)  # the upstream's word becomes a path
+    except RegistryError as exc:
+        reason = f"sent {digest[:80]!r} as the digest of {tag}"
+        raise UpstreamUnavailable(upstream.name, reason) from exc
 
 
 async def _ask(

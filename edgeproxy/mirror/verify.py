@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from edgeproxy.mirror.storage import Storage, StoredBlob
 
@@ -27,20 +28,26 @@ def rehash(storage: Storage, digest: str, progress: Callable[[int], object] | No
     return f"{algorithm}:{hasher.hexdigest()}"
 
 
-def corrupt(
+class Finding(NamedTuple):
+    blob: StoredBlob
+    problem: str  # "holds bytes of sha256:...", "cannot be read: ..."
+    corrupt: bool  # the bytes are wrong; False: they could not be read (maybe for now)
+
+
+def findings(
     storage: Storage, progress: Callable[[int], object] | None = None
-) -> Iterator[tuple[StoredBlob, str]]:
-    """(blob, what is wrong) for each stored blob whose bytes do not match its name, or that
-    cannot be read (a failing disk is what a check is for: it goes on to the next blob)."""
+) -> Iterator[Finding]:
+    """Each stored blob whose bytes do not match its name, or that cannot be read (a failing
+    disk is what a check is for: it goes on to the next blob)."""
     for blob in storage.blobs():
         try:
             actual = rehash(storage, blob.digest, progress)
         except FileNotFoundError:  # removed meanwhile (an eviction)
             continue
         except ValueError:  # a folder named after no hash algorithm
-            yield blob, "is named after an unknown algorithm"
+            yield Finding(blob, "is named after an unknown algorithm", corrupt=True)
         except OSError as exc:
-            yield blob, f"cannot be read: {exc.strerror or exc}"
+            yield Finding(blob, f"cannot be read: {exc.strerror or exc}", corrupt=False)
         else:
             if actual != blob.digest:
-                yield blob, f"holds bytes of {actual}"
+                yield Finding(blob, f"holds bytes of {actual}", corrupt=True)

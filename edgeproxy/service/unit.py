@@ -74,8 +74,8 @@ def render(
 ) -> str:
     """The unit for these paths (absolute: systemd takes no relative ones)."""
     return _TEMPLATE.format(
-        executable=_word(str(executable.absolute())),
-        config=_word(str(config.absolute())),
+        executable=_word(str(executable.absolute()), command=True),
+        config=_word(str(config.absolute()), command=True),
         root=_word(str(root.absolute())),
         optional_log_dir=_word(f"-{log_dir.absolute()}"),  # "-": ignored when missing
         root_sh=shlex.quote(str(root.absolute())),
@@ -85,10 +85,13 @@ def render(
     )
 
 
-def _word(text: str) -> str:
+def _word(text: str, command: bool = False) -> str:
     """`text` as one word of a unit's command line or path list: `%` would start a systemd
-    specifier, and a space, quote or backslash would split or escape it unless quoted."""
+    specifier, `$` a variable in a command line, and a space, quote or backslash would split
+    or escape it unless quoted."""
     text = text.replace("%", "%%")
+    if command:
+        text = text.replace("$", "$$")
     if any(c in text for c in " \t\"'\\"):
         text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return text

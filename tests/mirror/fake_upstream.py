@@ -74,6 +74,10 @@ class FakeUpstream:
                 for d in layers
             ],
         }
+        return self.add_document(tag, document)
+
+    def add_document(self, tag: str, document: dict[str, object]) -> str:
+        """Any manifest, index or list, tagged `tag`."""
         data = json.dumps(document).encode()
         digest = digest_of(data)
         self.manifests[digest] = data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 from edgeproxy.config import config_from_dict
 from edgeproxy.mirror.app import MirrorApp
 from edgeproxy.mirror.cache_status import HIT
+from edgeproxy.mirror.manifests import DOCKER_LIST
+from edgeproxy.mirror.storage import FilesystemStorage
 from tests.mirror.fake_upstream import MANIFEST_TYPE, FakeUpstream, fake_upstream, mirror_of
 from tests.support.servers import serve_app
 from tests.support.wait import wait_until
@@ -255,3 +258,25 @@ def test_concurrent_first_requests_wait_for_the_one_probe(tmp_path: Path) -> Non
             assert asyncio.run(fetch_all()) == [200] * len(digests)
         assert upstream.requests["GET /v2/"] == 1
         assert [upstream.requests[f"GET /v2/a/b/blobs/{d}"] for d in digests] == [1] * 6
+
+
+def test_a_list_served_as_its_amd64_manifest_is_pulled_too(tmp_path: Path) -> None:
+    """A client that takes no list gets a Docker list's linux/amd64 manifest; the list (what
+    the tag points to) is recorded as pulled too, or eviction by age would take the tag of an
+    image pulled every day, and with it the copy served when the upstream is down."""
+    with fake_upstream() as upstream:
+        child = upstream.add_manifest("child", [upstream.add_blob(b"layer")])
+        platform = {"os": "linux", "architecture": "amd64"}
+        entry = {"mediaType": MANIFEST_TYPE, "digest": child, "size": 1, "platform": platform}
+        document = {"schemaVersion": 2, "mediaType": DOCKER_LIST, "manifests": [entry]}
+        listed = upstream.add_document("v1", document)
+        for pull in ("first", "again"):  # a new app each: it records a pull once a minute
+            if pull == "again":
+                for link in tmp_path.rglob("_manifests/revisions/sha256/*/link"):
+                    os.utime(link, (1, 1))  # the first pull, long ago
+            with serve_app(mirror_of(upstream, tmp_path)) as url:
+                answer = httpx.get(f"{url}/v2/x/manifests/v1", headers={"Accept": MANIFEST_TYPE})
+            assert answer.headers["docker-content-digest"] == child
+        pulled = {m.digest: m.last_pull for m in FilesystemStorage(tmp_path).manifests()}
+        assert pulled.keys() == {child, listed}
+        assert all(stamp > 1 for stamp in pulled.values()), pulled

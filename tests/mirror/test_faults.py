@@ -13,7 +13,7 @@ import pytest
 
 from edgeproxy.mirror.app import MirrorApp
 from edgeproxy.mirror.cache_status import STALE
-from edgeproxy.mirror.manifests import Manifest
+from edgeproxy.mirror.manifests import OCI_MANIFEST, Manifest
 from edgeproxy.mirror.names import resolve_target
 from tests.mirror.fake_upstream import FakeUpstream, fake_upstream, mirror_of
 from tests.support.ports import free_port
@@ -113,6 +113,38 @@ def test_cached_tag_is_served_stale_when_the_upstream_fails(
         upstream.faults["/tags/list"] = fault
         tags = client.get("/v2/x/tags/list")
         assert (tags.json(), tags.headers["cache-status"]) == ({"name": "x", "tags": ["v1"]}, STALE)
+
+
+def test_a_head_naming_no_digest_is_an_upstream_fault(
+    mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
+) -> None:
+    """Its Docker-Content-Digest becomes a path: anything but a digest is the upstream's
+    fault (503, the cached tag served stale), never a 500 from the storage."""
+    _, client = mirror
+    digest = upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
+    assert client.get("/v2/x/manifests/v1").status_code == 200
+    upstream.manifests["garbage"] = upstream.manifests[digest]
+    upstream.tags["v1"] = upstream.tags["v2"] = "garbage"
+    stale = client.get("/v2/x/manifests/v1")
+    assert (stale.status_code, stale.headers["cache-status"]) == (200, STALE)
+    cold = client.get("/v2/x/manifests/v2")
+    assert (cold.status_code, cold.json()["errors"][0]["code"]) == (503, "UNAVAILABLE")
+
+
+def test_a_manifest_refused_for_its_accept_says_what_the_cache_did(
+    mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
+) -> None:
+    layer = upstream.add_blob(b"layer")
+    config = {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": layer, "size": 5}
+    document = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": []}
+    upstream.add_document("v1", document)
+    _, client = mirror
+    statuses = []
+    for _ in range(2):
+        refused = client.get("/v2/x/manifests/v1", headers={"Accept": "*/*"})
+        assert refused.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+        statuses.append(refused.headers["cache-status"])
+    assert statuses == ["edgeproxy; fwd=miss", "edgeproxy; fwd=stale; fwd-status=200"]
 
 
 def test_rate_limit_and_errors_pass_through_when_nothing_is_cached(
