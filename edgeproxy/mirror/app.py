@@ -39,6 +39,7 @@ from edgeproxy.mirror.upstream import UpstreamClient
 log = logging.getLogger("edgeproxy.mirror")
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
+ALLOW = {"Allow": "GET, HEAD"}
 CATALOG_PAGES = (100, 1000)  # registry:2's page without `n`, and its catalog.maxentries
 BLOB_CACHE_CONTROL = "max-age=31536000"
 
@@ -118,10 +119,8 @@ class MirrorApp:
         if self.auth is not None and request.scope["path"] == TOKEN_PATH:
             return await self.auth.token(request)
         route = parse_route(request.scope["path"])
-        if request.method not in ("GET", "HEAD"):
-            raise RegistryError(
-                "UNSUPPORTED", "this registry is a read-only mirror", headers={"Allow": "GET, HEAD"}
-            )
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            raise RegistryError("UNSUPPORTED", "this registry is a read-only mirror", headers=ALLOW)
         if route is None:
             raise RegistryError("UNSUPPORTED", "not a registry API path", status=404)
         target = None
@@ -131,6 +130,8 @@ class MirrorApp:
             )
         if self.auth is not None:
             await self.auth.check(request, self.auth.access(route, target))
+        if request.method == "OPTIONS":  # a CORS preflight: 200, as registry:2's handlers say
+            return Response(headers=ALLOW)
         if route.kind == "base":
             return _json({})
         if route.kind == "catalog" or target is None:

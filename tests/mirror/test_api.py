@@ -45,6 +45,12 @@ def test_base_and_common_headers(setup: tuple[FakeUpstream, httpx.Client]) -> No
     assert (response.status_code, response.json()) == (200, {})
     assert response.headers["docker-distribution-api-version"] == "registry/2.0"
     assert response.headers["x-content-type-options"] == "nosniff"
+    # OPTIONS (a browser's CORS preflight) is 200 with Allow, as registry:2's method handlers.
+    for path in ("/v2/", "/v2/x/manifests/v1", "/v2/_catalog"):
+        options = client.options(path)
+        assert (options.status_code, options.content) == (200, b""), path
+        assert options.headers["allow"] == "GET, HEAD"
+        assert options.headers["x-content-type-options"] == "nosniff"
     # registry:2 answers `/` for load balancers' liveness probes, whatever the method.
     for method in ("GET", "HEAD", "POST"):
         alive = client.request(method, "/")
