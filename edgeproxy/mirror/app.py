@@ -34,7 +34,7 @@ from edgeproxy.mirror.names import (
 )
 from edgeproxy.mirror.pulls import PullRecorder
 from edgeproxy.mirror.storage import FilesystemStorage, Storage
-from edgeproxy.mirror.upstream import UpstreamClient
+from edgeproxy.mirror.upstream import UpstreamClient, UpstreamResponse, UpstreamUnavailable
 
 log = logging.getLogger("edgeproxy.mirror")
 
@@ -241,21 +241,24 @@ class MirrorApp:
         self, request: Request, route: Route, target: Target, upstream: UpstreamClient
     ) -> Response:
         params = {k: v for k, v in request.query_params.items() if k == "artifactType"}
-        answer = await upstream.request(
-            "GET",
-            f"/v2/{target.remote_name}/referrers/{route.reference}",
-            target.remote_name,
-            headers={"Accept": OCI_INDEX},
-            params=params,
-        )
-        if answer.status == 200:
+        try:
+            answer: UpstreamResponse | None = await upstream.request(
+                "GET",
+                f"/v2/{target.remote_name}/referrers/{route.reference}",
+                target.remote_name,
+                headers={"Accept": OCI_INDEX},
+                params=params,
+            )
+        except UpstreamUnavailable:
+            answer = None  # down: the tag schema's index still answers if it is cached
+        if answer is not None and answer.status == 200:
             headers = {"Cache-Status": MISS}
             if "oci-filters-applied" in answer.headers:
                 headers["OCI-Filters-Applied"] = answer.headers["oci-filters-applied"]
             return Response(answer.body, headers=headers, media_type=OCI_INDEX)
-        if answer.status == 404:  # an upstream without the referrers API: its tag schema
-            found = await self._referrers_tag(route, target, upstream)
-            headers = {"Cache-Status": forwarded(404)}
+        if answer is None or answer.status == 404:  # no referrers API: its tag schema
+            found, status = await self._referrers_tag(route, target, upstream)
+            headers = {"Cache-Status": status if answer is None else forwarded(404)}
             if "artifactType" in params:
                 found = [d for d in found if d.get("artifactType") == params["artifactType"]]
                 headers["OCI-Filters-Applied"] = "artifactType"
@@ -265,21 +268,23 @@ class MirrorApp:
 
     async def _referrers_tag(
         self, route: Route, target: Target, upstream: UpstreamClient
-    ) -> list[dict[str, Any]]:
+    ) -> tuple[list[dict[str, Any]], str]:
         """The referrers an upstream without the API lists under the OCI 1.1 tag schema
-        (`<alg>-<hex>`, the index clients such as notation and oras push there): a client
-        that asks the mirror's API finds them too. None when there is no such tag."""
+        (`<alg>-<hex>`, the index clients such as notation and oras push there), and how the
+        cache got them: a client that asks the mirror's API finds them too. None when there
+        is no such tag."""
         algorithm, _, encoded = route.reference.partition(":")
         try:
             tag = check_reference(f"{algorithm[:32]}-{encoded[:64]}")
-            index, _ = await self.manifests.get(upstream, target, tag)
+            index, status = await self.manifests.get(upstream, target, tag)
         except RegistryError as exc:
             if exc.code in ("MANIFEST_UNKNOWN", "TAG_INVALID"):
-                return []
+                return [], forwarded(404)
             raise
         document = json.loads(index.data) if index.media_type == OCI_INDEX else {}
         manifests = document.get("manifests")
-        return [d for d in manifests if isinstance(d, dict)] if isinstance(manifests, list) else []
+        found = [d for d in manifests if isinstance(d, dict)] if isinstance(manifests, list) else []
+        return found, status
 
 
 def _blob_response(

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from edgeproxy.mirror.cache_status import STALE
 from edgeproxy.mirror.manifests import OCI_INDEX, OCI_MANIFEST
 from tests.support.edge import make_certificate
 from tests.support.images import Pushed, build_image, push, random_layer
@@ -357,5 +358,10 @@ def test_referrers_of_an_upstream_without_the_api(
             assert other.headers["oci-filters-applied"] == "artifactType"
             unsigned = httpx.get(f"{path}/{small.image.config_digest}")
             assert (unsigned.status_code, unsigned.json()["manifests"]) == (200, [])
+            upstream.stop()  # the tag schema's index was cached: it still answers
+            offline = httpx.get(f"{path}/{subject}")
+            assert offline.json()["manifests"] == found.json()["manifests"]
+            assert offline.headers["cache-status"] == STALE
+            assert httpx.get(f"{path}/{small.image.config_digest}").status_code == 503
     finally:
         upstream.close()
