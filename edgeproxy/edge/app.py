@@ -114,8 +114,10 @@ class EdgeApp:
             scope.get("client"),
             scope["headers"],
             request,
-            # A client gone before the answer: nginx's 499, or 408 if it was too slow to send.
-            exchange.status or (408 if scope.get(TIMED_OUT_KEY) else 499),
+            # A client gone before the answer: nginx's 499; 408 if it was too slow to send, 400
+            # if it left in the middle of its body.
+            exchange.status
+            or (408 if scope.get(TIMED_OUT_KEY) else 400 if exchange.body_cut else 499),
             body_bytes_sent=exchange.body_bytes_sent,
             tls=scope.get(tls.SCOPE_KEY),
             seconds=seconds,
@@ -135,6 +137,7 @@ class _Exchange:
         headers = scope["headers"]
         self.chunked_request = header(headers, b"transfer-encoding") is not None
         length = header(headers, b"content-length")
+        self._has_body = self.chunked_request or (length or b"0").strip() not in (b"0", b"")
         # nginx logs a body declared and empty as "" (one not declared, or not read: "-").
         self._empty_body = length is not None and length.strip() == b"0"
         self._head = scope["method"] == "HEAD"
@@ -145,6 +148,7 @@ class _Exchange:
         self._chunked = False  # the response goes chunked (uvicorn's rule, below)
         self._refused = False
         self._body_done = False
+        self._gone = False  # the client left (uvicorn said http.disconnect)
         self.read_before_answer = False
         self.close = False  # answer with Connection: close (uvicorn then closes)
         self.started = False
@@ -161,9 +165,11 @@ class _Exchange:
             self.body_bytes_sent += len(CONTINUE)
         self._continue = False
         message = await self._receive()
-        if not message.get("more_body"):
+        if message["type"] == "http.disconnect":
+            self._gone = True
+        elif not message.get("more_body"):
             self._body_done = True
-            if self.chunked_request and message["type"] == "http.request":
+            if self.chunked_request:
                 self._empty_body = self._empty_body or not (self._body_size or message["body"])
         chunk = message.get("body", b"")
         if chunk:
@@ -186,7 +192,7 @@ class _Exchange:
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start" and self.read_before_answer:
-            while not (self._body_done or self._refused):
+            while not (self._body_done or self._refused or self._gone):
                 await self.receive()  # counted, then dropped
         if self._refused:
             return
@@ -213,6 +219,11 @@ class _Exchange:
                 size += 0 if message.get("more_body") else len(b"0\r\n\r\n")
             self.body_bytes_sent += size
         await self._send(message)
+
+    @property
+    def body_cut(self) -> bool:
+        """Whether the client left in the middle of its body (nginx logs that 400, not 499)."""
+        return self._has_body and not self._body_done
 
     def logged_body(self) -> bytes | None:
         """$request_body: the body if it fit nginx's in-memory buffer ("" for a body declared

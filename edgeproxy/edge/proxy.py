@@ -96,6 +96,8 @@ class ProxyBackend:
                     for name, value in strip_hop_by_hop(response.raw_headers)
                     if name.lower() not in _HIDDEN_RESPONSE
                 ]
+                if response.status == 304:  # its length is the 200's: uvicorn would wait for
+                    out = [(n, v) for n, v in out if n != b"content-length"]  # that body
                 # Without a Content-Length the server chunks (as nginx does to an HTTP/1.1 client).
                 start = {"type": "http.response.start", "status": response.status, "headers": out}
                 await send(start)

@@ -319,6 +319,29 @@ def test_an_idle_keepalive_connection_is_closed_as_nginx(sides: tuple[Server, Se
             assert read_all(conn) == b"", server.name  # closed by keepalive_timeout
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"PUT /cut HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789",
+        b"PATCH /cut HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n",
+    ],
+)
+def test_a_client_gone_in_the_middle_of_its_body_is_logged_400(
+    sides: tuple[Server, Server], head: bytes
+) -> None:
+    """A push cut mid-body: nginx logs 400 ("client prematurely closed connection while
+    reading client request body"), not the 499 of a client gone while it waited."""
+    results = []
+    for server in sides:
+        before = len(server.lines())
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
+            conn.sendall(head)
+            time.sleep(0.2)  # the head is in before the close (either order logs the same)
+        results.append(fields(logged(server, before)))
+    assert results[1] == results[0]
+    assert " 0123456789 400 size " in results[0]
+
+
 def test_keepalive_timeout_0_closes_after_each_answer_as_nginx(tmp_path: Path) -> None:
     """nginx's `keepalive_timeout 0` turns keep-alive off: each answer says Connection: close
     and the connection closes."""

@@ -222,3 +222,34 @@ def test_a_client_that_leaves_stops_the_backend_download() -> None:
         backend.thread.join(timeout=120)
     assert not backend.thread.is_alive()
     assert backend.sent < EndlessBackend.SIZE // 4
+
+
+def test_a_304_with_a_length_keeps_the_connection() -> None:
+    """RFC 9110 lets a 304 carry the 200's Content-Length; uvicorn waited for that body, logged
+    a traceback and closed the connection, so a pipelined request went unanswered (nginx
+    answers both)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer_304s() -> None:
+        conn, _ = listener.accept()
+        with conn, listener:
+            pending = b""
+            while chunk := conn.recv(65536):
+                pending += chunk
+                while b"\r\n\r\n" in pending:
+                    _, _, pending = pending.partition(b"\r\n\r\n")
+                    conn.sendall(
+                        b'HTTP/1.1 304 Not Modified\r\nContent-Length: 1234\r\nETag: "x"\r\n\r\n'
+                    )
+
+    threading.Thread(target=answer_304s, daemon=True).start()
+    backend = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    with serve_edge_app(ProxyEdge(backend, read_timeout=30)) as edge:
+        port = int(edge.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            request = b"GET /v2/x/manifests/v1 HTTP/1.1\r\nHost: x\r\n"
+            conn.sendall(request + b"\r\n" + request + b"Connection: close\r\n\r\n")
+            answers = b""
+            while chunk := conn.recv(65536):
+                answers += chunk
+    assert answers.count(b"HTTP/1.1 304 ") == 2, answers
