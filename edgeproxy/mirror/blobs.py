@@ -339,7 +339,12 @@ class BlobService:
 
     async def _download(self, fill: Fill, upstream: UpstreamClient, target: Target) -> bool:
         """Fetch the blob into storage; False when another process is already filling it."""
-        partial = self._storage.try_begin_blob(fill.digest)
+        try:
+            partial = self._storage.try_begin_blob(fill.digest)
+        except OSError as exc:  # a read-only or full cache, out of descriptors
+            log.error("cannot fill %s: %s", fill.digest, exc)
+            reason = f"the cache cannot be written: {exc.strerror or exc}"
+            raise RegistryError("UNAVAILABLE", reason, status=503) from exc
         if partial is None:
             return False
         metrics.fetch_started()
@@ -422,9 +427,17 @@ class BlobService:
         await asyncio.to_thread(partial.commit)
 
     async def _follow(self, fill: Fill) -> None:
-        """Track another process's fill of the same blob until it ends."""
+        """Track another process's fill of the same blob until it ends. Once readers have
+        bytes of its spool, a spool that shrinks or is replaced (that fill failed, another
+        began) fails them: they must never go on with another download's bytes."""
+        followed = 0
         while (progress := self._storage.partial_progress(fill.digest)) is not None:
-            written, size = progress
+            written, size, spool = progress
+            if fill.written and (written < fill.written or spool != followed):
+                raise RegistryError(
+                    "UNAVAILABLE", "the fill in another worker stopped; retry", status=503
+                )
+            followed = spool
             if size is not None and not fill.started.is_set():
                 fill.start(size)
             if written != fill.written:

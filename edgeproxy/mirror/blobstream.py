@@ -140,6 +140,11 @@ class BlobStream:
     def content_length(self) -> int | None:
         return self._length
 
+    @property
+    def redirected(self) -> bool:
+        """Whether the answer came from another origin (a CDN the upstream sent us to)."""
+        return self._origin != _origin(self._request.url)
+
     async def open(self) -> None:
         """Connect, send the request, follow redirects; raises BlobStreamError."""
         self._thread.start()
@@ -214,6 +219,9 @@ class BlobStream:
                 self._keep_alive()
             self._close_connection()
             url = urllib.parse.urljoin(url, location)
+            scheme = urllib.parse.urlsplit(url).scheme
+            if scheme not in ("http", "https"):
+                raise BlobStreamError(f"a redirect to {scheme[:16]}: not followed")
         raise BlobStreamError(f"more than {MAX_REDIRECTS} redirects")
 
     def _exchange(self, path: str, headers: dict[str, str]) -> None:

@@ -264,7 +264,9 @@ class UpstreamClient:
                 return stream
             stream.close()
             challenge = stream.headers.get("WWW-Authenticate")
-            if stream.status == 401 and attempt == 0 and self._learn(challenge, name):
+            # A CDN's 401 is the CDN's: its challenge must not replace the upstream's.
+            own = not stream.redirected
+            if stream.status == 401 and own and attempt == 0 and self._learn(challenge, name):
                 continue
             raise self.error(stream.status, "BLOB_UNKNOWN", stream.headers.get("Retry-After"))
         raise AssertionError("unreachable")  # pragma: no cover

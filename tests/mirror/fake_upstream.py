@@ -33,8 +33,9 @@ def digest_of(data: bytes) -> str:
 class FakeUpstream:
     """Blobs and manifests by digest, tags by name; `faults` maps a path suffix to a fault:
     "cut" (half the body, then close), "wrong" (other bytes, same length), "stall" (headers,
-    part of the body, then silence), or an HTTP status such as 500 or 429 (401 comes with a
-    bearer challenge: with `tokens` set, a loop of 401s whatever the token)."""
+    part of the body, then silence), "redirect <url>" (a 307 there, as Docker Hub sends
+    blobs to its CDN), or an HTTP status such as 500 or 429 (401 comes with a bearer
+    challenge: with `tokens` set, a loop of 401s whatever the token)."""
 
     blobs: dict[str, bytes] = field(default_factory=dict)
     manifests: dict[str, bytes] = field(default_factory=dict)
@@ -130,6 +131,8 @@ class FakeUpstream:
             elif fault == 401:
                 headers = {"WWW-Authenticate": f'Bearer realm="{self.url}/token",service="fake"'}
             return self._send(writer, fault, b'{"errors":[]}', headers, method)
+        if isinstance(fault, str) and fault.startswith("redirect "):
+            return self._send(writer, 307, b"", {"Location": fault.split(" ", 1)[1]}, method)
         kind, _, ref = path.rpartition("/")
         body: bytes | None = None
         if path == "/v2/":

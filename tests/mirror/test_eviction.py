@@ -232,3 +232,16 @@ def test_recording_a_pull_never_fails_the_pull(storage: FilesystemStorage) -> No
     storage.record_blob_pull("blocked/repo", digest)
     last_pull = storage.blob_last_pull(digest)
     assert last_pull is not None and last_pull > NOW - 60
+
+
+def test_evicting_a_repository_keeps_the_one_nested_in_it(storage: FilesystemStorage) -> None:
+    """registry:2's layout puts `team/app/sidecar` inside `team/app`'s folder: evicting the
+    last image of `team/app` used to remove the folder, the fresh `team/app/sidecar` too."""
+    put_image(storage, "team/app", [b"old layer"], age=30 * DAY)
+    fresh = put_image(storage, "team/app/sidecar", [b"fresh layer"], age=0)
+    done = Evictor(CacheConfig(max_age=7 * DAY), storage, storage.root / "edgeproxy").prune()
+    assert done is not None
+    assert [entry.manifest.name for entry in done.manifests] == ["team/app"]
+    assert storage.read_tag("team/app/sidecar", "v1") is not None
+    assert storage.read_manifest("team/app/sidecar", fresh) is not None
+    assert storage.repositories() == ["team/app/sidecar"]

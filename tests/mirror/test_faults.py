@@ -254,6 +254,46 @@ def test_disk_full_streams_the_blob_without_caching_it(
     assert (report.blobs, report.corrupt, report.leftovers) == (1, [], [])
 
 
+def test_a_read_only_cache_is_a_clear_503_for_cold_blobs(
+    small_disk: Path, upstream: FakeUpstream
+) -> None:
+    """The cache remounted read-only (a failing disk): warm blobs are still served; a cold one
+    is a 503 that says why (it was a 500 UNKNOWN and a traceback)."""
+    warm, cold = upstream.add_blob(b"warm layer"), upstream.add_blob(b"cold layer")
+    app = mirror_of(upstream, small_disk)
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        assert fetch(client, f"/v2/x/blobs/{warm}") == (200, b"warm layer", True)
+        assert wait_until(lambda: app.storage.blob_size(warm) is not None)
+        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+        assert fetch(client, f"/v2/x/blobs/{warm}") == (200, b"warm layer", True)
+        refused = client.get(f"/v2/x/blobs/{cold}")
+        assert refused.status_code == 503
+        error = refused.json()["errors"][0]
+        assert error["code"] == "UNAVAILABLE"
+        assert error["message"] == "the cache cannot be written: Read-only file system"
+
+
+def test_a_cdns_401_is_not_taken_for_the_upstreams_challenge(
+    mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
+) -> None:
+    """A blob sent to a CDN that answers 401 (an expired signed URL): that blob is refused,
+    but the CDN's challenge must not become the upstream's, or every later request of the
+    worker would first ask the CDN's token realm."""
+    app, client = mirror
+    redirected, other = upstream.add_blob(b"sent to the cdn"), upstream.add_blob(b"other")
+    with fake_upstream() as cdn:
+        cdn.faults["/signed"] = 401
+        upstream.faults[redirected] = f"redirect {cdn.url}/signed"
+        assert client.get(f"/v2/x/blobs/{redirected}").status_code == 403
+        assert app.upstreams["fake"]._challenge is None
+        assert fetch(client, f"/v2/x/blobs/{other}") == (200, b"other", True)
+        for scheme in ("ftp", "file"):  # only http and https are followed
+            upstream.faults[redirected] = f"redirect {scheme}://127.0.0.1/signed"
+            refused = client.get(f"/v2/x/blobs/{redirected}")
+            assert refused.status_code == 503
+            assert f"a redirect to {scheme}: not followed" in refused.text
+
+
 def fill_up(path: Path) -> None:
     """Write `path` until the file system is full."""
     with path.open("wb", buffering=0) as file:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 
+from edgeproxy.mirror.blobs import BlobService, Fill
+from edgeproxy.mirror.errors import RegistryError
+from edgeproxy.mirror.storage import FilesystemStorage
 from tests.mirror.fake_upstream import fake_upstream
 from tests.support.ports import free_port
 from tests.support.servers import EdgeproxyProcess, write_toml
@@ -54,3 +59,44 @@ def test_two_processes_fill_a_blob_once(tmp_path: Path) -> None:
         assert not list((tmp_path / "cache" / "edgeproxy" / "fills").iterdir())
         report = verify_cache(tmp_path / "cache")
         assert (report.blobs, report.corrupt, report.leftovers) == (1, [], [])
+
+
+class ScriptedSpools(FilesystemStorage):
+    """Another process's fill as a script of (written, size, spool) observations."""
+
+    def __init__(self, root: Path, script: list[tuple[int, int | None, int]]) -> None:
+        super().__init__(root)
+        self.script = script
+
+    def partial_progress(self, digest: str) -> tuple[int, int | None, int] | None:
+        return self.script.pop(0) if self.script else None
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        [(0, 100, 7), (60, 100, 7), (0, None, 0)],  # its spool gone, the lock another's
+        [(0, 100, 7), (60, 100, 7), (10, 100, 8)],  # a new spool, the new fill behind
+        [(0, 100, 7), (60, 100, 7), (90, 100, 8)],  # a new spool, already past
+    ],
+)
+def test_a_follower_never_goes_on_with_another_fills_bytes(
+    tmp_path: Path, script: list[tuple[int, int | None, int]]
+) -> None:
+    """Readers that had bytes of one process's spool are failed when that fill ends and
+    another begins: going on would end a whole-looking body in the new download's bytes (a
+    wrong blob, when the first fill was the one with wrong bytes)."""
+    service = BlobService(ScriptedSpools(tmp_path, script))
+    fill = Fill("sha256:" + "a" * 64, "x")
+    with pytest.raises(RegistryError) as caught:
+        asyncio.run(service._follow(fill))
+    assert caught.value.status == 503
+    assert fill.written == 60
+
+
+def test_a_follower_sees_one_fill_through(tmp_path: Path) -> None:
+    script: list[tuple[int, int | None, int]] = [(0, 100, 0), (0, 100, 7), (60, 100, 7)]
+    service = BlobService(ScriptedSpools(tmp_path, [*script, (100, 100, 7)]))
+    fill = Fill("sha256:" + "a" * 64, "x")
+    asyncio.run(service._follow(fill))
+    assert (fill.size, fill.written) == (100, 100)

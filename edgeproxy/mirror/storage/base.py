@@ -95,8 +95,9 @@ class Storage(ABC):
         has just committed it."""
 
     @abstractmethod
-    def partial_progress(self, digest: str) -> tuple[int, int | None] | None:
-        """(bytes written, expected size) of another process's fill; None when none runs."""
+    def partial_progress(self, digest: str) -> tuple[int, int | None, int] | None:
+        """(bytes written, expected size, which spool: 0 before it exists) of another
+        process's fill; None when none runs. A new spool is another fill's."""
 
     @abstractmethod
     def open_partial(self, digest: str) -> BlobReader | None:

@@ -230,17 +230,18 @@ class FilesystemStorage(Storage):
             self.unlock(digest, lock_fd)
             raise
 
-    def partial_progress(self, digest: str) -> tuple[int, int | None] | None:
+    def partial_progress(self, digest: str) -> tuple[int, int | None, int] | None:
         lock_fd = self._lock(digest)
         if lock_fd is not None:  # nobody holds it: no fill is running
             self.unlock(digest, lock_fd)
             return None
         try:
-            written = self.fill_path(digest, "partial").stat().st_size
+            spool = self.fill_path(digest, "partial").stat()
+            written, identity = spool.st_size, spool.st_ino
         except FileNotFoundError:
-            written = 0
+            written, identity = 0, 0
         size = _read_link(self.fill_path(digest, "size"))
-        return written, int(size) if size and size.isdigit() else None
+        return written, int(size) if size and size.isdigit() else None, identity
 
     def open_partial(self, digest: str) -> BlobReader | None:
         for path in (self.fill_path(digest, "partial"), self.blob_path(digest)):
@@ -366,8 +367,10 @@ class FilesystemStorage(Storage):
                 shutil.rmtree(self._digest_link(tag / "index", digest).parent, ignore_errors=True)
         shutil.rmtree(self._revision(name, digest).parent, ignore_errors=True)
         if not any(True for a in _subdirs(manifests / "revisions") for _ in _subdirs(a)):
-            shutil.rmtree(repo, ignore_errors=True)
-            _remove_empty_parents(repo.parent, self._v2 / "repositories")
+            # Its own folders only: `team/app/sidecar` lives inside `team/app`.
+            for own in ("_manifests", "_layers", "_uploads"):
+                shutil.rmtree(repo / own, ignore_errors=True)
+            _remove_empty_parents(repo, self._v2 / "repositories")
 
     def remove_blobs(self, digests: list[str]) -> None:
         # The links first: a repository never names a blob that is gone. Each repository's
