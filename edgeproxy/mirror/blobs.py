@@ -63,6 +63,7 @@ class Fill:
         # The repositories it is for: the one it started for (its GET asks there), and those
         # the upstream confirmed meanwhile. All are linked when it commits.
         self.names = {name}
+        self.asked_in = name
         self.size: int | None = None
         self.received = 0
         self.written = 0
@@ -254,17 +255,23 @@ class BlobService:
 
     # Cold
     async def fill(self, upstream: UpstreamClient, target: Target, digest: str) -> Fill:
-        """The running fill of `digest`, started if needed; returns once its size is known."""
-        fill = self._fills.get(digest)
-        if fill is None:
-            fill = self._fills[digest] = Fill(digest, target.local_name)
-            task = asyncio.create_task(self._run(fill, upstream, target))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        await fill.started.wait()
-        if fill.error is not None:
-            raise fill.error
-        return fill
+        """The running fill of `digest`, started if needed; returns once its size is known.
+        A fill the upstream refused in the repository it asked in (404, 401, 403) fails only
+        there: a client of another repository then starts a fill of its own."""
+        for attempt in range(3):  # other repositories' refused fills, then this one's own
+            fill = self._fills.get(digest)
+            if fill is None:
+                fill = self._fills[digest] = Fill(digest, target.local_name)
+                task = asyncio.create_task(self._run(fill, upstream, target))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            await fill.started.wait()
+            if fill.error is None:
+                return fill
+            refusal = fill.error.status in (401, 403, 404)
+            if not refusal or fill.asked_in == target.local_name or attempt == 2:
+                raise fill.error
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def read_fill(
         self, fill: Fill, start: int, end: int | None

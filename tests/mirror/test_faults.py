@@ -6,7 +6,9 @@ import asyncio
 import os
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -292,6 +294,32 @@ def test_a_cdns_401_is_not_taken_for_the_upstreams_challenge(
             refused = client.get(f"/v2/x/blobs/{redirected}")
             assert refused.status_code == 503
             assert f"a redirect to {scheme}: not followed" in refused.text
+
+
+def test_a_refusal_in_one_repository_fails_only_its_clients(
+    mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
+) -> None:
+    """A fill started through a repository the upstream refuses (a name a client made up)
+    must not fail a repository the upstream confirmed meanwhile: it fetches on its own."""
+    app, client = mirror
+    digest = upstream.add_blob(b"a layer of `real`")
+    upstream.faults[f"/bogus/blobs/{digest}"] = 404
+    respond = upstream._respond
+
+    async def refuse_once_real_joined(writer: Any, method: str, path: str) -> None:
+        if path == f"/v2/bogus/blobs/{digest}":  # `real` joins the fill while this is out
+            fills = app.blobs._fills  # the mirror's, in its own thread: only looked at
+            while digest not in fills or "real" not in fills[digest].names:
+                await asyncio.sleep(0.01)
+        await respond(writer, method, path)
+
+    upstream._respond = refuse_once_real_joined  # type: ignore[method-assign]
+    with ThreadPoolExecutor(2) as pool:
+        bogus = pool.submit(client.get, f"/v2/bogus/blobs/{digest}")
+        assert wait_until(lambda: upstream.requests[f"GET /v2/bogus/blobs/{digest}"] == 1)
+        real = pool.submit(client.get, f"/v2/real/blobs/{digest}")
+        assert bogus.result().status_code == 404
+        assert (real.result().status_code, real.result().content) == (200, b"a layer of `real`")
 
 
 def fill_up(path: Path) -> None:
