@@ -141,6 +141,7 @@ class _Exchange:
         # nginx logs a body declared and empty as "" (one not declared, or not read: "-").
         self._empty_body = length is not None and length.strip() == b"0"
         self._head = scope["method"] == "HEAD"
+        self._http10 = scope["http_version"] == "1.0"
         # uvicorn sends "100 Continue" at the first receive() before the answer; nginx counts
         # it in $body_bytes_sent.
         expect = header(headers, b"expect")
@@ -204,12 +205,14 @@ class _Exchange:
                 raw = [*raw, (b"connection", b"close")]
                 message = {**message, "headers": raw}
             self.cache_status = header(raw, b"cache-status")
-            # As uvicorn frames it: chunked without a length, but for HEAD, 204 and 304.
+            # As uvicorn frames it: chunked without a length, but for HEAD, 204 and 304, and
+            # to HTTP/1.0 (protocol.py: the connection's end ends the body).
             encoding = header(raw, b"transfer-encoding")
             self._chunked = (encoding or b"").lower() == b"chunked" or (
                 header(raw, b"content-length") is None
                 and not self._head
                 and self.status not in (204, 304)
+                and not self._http10
             )
         elif message["type"] == "http.response.body":
             # $body_bytes_sent: the body as sent, with its chunk framing, as nginx counts.

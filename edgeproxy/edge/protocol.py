@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from starlette.types import Message
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from edgeproxy.edge import tls
 from edgeproxy.edge.accesslog import AccessLog, request_entry
@@ -161,6 +164,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         else:
             super().on_headers_complete()
             self.cycle.transport = _CycleTransport(self)
+            if version == "1.0":
+                self.cycle.send = _close_delimited(self.cycle)  # type: ignore[method-assign,assignment]
             if self._meter.request_line_done:  # not for a pipelined request the meter missed
                 self.scope[REQUEST_LINE_KEY] = self._meter.request_line  # type: ignore[literal-required]
             if _has_body(self.headers):
@@ -306,6 +311,35 @@ def _request_line_for_llhttp(data: bytes, end: int) -> bytes:
     start = data.rfind(b"\n", 0, end) + 1
     line = data[start:end].rstrip(b"\r ")
     return data[:start] + line + b"\r\n" + data[end + 1 :]
+
+
+def _close_delimited(cycle: RequestResponseCycle) -> Callable[[Message], Awaitable[None]]:
+    """The cycle's send() for an HTTP/1.0 request: an answer without a length ends where the
+    connection closes, as nginx sends it. uvicorn would chunk it, which HTTP/1.0 clients
+    cannot read (RFC 9112: never chunked to a 1.0 request)."""
+    send = cycle.send
+    unsized = False
+
+    async def close_delimited(message: Message) -> None:
+        nonlocal unsized
+        if message["type"] == "http.response.start":
+            headers = message.get("headers", [])
+            unsized = (
+                not any(name.lower() in _FRAMED for name, _ in headers)
+                and cycle.scope["method"] != "HEAD"
+                and message["status"] not in (204, 304)
+            )
+            if unsized:  # uvicorn then neither chunks nor counts against a length
+                cycle.chunked_encoding = False
+                cycle.expected_content_length = sys.maxsize
+        elif unsized and not message.get("more_body"):
+            cycle.expected_content_length = len(message.get("body", b""))  # all there is
+        await send(message)  # type: ignore[arg-type]  # an ASGI message, as uvicorn's own
+
+    return close_delimited
+
+
+_FRAMED = (b"content-length", b"transfer-encoding")
 
 
 class _CycleTransport(asyncio.Transport):

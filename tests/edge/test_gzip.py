@@ -232,3 +232,41 @@ def test_the_edge_applies_it_when_enabled(enabled: bool, tmp_path: Path) -> None
     framing = len(b"%x\r\n\r\n0\r\n\r\n" % len(sent_body)) if enabled else 0
     assert record["body_bytes_sent"] == len(sent_body) + framing
     assert (len(body(sent)) < len(JSON)) is enabled
+
+
+@pytest.mark.parametrize(("version", "framing"), [("1.1", True), ("1.0", False)])
+def test_an_unsized_answer_is_counted_as_framed(
+    version: str, framing: bool, tmp_path: Path
+) -> None:
+    """$body_bytes_sent counts the chunk framing of an answer without a length, but not to
+    HTTP/1.0, which gets it unframed (the connection's end ends it)."""
+    pieces = [b"a" * 1000, b"b" * 500]
+
+    async def backend(_scope: Scope, _receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for piece in pieces:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    log = AccessLog(str(tmp_path / "access.log"), "json")
+    request = {
+        **scope(version),
+        "scheme": "http",
+        "path": "/v2/x/tags/list",
+        "raw_path": b"/v2/x/tags/list",
+        "query_string": b"",
+        "client": ("127.0.0.1", 1),
+    }
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    async def send(_message: Message) -> None:
+        pass
+
+    config = EdgeConfig(http="127.0.0.1:1", gzip={"enabled": False})
+    asyncio.run(EdgeApp(config, backend, log)(request, receive, send))
+    log.close()
+    sent = json.loads((tmp_path / "access.log").read_text())["body_bytes_sent"]
+    framed = len(b"3e8\r\n\r\n") + len(b"1f4\r\n\r\n") + len(b"0\r\n\r\n")
+    assert sent == 1500 + (framed if framing else 0)

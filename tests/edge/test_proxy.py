@@ -253,3 +253,20 @@ def test_a_304_with_a_length_keeps_the_connection() -> None:
             while chunk := conn.recv(65536):
                 answers += chunk
     assert answers.count(b"HTTP/1.1 304 ") == 2, answers
+
+
+def test_an_answer_without_a_length_to_http_1_0_ends_with_the_connection(edge_url: str) -> None:
+    """RFC 9112: never chunked to an HTTP/1.0 request. nginx sends the body as it comes and
+    closes; uvicorn chunked it, and an HTTP/1.0 client (curl -0, health checkers) read the
+    chunk sizes as part of the body."""
+    port = int(edge_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(b"GET /stream HTTP/1.0\r\nHost: x\r\n\r\n")
+        answer = b""
+        while chunk := conn.recv(1 << 20):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"transfer-encoding" not in head.lower()
+    assert b"connection: close" in head.lower()
+    assert body == b"".join(bytes([i]) * (1 << 20) for i in range(3))
