@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgeproxy.config import EdgeConfig
 from edgeproxy.edge.accesslog import AccessLog
@@ -194,22 +194,12 @@ def test_a_small_body_in_pieces_goes_out_as_one_chunk() -> None:
     assert gzip.decompress(body(messages)) == JSON
 
 
-@pytest.mark.parametrize("enabled", [True, False])
-def test_the_edge_applies_it_when_enabled(enabled: bool, tmp_path: Path) -> None:
-    """Whatever the backend (here an app in-process, as the embedded mirror is); the access
-    log counts the bytes sent, compressed (then chunked: with the framing), as nginx's
-    $body_bytes_sent does."""
-
-    async def backend(_scope: Scope, _receive: Receive, send: Send) -> None:
-        await send(
-            {"type": "http.response.start", "status": 404, "headers": json_headers(len(JSON))}
-        )
-        await send({"type": "http.response.body", "body": JSON})
-
-    config = EdgeConfig(http="127.0.0.1:1", gzip={"enabled": enabled})
-    log = AccessLog(str(tmp_path / "access.log"), "json")
+def through_the_edge(
+    config: EdgeConfig, backend: ASGIApp, log: AccessLog, version: str
+) -> list[Message]:
+    """One GET of a bodiless request through the EdgeApp in-process; what it sent."""
     request = {
-        **scope(),
+        **scope(version),
         "scheme": "http",
         "path": "/v2/x/manifests/y",
         "raw_path": b"/v2/x/manifests/y",
@@ -226,6 +216,24 @@ def test_the_edge_applies_it_when_enabled(enabled: bool, tmp_path: Path) -> None
 
     asyncio.run(EdgeApp(config, backend, log)(request, receive, send))
     log.close()
+    return sent
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_edge_applies_it_when_enabled(enabled: bool, tmp_path: Path) -> None:
+    """Whatever the backend (here an app in-process, as the embedded mirror is); the access
+    log counts the bytes sent, compressed (then chunked: with the framing), as nginx's
+    $body_bytes_sent does."""
+
+    async def backend(_scope: Scope, _receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": 404, "headers": json_headers(len(JSON))}
+        )
+        await send({"type": "http.response.body", "body": JSON})
+
+    config = EdgeConfig(http="127.0.0.1:1", gzip={"enabled": enabled})
+    log = AccessLog(str(tmp_path / "access.log"), "json")
+    sent = through_the_edge(config, backend, log, "1.1")
     assert ((b"content-encoding", b"gzip") in sent[0]["headers"]) is enabled
     record = json.loads((tmp_path / "access.log").read_text())
     sent_body = body(sent)
@@ -248,25 +256,9 @@ def test_an_unsized_answer_is_counted_as_framed(
             await send({"type": "http.response.body", "body": piece, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
 
-    log = AccessLog(str(tmp_path / "access.log"), "json")
-    request = {
-        **scope(version),
-        "scheme": "http",
-        "path": "/v2/x/tags/list",
-        "raw_path": b"/v2/x/tags/list",
-        "query_string": b"",
-        "client": ("127.0.0.1", 1),
-    }
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b""}
-
-    async def send(_message: Message) -> None:
-        pass
-
     config = EdgeConfig(http="127.0.0.1:1", gzip={"enabled": False})
-    asyncio.run(EdgeApp(config, backend, log)(request, receive, send))
-    log.close()
+    log = AccessLog(str(tmp_path / "access.log"), "json")
+    through_the_edge(config, backend, log, version)
     sent = json.loads((tmp_path / "access.log").read_text())["body_bytes_sent"]
     framed = len(b"3e8\r\n\r\n") + len(b"1f4\r\n\r\n") + len(b"0\r\n\r\n")
     assert sent == 1500 + (framed if framing else 0)
