@@ -441,6 +441,8 @@ class BlobService:
         while (progress := self._storage.partial_progress(fill.digest)) is not None:
             written, size, spool = progress
             if fill.written and (written < fill.written or spool != followed):
+                if not spool and self._storage.blob_size(fill.digest) is not None:
+                    return  # committed: renamed into place, the lock not yet released
                 raise RegistryError(
                     "UNAVAILABLE", "the fill in another worker stopped; retry", status=503
                 )

@@ -94,6 +94,18 @@ def test_a_follower_never_goes_on_with_another_fills_bytes(
     assert fill.written == 60
 
 
+def test_a_follower_takes_a_spool_renamed_into_place_for_the_commit(tmp_path: Path) -> None:
+    """Between the commit's rename and the lock's release the spool is gone: that fill
+    succeeded (two processes of test_two_processes_fill_a_blob_once saw it now and then)."""
+    storage = ScriptedSpools(tmp_path, [(0, 100, 7), (60, 100, 7), (0, 100, 0)])
+    digest = "sha256:" + "a" * 64
+    storage.blob_path(digest).parent.mkdir(parents=True)
+    storage.blob_path(digest).write_bytes(b"x" * 100)
+    fill = Fill(digest, "x")
+    asyncio.run(BlobService(storage)._follow(fill))
+    assert fill.written == 60  # the fill's loop then finds the blob committed
+
+
 def test_a_follower_sees_one_fill_through(tmp_path: Path) -> None:
     script: list[tuple[int, int | None, int]] = [(0, 100, 0), (0, 100, 7), (60, 100, 7)]
     service = BlobService(ScriptedSpools(tmp_path, [*script, (100, 100, 7)]))
