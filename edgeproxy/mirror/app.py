@@ -271,8 +271,8 @@ class MirrorApp:
     ) -> tuple[list[dict[str, Any]], str]:
         """The referrers an upstream without the API lists under the OCI 1.1 tag schema
         (`<alg>-<hex>`, the index clients such as notation and oras push there), and how the
-        cache got them: a client that asks the mirror's API finds them too. None when there
-        is no such tag."""
+        cache got them: a client that asks the mirror's API finds them too. An empty list
+        when there is no such tag."""
         algorithm, _, encoded = route.reference.partition(":")
         try:
             tag = check_reference(f"{algorithm[:32]}-{encoded[:64]}")
