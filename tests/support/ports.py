@@ -8,13 +8,20 @@ import time
 import urllib.error
 import urllib.request
 
+_HANDED_OUT: set[int] = set()
+
 
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """Return a TCP port on 127.0.0.1 that was free a moment ago, and never one returned
+    before in this run: two calls before either port is bound (an edge's http and https)
+    could otherwise get the same one, which `edgeproxy check` refuses."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
