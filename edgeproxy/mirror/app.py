@@ -153,9 +153,9 @@ class MirrorApp:
         manifest = await self.manifests.negotiate(
             upstream, target, route.reference, found, _accept(request)
         )
-        status = found[1]
+        top, status = found
         # A list served as its linux/amd64 manifest is pulled too: eviction keeps the tag.
-        for digest in {found[0].digest, manifest.digest}:
+        for digest in {top.digest, manifest.digest}:
             self.pulls.manifest(target.local_name, digest)
         headers = {
             "Docker-Content-Digest": manifest.digest,
