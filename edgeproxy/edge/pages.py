@@ -9,6 +9,7 @@ from starlette.types import Send
 # nginx's own reason phrases where they differ from Python's.
 _REASONS = {
     413: "Request Entity Too Large",
+    405: "Not Allowed",
     414: "Request-URI Too Large",
     504: "Gateway Time-out",
 }

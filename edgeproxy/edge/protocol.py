@@ -3,7 +3,8 @@ connection level before a request reaches the app:
 
 - the request head limits (`limits.py`): a request line or head over the seed's header
   buffers gets nginx's 414 or 400 page, before httptools has gathered more than they hold;
-- nginx's checks of the request line and head (`validate.py`): its 400 / 501 / 505 pages;
+- nginx's checks of the request line and head (`validate.py`): its 400 / 405 / 501 / 505
+  pages;
 - plain HTTP on the https port (see `sniff.py`): nginx's 400 "The plain HTTP request was sent
   to HTTPS port", once the head is read;
 - client_header_timeout: a head not complete in time closes the connection without an answer
@@ -32,7 +33,7 @@ from edgeproxy.edge import tls
 from edgeproxy.edge.accesslog import AccessLog, request_entry
 from edgeproxy.edge.limits import HeadMeter, HeadTooLarge
 from edgeproxy.edge.pages import HEADER_TOO_LARGE, PLAIN_HTTP, page, reason
-from edgeproxy.edge.validate import head_status, request_line_status
+from edgeproxy.edge.validate import head_status, origin_form, request_line_status
 
 log = logging.getLogger("edgeproxy.edge")
 
@@ -156,12 +157,13 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
         version = self.parser.get_http_version()
-        status = head_status(version, self.headers, self.url.partition(b"?")[0])
+        status = head_status(version, self.parser.get_method(), self.url, self.headers)
         if status is not None:
             self._refuse(status)
         elif self._plain_on_tls:
             self._refuse(400, PLAIN_HTTP)  # nginx checks this last, once the head is read
         else:
+            self.url = origin_form(self.url)
             super().on_headers_complete()
             self.cycle.transport = _CycleTransport(self)
             if version == "1.0":

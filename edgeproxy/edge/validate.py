@@ -3,8 +3,10 @@
 `request_line_status` follows nginx 1.22's request line parser (`ngx_http_parse_request_line`):
 a method of `A-Z _ -`, a URI starting with `/` or `scheme://` with no space or control byte, and
 `HTTP/major.minor` — 505 for a major version over 1, 400 for anything else malformed.
-`head_status` follows its checks once the headers are read: HTTP/1.1 needs one Host, a
-Transfer-Encoding other than chunked is 501, a path climbing above `/` is 400.
+`head_status` follows its checks once the headers are read (`ngx_http_process_request_header`):
+a path climbing above `/` is 400, HTTP/1.1 needs one Host and every Host must be a host name
+(`ngx_http_validate_host`), a Transfer-Encoding is 400 before HTTP/1.1 and 501 if not chunked,
+TRACE and CONNECT are 405.
 """
 
 from __future__ import annotations
@@ -34,15 +36,62 @@ def request_line_status(line: bytes) -> int | None:
     return 505 if major > 1 else None
 
 
-def head_status(http_version: str, headers: list[tuple[bytes, bytes]], path: bytes) -> int | None:
-    """nginx's answer to a request whose head is complete but wrong (names lowercased)."""
+def head_status(
+    http_version: str, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]
+) -> int | None:
+    """nginx's answer to a request whose head is complete but wrong (names lowercased), in
+    nginx's order: the request line's path first, then the headers, the method last."""
+    if _climbs_above_root(origin_form(target).partition(b"?")[0]):
+        return 400
     hosts = [value for name, value in headers if name == b"host"]
     if len(hosts) > 1 or (not hosts and http_version not in ("1.0", "0.9")):
         return 400
+    if hosts and not _valid_host(hosts[0]):
+        return 400
     for name, value in headers:
-        if name == b"transfer-encoding" and value.strip().lower() != b"chunked":
-            return 501
-    return 400 if _climbs_above_root(path) else None
+        if name == b"transfer-encoding":
+            if http_version != "1.1":
+                return 400  # request smuggling through a 1.0 hop
+            if value.strip().lower() != b"chunked":
+                return 501
+    return 405 if method in (b"TRACE", b"CONNECT") else None
+
+
+def origin_form(target: bytes) -> bytes:
+    """The path and query of a request target: `http://h/p?q` is `/p?q`, and `http://h` or
+    `http://h?q` is `/` on that host for nginx (llhttp finds no path in them)."""
+    if target.startswith(b"/"):
+        return target
+    authority = target.partition(b"://")[2]
+    end = min((i for i in (authority.find(b"/"), authority.find(b"?")) if i >= 0), default=None)
+    if end is None:
+        return b"/"
+    rest = authority[end:]
+    return rest if rest.startswith(b"/") else b"/" + rest
+
+
+def _valid_host(host: bytes) -> bool:
+    """`ngx_http_validate_host`: no `/`, NUL, control byte or space, no `..`; a trailing dot
+    and a port are allowed, and something must be left of the name."""
+    dot, name_end, literal, rest = -2, len(host), False, False
+    for i, byte in enumerate(host):
+        if byte == 0x2E:  # .
+            if dot == i - 1:
+                return False
+            dot = i
+        elif byte == 0x3A:  # : ends the name (not inside [an IPv6 literal])
+            if not literal and not rest:
+                name_end, rest = i, True
+        elif byte == 0x5B:  # [
+            literal = literal or i == 0
+        elif byte == 0x5D:  # ]
+            if literal and not rest:
+                name_end, rest = i + 1, True
+        elif byte in (0x00, 0x2F) or byte <= 0x20 or byte == 0x7F:
+            return False
+    if dot == name_end - 1:
+        name_end -= 1
+    return name_end > 0
 
 
 def _climbs_above_root(path: bytes) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from edgeproxy.edge.limits import HeadMeter
-from edgeproxy.edge.validate import head_status, request_line_status
+from edgeproxy.edge.validate import head_status, origin_form, request_line_status
 
 
 @pytest.mark.parametrize(
@@ -40,25 +40,74 @@ def test_request_line(line: bytes, status: int | None) -> None:
 
 
 @pytest.mark.parametrize(
-    ("version", "headers", "path", "status"),
+    ("version", "method", "headers", "target", "status"),
     [
-        ("1.1", [(b"host", b"x")], b"/", None),
-        ("1.0", [], b"/", None),
-        ("1.1", [], b"/", 400),
-        ("1.1", [(b"host", b"x"), (b"host", b"y")], b"/", 400),
-        ("1.1", [(b"host", b"x"), (b"transfer-encoding", b"Chunked")], b"/", None),
-        ("1.1", [(b"host", b"x"), (b"transfer-encoding", b"gzip")], b"/", 501),
-        ("1.1", [(b"host", b"x")], b"/a/../b", None),
-        ("1.1", [(b"host", b"x")], b"/..", 400),
-        ("1.1", [(b"host", b"x")], b"/a/./../../b", 400),
-        ("1.1", [(b"host", b"x")], b"/%2E%2E/b", 400),
-        ("1.1", [(b"host", b"x")], b"/a..b/", None),
+        ("1.1", b"GET", [(b"host", b"x")], b"/", None),
+        ("1.0", b"GET", [], b"/", None),
+        ("1.1", b"GET", [], b"/", 400),
+        ("1.1", b"GET", [(b"host", b"x"), (b"host", b"y")], b"/", 400),
+        ("1.1", b"POST", [(b"host", b"x"), (b"transfer-encoding", b"Chunked")], b"/", None),
+        ("1.1", b"POST", [(b"host", b"x"), (b"transfer-encoding", b"gzip")], b"/", 501),
+        ("1.0", b"POST", [(b"transfer-encoding", b"chunked")], b"/", 400),
+        ("1.0", b"POST", [(b"transfer-encoding", b"gzip")], b"/", 400),
+        ("1.1", b"GET", [(b"host", b"x")], b"/a/../b", None),
+        ("1.1", b"GET", [(b"host", b"x")], b"/..", 400),
+        ("1.1", b"GET", [(b"host", b"x")], b"/a/./../../b", 400),
+        ("1.1", b"GET", [(b"host", b"x")], b"/%2E%2E/b", 400),
+        ("1.1", b"GET", [(b"host", b"x")], b"/a..b/", None),
+        ("1.1", b"GET", [(b"host", b"x")], b"http://y/../b?q", 400),
+        ("1.1", b"TRACE", [(b"host", b"x")], b"/", 405),
+        ("1.1", b"CONNECT", [(b"host", b"x")], b"/", 405),
+        ("1.1", b"TRACE", [(b"host", b"x")], b"/../b", 400),  # the path is checked first
     ],
 )
 def test_head(
-    version: str, headers: list[tuple[bytes, bytes]], path: bytes, status: int | None
+    version: str,
+    method: bytes,
+    headers: list[tuple[bytes, bytes]],
+    target: bytes,
+    status: int | None,
 ) -> None:
-    assert head_status(version, headers, path) == status
+    assert head_status(version, method, target, headers) == status
+
+
+@pytest.mark.parametrize(
+    ("host", "valid"),
+    [
+        (b"x", True),
+        (b"registry.example:443", True),
+        (b"x.", True),  # a trailing dot is dropped
+        (b"x.:80", True),
+        (b"[::1]:5000", True),
+        (b"a\\b", True),  # only / separates paths on Unix
+        (b"", False),
+        (b".", False),
+        (b":80", False),
+        (b"a..b", False),
+        (b"a/b", False),
+        (b"a b", False),
+        (b"a\x01b", False),
+        (b"a\x7fb", False),
+        (b"x:8..0", False),
+    ],
+)
+def test_host_as_nginx_validates_it(host: bytes, valid: bool) -> None:
+    status = head_status("1.1", b"GET", b"/", [(b"host", host)])
+    assert status == (None if valid else 400)
+
+
+@pytest.mark.parametrize(
+    ("target", "origin"),
+    [
+        (b"/a?b", b"/a?b"),
+        (b"http://y/z?q", b"/z?q"),
+        (b"http://y", b"/"),
+        (b"http://y?q", b"/?q"),
+        (b"http://y:80/", b"/"),
+    ],
+)
+def test_origin_form(target: bytes, origin: bytes) -> None:
+    assert origin_form(target) == origin
 
 
 def test_the_meter_keeps_the_request_line_and_whole_headers_for_the_log() -> None:
