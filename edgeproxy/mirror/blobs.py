@@ -14,7 +14,8 @@ through repositories that link a blob; a name that merely knows a digest gets no
 When the spool cannot be written (the disk is full: ENOSPC, or any other write error), the
 fill goes on without it: the blob is streamed to the clients already reading it, still
 verified, and not cached; the slowest of them then sets the pace of the upstream read, so
-that the memory window stays bounded.
+that the memory window stays bounded. The spool and its lock go at once: nobody else waits on
+a fill that caches nothing.
 """
 
 from __future__ import annotations
@@ -280,7 +281,7 @@ class BlobService:
         # Open now: the open file is read on after the commit renames it, or an eviction
         # removes it (a reader opened later would find nothing); a fill that committed
         # before this reader came is read from the cache.
-        reader = self._storage.open_partial(fill.digest) or self.open_stored(fill.digest)
+        reader = self._open_spool(fill) or self.open_stored(fill.digest)
         position = start
         me = object()
         fill.reader_at(me, position)
@@ -293,7 +294,7 @@ class BlobService:
                 if position < limit:
                     chunk: bytes | memoryview | None = fill.in_memory(position, limit)
                     if chunk is None:  # fallen behind the window: the bytes are on disk
-                        reader = reader or self._storage.open_partial(fill.digest)
+                        reader = reader or self._open_spool(fill)
                         if reader is None:
                             raise RegistryError("BLOB_UNKNOWN", "the fill vanished")
                         chunk = reader.read(position, min(CHUNK, limit - position))
@@ -313,6 +314,11 @@ class BlobService:
             fill.reader_at(me, None)
             if reader is not None:
                 reader.close()
+
+    def _open_spool(self, fill: Fill) -> BlobReader | None:
+        """The fill's spool (or the blob it became); none once the spool failed: its path may
+        be the next fill's by now, with another download's bytes."""
+        return self._storage.open_partial(fill.digest) if fill.spooling else None
 
     async def _run(self, fill: Fill, upstream: UpstreamClient, target: Target) -> None:
         try:
@@ -397,6 +403,7 @@ class BlobService:
         with ThreadPoolExecutor(1) as writer, ThreadPoolExecutor(1) as hashing:
             try:
                 received = 0
+                dropped = False
                 async for block in body:
                     received += len(block)
                     fill.receive(block)
@@ -406,6 +413,9 @@ class BlobService:
                         written.add_done_callback(_advance_when_written(fill, received))
                         pending.append(written)
                     else:
+                        if not dropped:
+                            dropped = True
+                            await self._drop_spool(fill, partial, pending)
                         await _keep_pace(fill)
                     while len(pending) > 2 * MAX_UNWRITTEN // CHUNK:
                         await _settle(pending.popleft())
@@ -427,11 +437,24 @@ class BlobService:
             )
         fill.verify()  # clients finish now; the fsync and rename below are not theirs to wait for
         if not fill.spooling:
-            while fill.has_readers:  # they may still need the spool's first part
+            while fill.has_readers:  # the window's last bytes are theirs alone
                 await fill.changed()
             log.warning("served %s without caching it: the spool failed", fill.digest)
             raise RegistryError("UNAVAILABLE", "the blob could not be cached", status=503)
         await asyncio.to_thread(partial.commit)
+
+    async def _drop_spool(
+        self, fill: Fill, partial: PartialBlob, pending: collections.deque[asyncio.Future[None]]
+    ) -> None:
+        """The spool failed (a full disk): stop being the fill every worker waits on. New
+        requests start fills of their own, followers in other workers find the lock free and
+        go on without this one, and the spool's space is free again. Readers here keep the
+        spool they opened, and the window."""
+        for future in pending:  # the writer must be done with the file before it closes
+            await _settle(future)
+        pending.clear()
+        self._forget(fill)
+        await asyncio.to_thread(partial.abort)
 
     async def _follow(self, fill: Fill) -> None:
         """Track another process's fill of the same blob until it ends. Once readers have

@@ -7,6 +7,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -240,7 +241,7 @@ def test_disk_full_streams_the_blob_without_caching_it(
         assert fetch(client, f"/v2/x/blobs/{small}") == (200, b"small layer", True)
         assert wait_until(lambda: app.storage.blob_size(small) == len(b"small layer"))
         assert fetch(client, f"/v2/x/blobs/{digest}") == (200, big, True)
-        # The failed spool is removed after its client is served: fill the disk only then,
+        # The failed spool is removed (at once, but in a thread): fill the disk only then,
         # or its removal frees space again.
         assert wait_until(lambda: verify_cache(small_disk).leftovers == [])
         # Full before the first byte: blobs, manifests and tags are still served.
@@ -254,6 +255,32 @@ def test_disk_full_streams_the_blob_without_caching_it(
     assert any("without caching" in r.getMessage() for r in caplog.records)
     report = verify_cache(small_disk)
     assert (report.blobs, report.corrupt, report.leftovers) == (1, [], [])
+
+
+def test_disk_full_mid_fill_lets_the_other_workers_go_on(small_disk: Path) -> None:
+    """Two workers on one cache; the disk fills up in the middle of the first one's fill,
+    whose client then stops reading. The second worker's client must not wait on that dead
+    spool (it did until the first client left, or 60 s after): the spool goes at once, its
+    space with it, and the second worker streams the blob itself."""
+    big = os.urandom(48 * 1024 * 1024)
+    with fake_upstream() as upstream, ExitStack() as stack:
+        digest = upstream.add_blob(big)
+        first, second = (
+            stack.enter_context(serve_app(mirror_of(upstream, small_disk))) for _ in range(2)
+        )
+        stalled = stack.enter_context(httpx.stream("GET", f"{first}/v2/x/blobs/{digest}"))
+        assert stalled.status_code == 200
+        next(stalled.iter_raw())  # one piece, then no more reading
+        spool = small_disk / "edgeproxy" / "fills" / f"{digest.replace(':', '-')}.partial"
+        assert wait_until(lambda: not spool.exists() or spool.stat().st_size > 1024 * 1024)
+        # Following it (cut off when its bytes stop being the blob's), or filling it anew.
+        with httpx.Client(base_url=second, timeout=45) as client:
+            result = fetch(client, f"/v2/x/blobs/{digest}")
+            if not result[2]:  # a client retries a cut download
+                result = fetch(client, f"/v2/x/blobs/{digest}")
+            assert result == (200, big, True)
+        stalled.close()
+        assert wait_until(lambda: verify_cache(small_disk).leftovers == [])
 
 
 def test_a_read_only_cache_is_a_clear_503_for_cold_blobs(
