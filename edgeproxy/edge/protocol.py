@@ -167,7 +167,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             super().on_headers_complete()
             self.cycle.transport = _CycleTransport(self)
             if version == "1.0":
-                self.cycle.send = _close_delimited(self.cycle)  # type: ignore[method-assign,assignment]
+                self.cycle.keep_alive = _asks_keep_alive(self.headers)
+                self.cycle.send = _http10_send(self.cycle)  # type: ignore[method-assign,assignment]
             if self._meter.request_line_done:  # not for a pipelined request the meter missed
                 self.scope[REQUEST_LINE_KEY] = self._meter.request_line  # type: ignore[literal-required]
             if _has_body(self.headers):
@@ -315,17 +316,30 @@ def _request_line_for_llhttp(data: bytes, end: int) -> bytes:
     return data[:start] + line + b"\r\n" + data[end + 1 :]
 
 
-def _close_delimited(cycle: RequestResponseCycle) -> Callable[[Message], Awaitable[None]]:
-    """The cycle's send() for an HTTP/1.0 request: an answer without a length ends where the
-    connection closes, as nginx sends it. uvicorn would chunk it, which HTTP/1.0 clients
-    cannot read (RFC 9112: never chunked to a 1.0 request)."""
+def _asks_keep_alive(headers: list[tuple[bytes, bytes]]) -> bool:
+    """An HTTP/1.0 request's Connection asks for keep-alive, "close" winning: nginx keeps such
+    a connection, uvicorn none."""
+    tokens = {
+        token.strip().lower()
+        for name, value in headers
+        if name == b"connection"
+        for token in value.split(b",")
+    }
+    return b"keep-alive" in tokens and b"close" not in tokens
+
+
+def _http10_send(cycle: RequestResponseCycle) -> Callable[[Message], Awaitable[None]]:
+    """The cycle's send() for an HTTP/1.0 request, as nginx answers one:
+    - an answer without a length ends where the connection closes (uvicorn would chunk it,
+      which HTTP/1.0 clients cannot read: RFC 9112 never chunks to a 1.0 request);
+    - a connection kept alive says so (a 1.0 client takes it to close otherwise)."""
     send = cycle.send
     unsized = False
 
-    async def close_delimited(message: Message) -> None:
+    async def http10_send(message: Message) -> None:
         nonlocal unsized
         if message["type"] == "http.response.start":
-            headers = message.get("headers", [])
+            headers = list(message.get("headers", []))
             unsized = (
                 not any(name.lower() in _FRAMED for name, _ in headers)
                 and cycle.scope["method"] != "HEAD"
@@ -334,11 +348,14 @@ def _close_delimited(cycle: RequestResponseCycle) -> Callable[[Message], Awaitab
             if unsized:  # uvicorn then neither chunks nor counts against a length
                 cycle.chunked_encoding = False
                 cycle.expected_content_length = sys.maxsize
+                cycle.keep_alive = False
+            elif cycle.keep_alive and all(name.lower() != b"connection" for name, _ in headers):
+                message = {**message, "headers": [*headers, (b"connection", b"keep-alive")]}
         elif unsized and not message.get("more_body"):
             cycle.expected_content_length = len(message.get("body", b""))  # all there is
         await send(message)  # type: ignore[arg-type]  # an ASGI message, as uvicorn's own
 
-    return close_delimited
+    return http10_send
 
 
 _FRAMED = (b"content-length", b"transfer-encoding")

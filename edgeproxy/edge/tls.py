@@ -1,5 +1,6 @@
-"""TLS for the https listener: nginx's defaults (TLS 1.2+, `HIGH:!aNULL:!MD5`); the negotiated
-protocol and cipher go in each request's scope (by `protocol.py`) for $ssl_protocol/$ssl_cipher."""
+"""TLS for the https listener: nginx's defaults (TLS 1.2+, `HIGH:!aNULL:!MD5`, ALPN http/1.1);
+the negotiated protocol and cipher go in each request's scope (by `protocol.py`) for
+$ssl_protocol/$ssl_cipher."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ def server_context(tls: TlsConfig) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(CIPHERS)
+    # As nginx without http2: http/1.1 to a client that offers it, no ALPN to one that does not.
+    context.set_alpn_protocols(["http/1.1"])
     for path in (tls.certificate, tls.key):
         if not path.is_file():
             raise TlsError(f"{path}: no such file (make one: edgeproxy certs self-signed)")

@@ -248,6 +248,24 @@ def tls_get(server: Server) -> int:
     return parse(data).status
 
 
+@pytest.mark.parametrize("offered", [["h2", "http/1.1"], ["http/1.1"], ["h2"]])
+def test_alpn_as_nginx(offered: list[str], sides: tuple[Server, Server]) -> None:
+    """The seed's nginx (no http2) picks http/1.1 when a client offers it (curl, Go's clients)."""
+    selected = []
+    for server in sides:
+        context = ssl.create_default_context(cafile=server.certificate)
+        context.set_alpn_protocols(offered)
+        try:
+            with (
+                socket.create_connection(("127.0.0.1", server.tls_port), timeout=30) as raw,
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as conn,
+            ):
+                selected.append(conn.selected_alpn_protocol())
+        except ssl.SSLError as exc:
+            selected.append(exc.reason)  # no protocol both take: a refused handshake
+    assert selected[1] == selected[0]
+
+
 def stalled(port: int, sent: bytes) -> socket.socket:
     conn = socket.create_connection(("127.0.0.1", port), timeout=30)
     conn.sendall(sent)
@@ -341,6 +359,45 @@ def test_an_idle_keepalive_connection_is_closed_as_nginx(sides: tuple[Server, Se
                     head += chunk
                 assert head.startswith(b"HTTP/1.1 200 ")
             assert read_all(conn) == b"", server.name  # closed by keepalive_timeout
+
+
+def answers_on_one_connection(port: int, request: bytes) -> list[bytes | None]:
+    """Send `request` twice on one connection, the second after the first answer ("got N",
+    framed by its length): each answer's head, None for one never given (the server closed)."""
+    heads: list[bytes | None] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        for _ in range(2):
+            with suppress(BrokenPipeError, ConnectionResetError):
+                conn.sendall(request)
+            received = b""
+            with suppress(ConnectionResetError):
+                while not re.search(rb"\r\n\r\ngot \d+", received):
+                    if not (chunk := conn.recv(65536)):
+                        break
+                    received += chunk
+            heads.append(received.partition(b"\r\n\r\n")[0] or None)
+    return heads
+
+
+@pytest.mark.parametrize(
+    "connection",
+    # nginx finds "keep-alive" anywhere in the value; llhttp (and so edgeproxy) as a token.
+    [b"keep-alive", b"Keep-Alive", b"close", b"", b"keep-alive, close", b"TE, keep-alive"],
+)
+def test_http10_keep_alive_as_nginx(connection: bytes, sides: tuple[Server, Server]) -> None:
+    """An HTTP/1.0 client asking for keep-alive (ab -k, old proxies) has its connection kept,
+    and is told so: a 1.0 client takes a connection to close unless the answer says so."""
+    field = b"Connection: " + connection + b"\r\n" if connection else b""
+    request = b"GET / HTTP/1.0\r\nHost: x\r\n" + field + b"\r\n"
+    results = []
+    for server in sides:
+        results.append(
+            [
+                head and [line.lower() for line in head.split(b"\r\n") if b"onnection" in line]
+                for head in answers_on_one_connection(server.port, request)
+            ]
+        )
+    assert results[1] == results[0]
 
 
 @pytest.mark.parametrize(
