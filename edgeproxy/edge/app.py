@@ -30,7 +30,7 @@ from edgeproxy.edge.accesslog import (
 from edgeproxy.edge.forward import forwarded_headers, header
 from edgeproxy.edge.gzip import GzipMiddleware
 from edgeproxy.edge.pages import send_page
-from edgeproxy.edge.protocol import REQUEST_LINE_KEY, TIMED_OUT_KEY
+from edgeproxy.edge.protocol import ANSWERED_KEY, REQUEST_LINE_KEY, TIMED_OUT_KEY
 
 log = logging.getLogger("edgeproxy.edge")
 
@@ -64,7 +64,8 @@ class EdgeApp:
             if not exchange.started:
                 await send_page(exchange.send, 500, head=scope["method"] == "HEAD", close=True)
         finally:
-            self.access_log.write(self._entry(scope, exchange, time.monotonic() - began))
+            if not scope.get(ANSWERED_KEY):
+                self.access_log.write(self._entry(scope, exchange, time.monotonic() - began))
 
     async def _handle(self, scope: Scope, exchange: _Exchange) -> None:
         headers: list[tuple[bytes, bytes]] = scope["headers"]

@@ -7,6 +7,7 @@ long: 414 for the request line, 400 "Request Header Or Cookie Too Large" for a h
 needing a fifth large buffer is too large: 400 likewise. So a line may be up to 32 KiB, and a
 head up to 160 KiB less what the moved lines leave unused. (At the exact boundary where a
 buffer ends on a line's end, nginx wastes a line more: edgeproxy may accept a few bytes more.)
+More than 1000 header lines are too many: 400 likewise.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 BUFFER = 32 * 1024  # client_header_buffer_size
 LARGE_BUFFER = 32 * 1024  # large_client_header_buffers 4 32k
 LARGE_BUFFERS = 4
+MAX_HEADERS = 1000  # header lines nginx takes (1.22 as Debian ships it); 400 past them
 
 
 class HeadTooLarge(Exception):
@@ -43,6 +45,7 @@ class HeadMeter:
         self._start = 0  # where the current line starts in it
         self._line = 0  # bytes of the current line so far, its LF included once seen
         self._large = 0  # large buffers taken
+        self._headers = 0  # header lines
 
     def feed(self, data: bytes) -> None:
         """Meter `data`, the next bytes of the connection; once the head's blank line is seen,
@@ -97,6 +100,10 @@ class HeadMeter:
         if blank:
             self.active = False  # the head is complete
             return
+        if not self._request_line:
+            self._headers += 1
+            if self._headers > MAX_HEADERS:
+                raise HeadTooLarge(400)
         self._request_line = False
         self._start += self._line
         self._line = 0

@@ -43,6 +43,10 @@ REQUEST_LINE_KEY = "edgeproxy.request_line"
 # scope[TIMED_OUT_KEY] is True once the client took longer than client_body_timeout.
 TIMED_OUT_KEY = "edgeproxy.timed_out"
 
+# scope[ANSWERED_KEY] is True once the connection answered the request itself (its chunked
+# body broke: nginx's 400 page) and logged it: the app's answer and log line are not wanted.
+ANSWERED_KEY = "edgeproxy.answered"
+
 # nginx's lingering_timeout and lingering_time defaults.
 LINGERING_TIMEOUT = 5.0
 LINGERING_TIME = 30.0
@@ -72,11 +76,13 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         # nginx takes what llhttp refuses by default: a bare LF ending a line, HTTP/1.2
         # (`validate.py` has refused a version nginx refuses before httptools sees it), any
-        # Transfer-Encoding (nginx answers 501 to one it does not know: `head_status`).
+        # Transfer-Encoding (nginx answers 501 to one it does not know: `head_status`),
+        # spaces after a chunk size.
         self.parser.set_dangerous_leniencies(
             lenient_optional_cr_before_lf=True,
             lenient_version=True,
             lenient_transfer_encoding=True,
+            lenient_spaces_after_chunk_size=True,
         )
         self.settings = settings or ConnectionSettings()
         self._plain_on_tls = plain_on_tls
@@ -86,6 +92,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._line_checked = False  # this request's line went through request_line_status
         self._held = b""  # the CR or spaces that may end a request line still arriving
         self._refused = False
+        self._in_trailers = False  # the head is done: header callbacks now are trailers
         self._began = 0.0  # when this request's first byte came, for $request_time
         self._linger_timer: asyncio.TimerHandle | None = None
         self._linger_end = 0.0
@@ -147,10 +154,18 @@ class EdgeHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._receiving = True
+        self._in_trailers = False
         if self._tls is not None:
             self.scope[tls.SCOPE_KEY] = self._tls  # type: ignore[literal-required]
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # A chunked body's trailers, dropped as nginx drops them: uvicorn would add them to
+        # the request's headers after the head was checked (a trailer Host replacing it).
+        if not self._in_trailers:
+            super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
+        self._in_trailers = True
         if self._refused:
             return  # a request pipelined after a refused one: never answered
         if self._head_timer is not None:
@@ -239,9 +254,16 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         what = f"{status} ({detail})" if detail else str(status)
         log.info("client %s sent a bad request: %s", self._client_addr(), what)
         self._refused = True
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.transport.close()  # a pipelined request's answer would cut into this one
-            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if cycle.scope is not self.scope or cycle.response_started:
+                self.transport.close()  # a pipelined request's answer would cut into this one
+                return
+            # This request's body broke (a bad chunk): the page answers it, and the app sees
+            # the client gone.
+            cycle.scope[ANSWERED_KEY] = True  # type: ignore[literal-required]
+            cycle.disconnected = True
+            cycle.message_event.set()
         body = page(status, detail)
         lines = [f"HTTP/1.1 {status} {reason(status)}".encode()]
         lines += [name + b": " + value for name, value in self.server_state.default_headers]

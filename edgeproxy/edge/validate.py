@@ -5,8 +5,8 @@ a method of `A-Z _ -`, a URI starting with `/` or `scheme://` with no space or c
 `HTTP/major.minor` — 505 for a major version over 1, 400 for anything else malformed.
 `head_status` follows its checks once the headers are read (`ngx_http_process_request_header`):
 a path climbing above `/` is 400, HTTP/1.1 needs one Host and every Host must be a host name
-(`ngx_http_validate_host`), a Transfer-Encoding is 400 before HTTP/1.1 and 501 if not chunked,
-TRACE and CONNECT are 405.
+(`ngx_http_validate_host`), a Transfer-Encoding is 400 before HTTP/1.1 or twice and 501 if not
+chunked, TRACE and CONNECT are 405.
 """
 
 from __future__ import annotations
@@ -48,12 +48,13 @@ def head_status(
         return 400
     if hosts and not _valid_host(hosts[0]):
         return 400
-    for name, value in headers:
-        if name == b"transfer-encoding":
-            if http_version != "1.1":
-                return 400  # request smuggling through a 1.0 hop
-            if value.strip().lower() != b"chunked":
-                return 501
+    encodings = [value for name, value in headers if name == b"transfer-encoding"]
+    if encodings:
+        if http_version != "1.1" or len(encodings) > 1:
+            return 400  # request smuggling through a 1.0 hop, or a second framing
+        # nginx trims spaces only: "chunked<TAB>" is not chunked (llhttp would read to the end)
+        if encodings[0].rstrip(b" ").lower() != b"chunked":
+            return 501
     return 405 if method in (b"TRACE", b"CONNECT") else None
 
 

@@ -177,6 +177,29 @@ MALFORMED: dict[str, bytes] = {
     "Host with control": b"GET / HTTP/1.1\r\nHost: a\x01b\r\n\r\n",
     "absolute URI without a path": b"GET http://y HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     "absolute URI bad host": b"GET http://a b/ HTTP/1.1\r\nHost: x\r\n\r\n",
+    "two Transfer-Encodings": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ),
+    "Transfer-Encoding with tabs": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\tchunked\t\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    ),
+    "space after a chunk size": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
+        b"\r\n3 \r\nabc\r\n0\r\n\r\n"
+    ),
+    "bad chunk size": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"
+    ),
+    "chunk without its CRLF": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n0\r\n\r\n"
+    ),
+    "trailers": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
+        b"\r\n3\r\nabc\r\n0\r\nHost: evil\r\nX-Trailer: 1\r\n\r\n"
+    ),
+    "1000 header lines": get(1, (1,) * 998),
+    "1001 header lines": get(1, (1,) * 999),
     "request line over 32k (414)": get(40000),
     "header over 32k (400)": get(1, (40000,)),
     "head over the buffers (400)": get(1, (20000,) * 7),

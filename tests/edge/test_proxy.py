@@ -270,3 +270,20 @@ def test_an_answer_without_a_length_to_http_1_0_ends_with_the_connection(edge_ur
     assert b"transfer-encoding" not in head.lower()
     assert b"connection: close" in head.lower()
     assert body == b"".join(bytes([i]) * (1 << 20) for i in range(3))
+
+
+def test_request_trailers_never_become_headers(recorder: Recorder, edge_url: str) -> None:
+    """nginx drops a chunked body's trailers. uvicorn added them to the request's headers,
+    after the edge had checked the head: a trailer Host replaced the one checked."""
+    port = int(edge_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(
+            b"POST /t HTTP/1.1\r\nHost: mirror.example\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n3\r\nabc\r\n0\r\nHost: ../evil\r\nX-Trailer: 1\r\n\r\n"
+        )
+        assert conn.recv(12) == b"HTTP/1.1 202"
+    seen = recorder.requests[-1]
+    assert (seen["uri"], seen["size"]) == (b"/t?", 3)
+    names = [name for name, _ in seen["headers"]]
+    assert dict(seen["headers"])[b"host"] == b"mirror.example"
+    assert names.count(b"host") == 1 and b"x-trailer" not in names
