@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,7 @@ from edgeproxy.edge.accesslog import AccessLog
 from edgeproxy.edge.app import EdgeApp
 from edgeproxy.edge.protocol import ConnectionSettings, EdgeHttpProtocol
 from edgeproxy.edge.sniff import TlsSniffer
-from edgeproxy.edge.tls import server_context
+from edgeproxy.edge.tls import TlsError, server_context
 from edgeproxy.health import PATH as HEALTH_PATH
 from edgeproxy.health import HealthMonitor
 from edgeproxy.logs import set_secrets
@@ -99,6 +100,9 @@ class Listeners:
     http: socket.socket | None = None
     https: socket.socket | None = None
     metrics: socket.socket | None = None
+    # The https listener's TLS context, made once too: the workers share its session ticket
+    # keys, so a client resumes its session with any of them (nginx's master makes its own).
+    tls: ssl.SSLContext | None = None
 
     def bound(self) -> list[socket.socket]:
         return [s for s in (self.mirror, self.http, self.https, self.metrics) if s is not None]
@@ -131,6 +135,10 @@ def bind_listeners(config: Config, bound: Bound | None = None) -> Listeners:
         listeners.http = get(edge.http)
     if edge is not None and edge.https is not None and edge.tls is not None:
         listeners.https = get(edge.https)
+        try:
+            listeners.tls = server_context(edge.tls)
+        except TlsError as exc:  # checked above: changed since
+            raise SystemExit(f"edgeproxy: edge.tls: {exc}") from exc
     if config.metrics is not None:
         listeners.metrics = get(config.metrics.listen)
     return listeners
@@ -221,11 +229,10 @@ def _edge_servers(
         servers.append((_uvicorn(app, http=http, **options), listeners.http))
         mode = "redirects to https" if edge.tls is not None else f"serves {target}"
         log.info("edge listening on http://%s:%d (%s)", host, port, mode)
-    if listeners.https is not None and edge.tls is not None:
+    if listeners.https is not None and listeners.tls is not None:
         host, port = listeners.https.getsockname()[:2]
         # TLS is started by the protocol (sniff.py): plain HTTP there gets nginx's 400 page.
-        context = server_context(edge.tls)
-        sniffer = functools.partial(TlsSniffer, settings=settings, context=context)
+        sniffer = functools.partial(TlsSniffer, settings=settings, context=listeners.tls)
         servers.append((_uvicorn(app, http=sniffer, **options), listeners.https))
         log.info("edge listening on https://%s:%d (serves %s)", host, port, target)
     return servers

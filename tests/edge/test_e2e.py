@@ -164,3 +164,28 @@ def test_points_to_a_private_registry_push_pull_and_502(
         assert "Traceback" not in edge.process.log()
     finally:
         registry.close()
+
+
+@pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["TLSv1.2", "TLSv1.3"]
+)
+def test_tls_sessions_resume_with_any_worker(tmp_path: Path, version: ssl.TLSVersion) -> None:
+    """Every worker takes the session tickets of the others, as nginx's (whose master makes
+    the context they fork with): each worker made its own keys, and a client (curl, any
+    keeping its sessions) resumed only when it came back to the same worker."""
+    with run_edge(tmp_path / "edge", [OFFLINE_UPSTREAM], workers=4) as edge:
+        assert edge.certificate is not None and edge.https_port is not None
+        context = ssl.create_default_context(cafile=edge.certificate)
+        context.minimum_version = context.maximum_version = version
+        session, resumed = None, []
+        for _ in range(12):
+            with (
+                socket.create_connection(("127.0.0.1", edge.https_port), timeout=30) as raw,
+                context.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as conn,
+            ):
+                conn.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                while conn.recv(65536):  # TLS 1.3 sends its ticket after the handshake
+                    pass
+                resumed.append(conn.session_reused)
+                session = session or conn.session
+    assert resumed == [False] + [True] * 11
