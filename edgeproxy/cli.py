@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeproxy import __version__
-from edgeproxy.config import Config, ConfigError, find_config, load_config
+from edgeproxy.config import DEFAULT_CONFIG_PATHS, Config, ConfigError, find_config, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,7 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", parents=[common], help="serve, with the config given")
-    commands.add_parser("check", parents=[common], help="validate the config and exit")
+    commands.add_parser(
+        "check", parents=[common], help="validate the config and load the files it names"
+    )
     certs = commands.add_parser("certs", help="TLS certificates for the edge")
     kinds = certs.add_subparsers(dest="kind", required=True)
     self_signed = kinds.add_parser(
@@ -45,7 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     install = actions.add_parser(
         "install", parents=[common], help="write the systemd unit for this installation"
     )
-    install.add_argument("--dir", type=Path, default=Path("/etc/systemd/system"))
+    install.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("/etc/systemd/system"),
+        help="where the unit goes (default: /etc/systemd/system)",
+    )
     install.add_argument("--user", default="edgeproxy", help="the unprivileged user to run as")
     _cache_parser(commands, common)
     return parser
@@ -126,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "service":
         return _service(args)
     path = find_config(args.config)
+    if args.config is None and not path.exists():
+        tried = " nor ".join(str(default) for default in DEFAULT_CONFIG_PATHS)
+        print(
+            f"edgeproxy: no config: neither {tried} exists (give one: --config FILE)",
+            file=sys.stderr,
+        )
+        return 1
     try:
         config = load_config(path)
     except ConfigError as exc:

@@ -19,6 +19,8 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -118,8 +120,44 @@ _FRAMING = {
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")  # no CR, LF or other controls
 
+
+def _workers(value: object) -> object:
+    if value == "auto" or (type(value) is int and 1 <= value <= 256):
+        return value
+    raise ValueError(f'{value!r}: use "auto" (one per CPU) or a number of processes, 1 to 256')
+
+
+def _matching(pattern: str, wanted: str) -> AfterValidator:
+    """A string check whose error says what is wanted (pydantic's would quote the regex), not
+    what was given (a URL may hold a password)."""
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not compiled.fullmatch(value):
+            raise ValueError(f"not {wanted}")
+        return value
+
+    return AfterValidator(check)
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
-Workers = Literal["auto"] | Annotated[int, Field(ge=1, le=256)]
+Workers = Annotated[Literal["auto"] | int, BeforeValidator(_workers)]
+RegistryHost = Annotated[
+    str,
+    _matching(
+        r"[A-Za-z0-9][A-Za-z0-9.\-]*(:\d+)?",
+        "a registry host name (e.g. docker.io, ghcr.io, localhost:5000)",
+    ),
+]
+# No user:password@ in the URL: credentials live in username/password, never in a URL that
+# could be logged.
+UpstreamUrl = Annotated[
+    str,
+    _matching(r"https?://[^/\s@]+/?", "http(s)://host[:port] (no path, no user@: see username)"),
+]
+Backend = Annotated[
+    str, _matching(r"embedded|https?://[^/\s]+/?", '"embedded" or http(s)://host[:port]')
+]
 Size = Annotated[int, BeforeValidator(parse_size)]
 Address = Annotated[tuple[str, int], BeforeValidator(parse_address)]
 FilePath = Annotated[Path, BeforeValidator(_no_nul)]
@@ -134,10 +172,8 @@ class _Model(BaseModel):
 class UpstreamConfig(_Model):
     """One registry the mirror pulls through."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9.\-]*(:\d+)?$")
-    # No user:password@ in the URL: credentials live in username/password, never in a URL
-    # that could be logged.
-    url: str = Field(pattern=r"^https?://[^/\s@]+/?$")
+    name: RegistryHost
+    url: UpstreamUrl
     username: str = ""
     password: str = Field(default="", repr=False)
     ca: FilePath | None = None
@@ -145,7 +181,7 @@ class UpstreamConfig(_Model):
     connect_timeout: Duration = 10.0
     read_timeout: Duration = 60.0
     # Docker Hub serves one-component names ("alpine") as "library/alpine".
-    library_prefix: bool | None = None
+    library_prefix: StrictBool | None = None
     # Token realm hosts, besides the upstream's own, that may receive username/password
     # (Docker Hub's auth.docker.io is allowed for registry-1.docker.io without saying so).
     token_realms: list[str] = Field(default_factory=list)
@@ -228,7 +264,7 @@ class TlsConfig(_Model):
 class GzipConfig(_Model):
     """`[edge.gzip]`: the seed's gzip block (level 6, min_length 256, its gzip_types)."""
 
-    enabled: bool = True  # the seed: gzip on
+    enabled: StrictBool = True  # the seed: gzip on
 
 
 class EdgeConfig(_Model):
@@ -240,7 +276,7 @@ class EdgeConfig(_Model):
     http: Address | None = None
     https: Address | None = None
     server_name: str = ""
-    backend: str = Field(default="embedded", pattern=r"^(embedded|https?://[^/\s]+/?)$")
+    backend: Backend = "embedded"
     connect_timeout: Duration = 300.0
     read_timeout: Duration = 300.0
     keepalive_timeout: Duration = 120.0
@@ -284,7 +320,7 @@ class HealthConfig(_Model):
     `threshold` failures in a row → 503) and an upstream reachability check (degraded only)."""
 
     interval: Duration = Field(default=10.0, gt=0)
-    threshold: int = Field(default=3, ge=1)
+    threshold: StrictInt = Field(default=3, ge=1)
     timeout: Duration = Field(default=5.0, gt=0)  # one probe, storage or upstream
 
 
@@ -343,6 +379,8 @@ def _describe(path: Path, exc: ValidationError) -> str:
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key"
+        elif error["type"] == "list_type" and isinstance(error["input"], dict):
+            message = f"a table where a list is wanted (write [[{key}]] for each entry)"
         lines.append(f"{path}: {key}: {message}")
     return "\n".join(lines)
 

@@ -45,8 +45,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgeproxy")
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port, inherited by the workers; exit naming it if taken."""
+def bind(host: str, port: int, key: str) -> socket.socket:
+    """A listening socket on host:port, inherited by the workers; exit naming it and the key
+    that asks for it if it cannot be had."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -54,7 +55,9 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise SystemExit(f"edgeproxy: cannot listen on {host}:{port}: {exc.strerror}") from exc
+        raise SystemExit(
+            f"edgeproxy: {key}: cannot listen on {host}:{port}: {exc.strerror}"
+        ) from exc
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
@@ -116,9 +119,9 @@ def bind_listeners(config: Config, bound: Bound | None = None) -> Listeners:
     reload must not close a listener for a moment, nor fail to bind an address it holds)."""
     bound = {} if bound is None else bound
 
-    def get(address: tuple[str, int]) -> socket.socket:
+    def get(address: tuple[str, int], key: str) -> socket.socket:
         if address not in bound:
-            bound[address] = bind(*address)
+            bound[address] = bind(*address, key)
         return bound[address]
 
     edge = config.edge
@@ -130,17 +133,17 @@ def bind_listeners(config: Config, bound: Bound | None = None) -> Listeners:
         log.warning("%s", warning)
     listeners = Listeners()
     if config.mirror.listen is not None:
-        listeners.mirror = get(config.mirror.listen)
+        listeners.mirror = get(config.mirror.listen, "mirror.listen")
     if edge is not None and edge.http is not None:
-        listeners.http = get(edge.http)
+        listeners.http = get(edge.http, "edge.http")
     if edge is not None and edge.https is not None and edge.tls is not None:
-        listeners.https = get(edge.https)
+        listeners.https = get(edge.https, "edge.https")
         try:
             listeners.tls = server_context(edge.tls)
         except TlsError as exc:  # checked above: changed since
             raise SystemExit(f"edgeproxy: edge.tls: {exc}") from exc
     if config.metrics is not None:
-        listeners.metrics = get(config.metrics.listen)
+        listeners.metrics = get(config.metrics.listen, "metrics.listen")
     return listeners
 
 

@@ -239,3 +239,56 @@ def test_check_warns_of_credentials_anyone_may_use(
         f"edgeproxy: {path}: warning: upstream docker.io has credentials and [mirror.auth] is "
         "not set: whoever reaches the mirror may pull what they can\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[edge.gzip]\nenabled = "yes"', "edge.gzip.enabled: Input should be a valid boolean"),
+        ("[health]\nthreshold = 3.0", "health.threshold: Input should be a valid integer"),
+        ('[health]\nthreshold = "3"', "health.threshold: Input should be a valid integer"),
+        (
+            '[edge]\nhttp = ":80"\nworkers = "many"',
+            "edge.workers: 'many': use \"auto\" (one per CPU) or a number of processes, 1 to 256",
+        ),
+        (
+            '[mirror.upstream]\nname = "docker.io"\nurl = "https://registry-1.docker.io"',
+            "mirror.upstream: a table where a list is wanted (write [[mirror.upstream]]",
+        ),
+    ],
+)
+def test_errors_say_what_is_wanted(tmp_path: Path, text: str, expected: str) -> None:
+    """A value of another type is refused (pydantic's lax mode took "yes" for true), and each
+    message says what the key wants, never a regex or a union's inner names."""
+    path = tmp_path / "proxy.toml"
+    upstream = '[[mirror.upstream]]\nname = "docker.io"\nurl = "https://registry-1.docker.io"\n'
+    mirror = "" if "mirror.upstream" in text else f'[mirror]\nroot = "cache"\n{upstream}'
+    path.write_text(f"{mirror}{text}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert f"{path}: {expected}" in str(caught.value)
+
+
+def test_upstream_url_and_name_errors_say_what_is_wanted(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text('[[mirror.upstream]]\nname = "a b"\nurl = "registry-1.docker.io"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert "mirror.upstream.0.name: not a registry host name (e.g. docker.io" in message
+    assert "mirror.upstream.0.url: not http(s)://host[:port] (no path, no user@" in message
+    assert "pattern" not in message
+
+
+def test_no_config_anywhere_names_both_places(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        "edgeproxy.cli.DEFAULT_CONFIG_PATHS", (Path("proxy.toml"), tmp_path / "etc.toml")
+    )
+    monkeypatch.setattr(
+        "edgeproxy.config.DEFAULT_CONFIG_PATHS", (Path("proxy.toml"), tmp_path / "etc.toml")
+    )
+    assert main(["check"]) == 1
+    assert f"neither proxy.toml nor {tmp_path / 'etc.toml'} exists" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,22 @@ def test_an_access_log_that_cannot_open_is_reported_before_any_worker_starts(
     }
     stderr = run_fails(tmp_path, config)
     assert "edge.access_log: cannot open /proc/no-such-dir/access.log" in stderr
+
+
+def test_a_port_taken_is_reported_with_its_key(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = {
+            "mirror": {
+                "root": str(tmp_path / "cache"),
+                "upstream": [{"name": "docker.io", "url": "http://127.0.0.1:1"}],
+            },
+            "edge": {"http": f"127.0.0.1:{port}"},
+        }
+        stderr = run_fails(tmp_path, config)
+    assert f"edge.http: cannot listen on 127.0.0.1:{port}: Address already in use" in stderr
 
 
 def test_an_embedded_server_loads_no_library_it_does_not_use() -> None:

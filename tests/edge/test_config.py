@@ -48,7 +48,7 @@ def test_seed_values_parsed(tmp_path: Path) -> None:
     [
         ("[edge]\n", "edge: set http or https"),
         ('[edge]\nhttps = ":443"\n', "edge: https needs [edge.tls]"),
-        ('[edge]\nhttp = ":80"\nbackend = "mirror:5000"\n', "edge.backend: String should match"),
+        ('[edge]\nhttp = ":80"\nbackend = "mirror:5000"\n', 'edge.backend: not "embedded" or http'),
         ('[edge]\nhttp = ":80"\nread_timeout = "soon"\n', "edge.read_timeout: not a duration"),
         ('[edge]\nhttp = ":80"\naccess_log_format = "combined"\n', "edge.access_log_format"),
         ('[edge]\nhttp = ":80"\nworker = 2\n', "edge.worker: unknown key"),
