@@ -101,6 +101,9 @@ class UpstreamClient:
             http2=True,
             verify=self._ssl,
             follow_redirects=True,
+            # Bodies are passed on as they come (aiter_raw) and manifests must match their
+            # digest byte for byte: no content coding (httpx offers gzip by default).
+            headers={"Accept-Encoding": "identity"},
             timeout=httpx.Timeout(config.read_timeout, connect=config.connect_timeout),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
         )

@@ -7,6 +7,7 @@ middle, stall, or send wrong bytes, which a well-behaved server library will not
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import json
 import threading
@@ -33,15 +34,18 @@ def digest_of(data: bytes) -> str:
 class FakeUpstream:
     """Blobs and manifests by digest, tags by name; `faults` maps a path suffix to a fault:
     "cut" (half the body, then close), "wrong" (other bytes, same length), "stall" (headers,
-    part of the body, then silence), "redirect <url>" (a 307 there, as Docker Hub sends
-    blobs to its CDN), or an HTTP status such as 500 or 429 (401 comes with a bearer
-    challenge: with `tokens` set, a loop of 401s whatever the token)."""
+    part of the body, then silence), "gzip" (the body gzip-encoded when the request accepts
+    it, as a compressing proxy in front of a registry does), "redirect <url>" (a 307 there,
+    as Docker Hub sends blobs to its CDN), or an HTTP status such as 500 or 429 (401 comes
+    with a bearer challenge: with `tokens` set, a loop of 401s whatever the token)."""
 
     blobs: dict[str, bytes] = field(default_factory=dict)
     manifests: dict[str, bytes] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     faults: dict[str, str | int] = field(default_factory=dict)
     requests: Counter[str] = field(default_factory=Counter)
+    # The headers of the last request by "METHOD path", their names in lowercase.
+    headers: dict[str, dict[str, str]] = field(default_factory=dict)
     port: int = 0
     # Bearer auth as Docker Hub does it, when `tokens` is not None: /token issues "t1", "t2"...
     # (valid until removed from the set); anything else under /v2/ needs a valid one.
@@ -92,11 +96,12 @@ class FakeUpstream:
             method, target, _ = lines[0].split(" ", 2)
             path = target.split("?", 1)[0]
             self.requests[f"{method} {path}"] += 1
-            authorization = next(
-                (line.split(":", 1)[1].strip() for line in lines[1:]
-                 if line.lower().startswith("authorization:")),
-                "",
-            )  # fmt: skip
+            headers = {
+                name.strip().lower(): value.strip()
+                for name, _, value in (line.partition(":") for line in lines[1:] if line)
+            }
+            self.headers[f"{method} {path}"] = headers
+            authorization = headers.get("authorization", "")
             if self.tokens is not None and not self._authorized(writer, path, authorization):
                 return
             await self._respond(writer, method, path)
@@ -151,6 +156,10 @@ class FakeUpstream:
             return self._send(writer, 404, b'{"errors":[{"code":"NOT_FOUND"}]}', {}, method)
         if fault == "wrong":
             body = bytes(255 - b for b in body)
+        accepted = self.headers[f"{method} {path}"].get("accept-encoding", "")
+        if fault == "gzip" and "gzip" in accepted:
+            body = gzip.compress(body)
+            headers["Content-Encoding"] = "gzip"
         if fault in ("cut", "stall") and method == "GET":
             self._send(writer, 200, b"", {**headers, "Content-Length": str(len(body))}, method)
             writer.write(body[: len(body) // 2])

@@ -91,6 +91,25 @@ def test_manifest_with_wrong_digest_is_refused(
     assert app.storage.read_manifest("x", digest) is None
 
 
+def test_a_compressing_proxy_in_front_of_the_upstream_changes_no_byte(
+    mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
+) -> None:
+    """httpx offered gzip by default and passed the raw body on: tags came as gzip bytes
+    labelled JSON, manifests failed their digest. The mirror asks for identity everywhere."""
+    _, client = mirror
+    layer = upstream.add_blob(b"layer " * 100)
+    digest = upstream.add_manifest("v1", [layer])
+    for suffix in ("/tags/list", "/manifests/v1", f"/manifests/{digest}", layer):
+        upstream.faults[suffix] = "gzip"
+    tags = client.get("/v2/x/tags/list")
+    assert (tags.status_code, tags.json()) == (200, {"name": "x", "tags": ["v1"]})
+    manifest = client.get("/v2/x/manifests/v1")
+    assert (manifest.status_code, manifest.content) == (200, upstream.manifests[digest])
+    assert fetch(client, f"/v2/x/blobs/{layer}") == (200, b"layer " * 100, True)
+    encodings = {headers.get("accept-encoding") for headers in upstream.headers.values()}
+    assert encodings == {"identity"}
+
+
 def test_cached_tag_is_served_stale_when_the_upstream_fails(
     mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
 ) -> None:
