@@ -83,6 +83,11 @@ def may_send_credentials(upstream: httpx.URL, realm: httpx.URL, allowed: list[st
     return realm.host in hosts
 
 
+def same_origin(url: httpx.URL, other: httpx.URL) -> bool:
+    """Whether two URLs share scheme, host and port (httpx leaves a default port None)."""
+    return (url.scheme, url.host, url.port) == (other.scheme, other.host, other.port)
+
+
 def ssl_context(ca: str | None) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=certifi.where())
     if ca:
@@ -229,8 +234,12 @@ class UpstreamClient:
                     method, path, headers={**(headers or {}), **auth}, params=params
                 ) as response:
                     challenge = response.headers.get("www-authenticate")
+                    # A 401 from where the upstream redirected to is that server's: its
+                    # challenge must not replace the upstream's (as in open_blob).
+                    own = same_origin(response.url, self._http.base_url)
                     if (
                         response.status_code == 401
+                        and own
                         and attempt == 0
                         and self._learn(challenge, name)
                     ):

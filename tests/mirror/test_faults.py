@@ -342,6 +342,23 @@ def test_a_cdns_401_is_not_taken_for_the_upstreams_challenge(
             assert f"a redirect to {scheme}: not followed" in refused.text
 
 
+def test_a_redirected_manifests_401_is_not_taken_for_the_upstreams_challenge(
+    mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
+) -> None:
+    """As a CDN's 401 for a blob: a manifest or tags list the upstream sends elsewhere, which
+    answers 401, is refused, and the upstream's own challenge (none here) stays."""
+    app, client = mirror
+    other = upstream.add_manifest("other", [upstream.add_blob(b"layer")])
+    with fake_upstream() as elsewhere:
+        elsewhere.faults["/signed"] = 401
+        upstream.faults["/manifests/v1"] = f"redirect {elsewhere.url}/signed"
+        upstream.faults["/tags/list"] = f"redirect {elsewhere.url}/signed"
+        for path in ("/v2/x/manifests/v1", "/v2/x/tags/list"):
+            assert client.get(path).status_code == 403, path
+        assert app.upstreams["fake"]._challenge is None
+        assert client.get(f"/v2/x/manifests/{other}").status_code == 200
+
+
 def test_a_refusal_in_one_repository_fails_only_its_clients(
     mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
 ) -> None:
