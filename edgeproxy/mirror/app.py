@@ -231,10 +231,9 @@ class MirrorApp:
             response.headers["Cache-Status"] = STALE
             return response
         headers = {"Cache-Status": MISS}
-        if "link" in answer.headers:  # the upstream's next page, under the name the client used
-            headers["Link"] = answer.headers["link"].replace(
-                f"/v2/{target.remote_name}/", f"/v2/{route.name}/", 1
-            )
+        if link := upstream.passable("Link", answer.headers.get("link")):
+            # The upstream's next page, under the name the client used.
+            headers["Link"] = link.replace(f"/v2/{target.remote_name}/", f"/v2/{route.name}/", 1)
         return Response(answer.body, headers=headers, media_type="application/json")
 
     async def _referrers(
@@ -253,8 +252,9 @@ class MirrorApp:
             answer = None  # down: the tag schema's index still answers if it is cached
         if answer is not None and answer.status == 200:
             headers = {"Cache-Status": MISS}
-            if "oci-filters-applied" in answer.headers:
-                headers["OCI-Filters-Applied"] = answer.headers["oci-filters-applied"]
+            filters = answer.headers.get("oci-filters-applied")
+            if filters := upstream.passable("OCI-Filters-Applied", filters):
+                headers["OCI-Filters-Applied"] = filters
             return Response(answer.body, headers=headers, media_type=OCI_INDEX)
         if answer is None or answer.status == 404:  # no referrers API: its tag schema
             found, status = await self._referrers_tag(route, target, upstream)

@@ -283,8 +283,17 @@ class UpstreamClient:
             raise self.error(stream.status, "BLOB_UNKNOWN", stream.headers.get("Retry-After"))
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def passable(self, header: str, value: str | None) -> str | None:
+        """An upstream header's value fit to pass on to a client, else None: printable ASCII
+        only (httpx decodes UTF-8, which a response head cannot carry: it was a 500)."""
+        if value is None or (value.isascii() and value.isprintable()):
+            return value
+        log.warning("upstream %s: %s is not printable ASCII; not passed on", self.name, header)
+        return None
+
     def error(self, status: int, not_found: str, retry_after: str | None = None) -> RegistryError:
         """The registry error a client sees for an upstream's non-success status."""
+        retry_after = self.passable("Retry-After", retry_after)
         cache = {"Cache-Status": forwarded(status)}
         if status == 404:
             return RegistryError(not_found, f"not found at upstream {self.name}", headers=cache)

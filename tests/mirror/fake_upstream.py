@@ -46,6 +46,9 @@ class FakeUpstream:
     requests: Counter[str] = field(default_factory=Counter)
     # The headers of the last request by "METHOD path", their names in lowercase.
     headers: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Headers added to (or replacing) those of the answers, 200 or a status fault, for a path
+    # suffix; sent as UTF-8.
+    answer_headers: dict[str, dict[str, str]] = field(default_factory=dict)
     port: int = 0
     # Bearer auth as Docker Hub does it, when `tokens` is not None: /token issues "t1", "t2"...
     # (valid until removed from the set); anything else under /v2/ needs a valid one.
@@ -129,13 +132,14 @@ class FakeUpstream:
 
     async def _respond(self, writer: asyncio.StreamWriter, method: str, path: str) -> None:
         fault = next((f for suffix, f in self.faults.items() if path.endswith(suffix)), None)
+        extra = next((h for suffix, h in self.answer_headers.items() if path.endswith(suffix)), {})
         headers: dict[str, str] = {}
         if isinstance(fault, int):
             if fault == 429:
                 headers = {"Retry-After": "7"}
             elif fault == 401:
                 headers = {"WWW-Authenticate": f'Bearer realm="{self.url}/token",service="fake"'}
-            return self._send(writer, fault, b'{"errors":[]}', headers, method)
+            return self._send(writer, fault, b'{"errors":[]}', {**headers, **extra}, method)
         if isinstance(fault, str) and fault.startswith("redirect "):
             return self._send(writer, 307, b"", {"Location": fault.split(" ", 1)[1]}, method)
         kind, _, ref = path.rpartition("/")
@@ -167,7 +171,7 @@ class FakeUpstream:
             if fault == "stall":
                 await asyncio.sleep(3600)
             return None
-        return self._send(writer, 200, body, headers, method)
+        return self._send(writer, 200, body, {**headers, **extra}, method)
 
     @staticmethod
     def _send(

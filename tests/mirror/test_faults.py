@@ -195,6 +195,29 @@ def test_rate_limit_and_errors_pass_through_when_nothing_is_cached(
     assert missing.json()["errors"][0]["code"] == "BLOB_UNKNOWN"  # the GET's body
 
 
+def test_upstream_headers_passed_on_only_when_printable_ascii(
+    mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
+) -> None:
+    """A Retry-After or Link in UTF-8 (httpx decodes it so) could not be encoded in the
+    client's head: a 500, uvicorn's own for a 429. Such a value is dropped."""
+    _, client = mirror
+    blob = upstream.add_blob(b"layer")
+    upstream.add_manifest("v1", [blob])
+    next_page = '</v2/x/tags/list?last=v1&n=1>; rel="next"'
+    upstream.answer_headers["/tags/list"] = {"Link": next_page}
+    assert client.get("/v2/x/tags/list").headers["link"] == next_page
+    upstream.answer_headers["/tags/list"] = {"Link": next_page.replace("v1", "\u2603")}
+    tags = client.get("/v2/x/tags/list")
+    assert (tags.status_code, tags.json()["tags"], tags.headers.get("link")) == (200, ["v1"], None)
+    upstream.answer_headers.clear()
+    for path in ("/v2/x/manifests/v2", "/v2/x/tags/list", f"/v2/x/blobs/{blob}"):
+        upstream.faults[path] = 429
+        upstream.answer_headers[path] = {"Retry-After": "in 7 s \u2603"}
+        limited = client.get(path)
+        assert (limited.status_code, limited.headers.get("retry-after")) == (429, None), path
+        assert limited.json()["errors"][0]["code"] == "TOOMANYREQUESTS"
+
+
 def test_upstream_down_at_start(tmp_path: Path) -> None:
     with fake_upstream() as gone:
         pass  # stopped: nothing listens on its port any more
