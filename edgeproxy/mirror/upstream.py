@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import re
 import ssl
@@ -33,6 +34,7 @@ _DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docke
 _DOCKER_HUB_REALM = "auth.docker.io"
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
+_TOKEN = re.compile(r"[\x21-\x7e]+")  # visible ASCII
 
 
 class UpstreamUnavailable(RegistryError):
@@ -65,6 +67,24 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
         for m in _CHALLENGE_PARAM.finditer(rest)
     }
     return scheme.lower(), params
+
+
+def parse_token(body: bytes) -> tuple[str, float] | None:
+    """The bearer token of a token server's answer and its lifetime, or None: a token goes into
+    every request's header as it is, so it must be visible ASCII."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(answer, dict):
+        return None
+    token = answer.get("token") or answer.get("access_token")
+    if not isinstance(token, str) or not _TOKEN.fullmatch(token):
+        return None
+    try:
+        return token, float(answer.get("expires_in") or 60)
+    except (TypeError, ValueError):
+        return None
 
 
 def may_send_credentials(upstream: httpx.URL, realm: httpx.URL, allowed: list[str]) -> bool:
@@ -208,12 +228,11 @@ class UpstreamClient:
             raise RegistryError("DENIED", f"upstream {self.name} refused the credentials")
         if response.status_code != 200:
             raise UpstreamUnavailable(self.name, f"token server answered {response.status_code}")
-        try:
-            answer = response.json()
-            token = answer.get("token") or answer["access_token"]
-            lifetime = float(answer.get("expires_in") or 60)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UpstreamUnavailable(self.name, "token server sent no token") from exc
+        usable = parse_token(response.content)
+        if usable is None:
+            log.warning("upstream %s: the token server's answer holds no usable token", self.name)
+            raise UpstreamUnavailable(self.name, "token server sent no usable token")
+        token, lifetime = usable
         # Renew a little early so that a token never expires between fetch and use.
         return f"Bearer {token}", time.monotonic() + max(lifetime * 0.9, lifetime - 30)
 

@@ -54,6 +54,7 @@ class FakeUpstream:
     # (valid until removed from the set); anything else under /v2/ needs a valid one.
     tokens: set[str] | None = None
     issued: int = 0
+    token_answer: bytes | None = None  # what /token answers instead, when set
 
     @property
     def url(self) -> str:
@@ -117,6 +118,9 @@ class FakeUpstream:
         assert self.tokens is not None
         if path == "/token" and isinstance(fault := self.faults.get("/token"), int):
             self._send(writer, fault, b"{}", {}, "GET")
+            return False
+        if path == "/token" and self.token_answer is not None:
+            self._send(writer, 200, self.token_answer, {"Content-Type": "application/json"}, "GET")
             return False
         if path == "/token":
             self.issued += 1

@@ -481,6 +481,34 @@ def test_token_server_errors(
     assert client.get("/v2/x/manifests/v1").headers["docker-content-digest"] == digest
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"not json",
+        b"[]",
+        b'"t1"',
+        b"null",
+        b"{}",
+        b'{"token": {"a": 1}}',
+        b'{"token": "t1", "expires_in": [1]}',
+        b'{"token": "t\\u00f6k"}',  # would be cached, then fail every request's header: a 500
+        b'{"token": "t1\\r\\nX-Injected: 1"}',
+        b'{"token": "t 1"}',
+    ],
+)
+def test_token_answers_without_a_usable_token(
+    mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream, answer: bytes
+) -> None:
+    _, client = mirror
+    upstream.tokens = set()
+    upstream.token_answer = answer
+    upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
+    for _ in range(2):
+        response = client.get("/v2/x/manifests/v1")
+        assert response.status_code == 503, response.text
+        assert "token server sent no usable token" in response.json()["errors"][0]["message"]
+
+
 def test_upstream_down_at_start_then_up(tmp_path: Path) -> None:
     port = free_port()
     with fake_upstream(port) as stand_in:
