@@ -28,6 +28,7 @@ from edgeproxy.mirror.errors import RegistryError
 log = logging.getLogger("edgeproxy.upstream")
 
 MAX_METADATA_BODY = 4 * 1024 * 1024  # registry:2's manifest size limit
+MAX_TOKEN_BODY = 1024 * 1024  # a token answer (or the probe's): a few KiB in practice
 # Docker Hub's registry hosts send clients to auth.docker.io for tokens: another host, but
 # Docker Hub's own, so it gets the credentials without a `token_realms` entry.
 _DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
@@ -158,8 +159,8 @@ class UpstreamClient:
             if self._probed:
                 return
             try:
-                response = await self._http.get("/v2/")
-            except httpx.HTTPError:
+                response, _ = await self._exchange("GET", "/v2/", MAX_TOKEN_BODY)
+            except (httpx.HTTPError, UpstreamUnavailable):
                 return  # down now: the real request says so, and a 401 later still teaches us
             finally:
                 self._probed = True  # only now: the requests waiting on the lock go out after it
@@ -221,14 +222,16 @@ class UpstreamClient:
                 )
         try:
             # httpx drops the Authorization of a redirect to another origin.
-            response = await self._http.get(realm, params=query, auth=auth)
+            response, body = await self._exchange(
+                "GET", realm, MAX_TOKEN_BODY, params=query, auth=auth
+            )
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(self.name, f"token server: {type(exc).__name__}") from exc
         if response.status_code in (401, 403):
             raise RegistryError("DENIED", f"upstream {self.name} refused the credentials")
         if response.status_code != 200:
             raise UpstreamUnavailable(self.name, f"token server answered {response.status_code}")
-        usable = parse_token(response.content)
+        usable = parse_token(body)
         if usable is None:
             log.warning("upstream %s: the token server's answer holds no usable token", self.name)
             raise UpstreamUnavailable(self.name, "token server sent no usable token")
@@ -249,30 +252,50 @@ class UpstreamClient:
         for attempt in range(2):
             auth = await self._authorization(name)
             try:
-                async with self._http.stream(
-                    method, path, headers={**(headers or {}), **auth}, params=params
-                ) as response:
-                    challenge = response.headers.get("www-authenticate")
-                    # A 401 from where the upstream redirected to is that server's: its
-                    # challenge must not replace the upstream's (as in open_blob).
-                    own = same_origin(response.url, self._http.base_url)
-                    if (
-                        response.status_code == 401
-                        and own
-                        and attempt == 0
-                        and self._learn(challenge, name)
-                    ):
-                        continue
-                    body = bytearray()
-                    async for chunk in response.aiter_raw():
-                        body += chunk
-                        if len(body) > MAX_METADATA_BODY:
-                            raise UpstreamUnavailable(self.name, f"{path}: body over 4 MiB")
-                    return UpstreamResponse(response.status_code, response.headers, bytes(body))
+                response, body = await self._exchange(
+                    method,
+                    path,
+                    MAX_METADATA_BODY,
+                    headers={**(headers or {}), **auth},
+                    params=params,
+                )
             except httpx.HTTPError as exc:
                 log.warning("upstream %s: %s %s failed: %r", self.name, method, path, exc)
                 raise UpstreamUnavailable(self.name, type(exc).__name__) from exc
+            challenge = response.headers.get("www-authenticate")
+            # A 401 from where the upstream redirected to is that server's: its challenge
+            # must not replace the upstream's (as in open_blob).
+            own = same_origin(response.url, self._http.base_url)
+            if (
+                response.status_code == 401
+                and own
+                and attempt == 0
+                and self._learn(challenge, name)
+            ):
+                continue
+            return UpstreamResponse(response.status_code, response.headers, body)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _exchange(
+        self,
+        method: str,
+        url: httpx.URL | str,
+        limit: int,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+        auth: tuple[str, str] | None = None,
+    ) -> tuple[httpx.Response, bytes]:
+        """Send one small request; the answer and its body, read whole unless over `limit`."""
+        async with self._http.stream(
+            method, url, headers=headers, params=params, auth=auth
+        ) as response:
+            body = bytearray()
+            async for chunk in response.aiter_raw():
+                body += chunk
+                if len(body) > limit:
+                    reason = f"{response.url.path}: answer over {limit >> 20} MiB"
+                    raise UpstreamUnavailable(self.name, reason)
+            return response, bytes(body)
 
     # Blob streams
     async def open_blob(self, name: str, digest: str, block_size: int) -> BlobStream:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -507,6 +508,19 @@ def test_token_answers_without_a_usable_token(
         response = client.get("/v2/x/manifests/v1")
         assert response.status_code == 503, response.text
         assert "token server sent no usable token" in response.json()["errors"][0]["message"]
+
+
+def test_a_token_answer_over_1_mib_is_refused(
+    mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
+) -> None:
+    """Manifests and tags stop at 4 MiB; a token answer was read whole, however big."""
+    _, client = mirror
+    upstream.tokens = {"big"}
+    upstream.token_answer = json.dumps({"pad": "x" * 2 * 1024 * 1024, "token": "big"}).encode()
+    upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
+    response = client.get("/v2/x/manifests/v1")
+    assert response.status_code == 503
+    assert "/token: answer over 1 MiB" in response.json()["errors"][0]["message"]
 
 
 def test_upstream_down_at_start_then_up(tmp_path: Path) -> None:
