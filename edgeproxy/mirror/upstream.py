@@ -159,8 +159,8 @@ class UpstreamClient:
             if self._probed:
                 return
             try:
-                response, _ = await self._exchange("GET", "/v2/", MAX_TOKEN_BODY)
-            except (httpx.HTTPError, UpstreamUnavailable):
+                response, _ = await self._exchange("GET", "/v2/", "GET /v2/", MAX_TOKEN_BODY)
+            except UpstreamUnavailable:
                 return  # down now: the real request says so, and a 401 later still teaches us
             finally:
                 self._probed = True  # only now: the requests waiting on the lock go out after it
@@ -206,7 +206,10 @@ class UpstreamClient:
         if "service" in params:
             query["service"] = params["service"]
         base = httpx.URL(self.config.base_url)
-        realm = base.join(params["realm"])
+        try:
+            realm = base.join(params["realm"])
+        except httpx.InvalidURL as exc:
+            raise UpstreamUnavailable(self.name, "its token realm is not a URL") from exc
         auth = None
         if self.config.username:
             if may_send_credentials(base, realm, self.config.token_realms):
@@ -220,13 +223,10 @@ class UpstreamClient:
                     realm.scheme,
                     realm.host,
                 )
-        try:
-            # httpx drops the Authorization of a redirect to another origin.
-            response, body = await self._exchange(
-                "GET", realm, MAX_TOKEN_BODY, params=query, auth=auth
-            )
-        except httpx.HTTPError as exc:
-            raise UpstreamUnavailable(self.name, f"token server: {type(exc).__name__}") from exc
+        # httpx drops the Authorization of a redirect to another origin.
+        response, body = await self._exchange(
+            "GET", realm, "token server", MAX_TOKEN_BODY, params=query, auth=auth
+        )
         if response.status_code in (401, 403):
             raise RegistryError("DENIED", f"upstream {self.name} refused the credentials")
         if response.status_code != 200:
@@ -251,17 +251,14 @@ class UpstreamClient:
         """One small request, authorized, its body read whole (at most 4 MiB)."""
         for attempt in range(2):
             auth = await self._authorization(name)
-            try:
-                response, body = await self._exchange(
-                    method,
-                    path,
-                    MAX_METADATA_BODY,
-                    headers={**(headers or {}), **auth},
-                    params=params,
-                )
-            except httpx.HTTPError as exc:
-                log.warning("upstream %s: %s %s failed: %r", self.name, method, path, exc)
-                raise UpstreamUnavailable(self.name, type(exc).__name__) from exc
+            response, body = await self._exchange(
+                method,
+                path,
+                f"{method} {path}",
+                MAX_METADATA_BODY,
+                headers={**(headers or {}), **auth},
+                params=params,
+            )
             challenge = response.headers.get("www-authenticate")
             # A 401 from where the upstream redirected to is that server's: its challenge
             # must not replace the upstream's (as in open_blob).
@@ -280,22 +277,33 @@ class UpstreamClient:
         self,
         method: str,
         url: httpx.URL | str,
+        what: str,
         limit: int,
         headers: dict[str, str] | None = None,
         params: dict[str, str] | None = None,
         auth: tuple[str, str] | None = None,
     ) -> tuple[httpx.Response, bytes]:
-        """Send one small request; the answer and its body, read whole unless over `limit`."""
-        async with self._http.stream(
-            method, url, headers=headers, params=params, auth=auth
-        ) as response:
-            body = bytearray()
-            async for chunk in response.aiter_raw():
-                body += chunk
-                if len(body) > limit:
-                    reason = f"{response.url.path}: answer over {limit >> 20} MiB"
-                    raise UpstreamUnavailable(self.name, reason)
-            return response, bytes(body)
+        """Send one small request (`what`, for messages); the answer and its body, read whole
+        unless over `limit`. Any failure to get them is UpstreamUnavailable."""
+        try:
+            async with self._http.stream(
+                method, url, headers=headers, params=params, auth=auth
+            ) as response:
+                body = bytearray()
+                async for chunk in response.aiter_raw():
+                    body += chunk
+                    if len(body) > limit:
+                        reason = f"{what}: answer over {limit >> 20} MiB"
+                        raise UpstreamUnavailable(self.name, reason)
+                return response, bytes(body)
+        # A URL that parses but that no socket takes (a realm or a redirect to port 99999)
+        # fails below httpx, as an OverflowError or ValueError in anyio's task group.
+        except* (httpx.HTTPError, httpx.InvalidURL, OverflowError, ValueError) as group:
+            exc: BaseException = group
+            while isinstance(exc, BaseExceptionGroup):
+                exc = exc.exceptions[0]
+            log.warning("upstream %s: %s failed: %r", self.name, what, exc)
+            raise UpstreamUnavailable(self.name, f"{what}: {type(exc).__name__}") from exc
 
     # Blob streams
     async def open_blob(self, name: str, digest: str, block_size: int) -> BlobStream:

@@ -55,6 +55,7 @@ class FakeUpstream:
     tokens: set[str] | None = None
     issued: int = 0
     token_answer: bytes | None = None  # what /token answers instead, when set
+    realm: str | None = None  # the challenges' realm, when not this server's /token
 
     @property
     def url(self) -> str:
@@ -130,8 +131,7 @@ class FakeUpstream:
             return False
         if authorization.removeprefix("Bearer ") in self.tokens:
             return True
-        challenge = f'Bearer realm="{self.url}/token",service="fake"'
-        self._send(writer, 401, b"{}", {"WWW-Authenticate": challenge}, "GET")
+        self._send(writer, 401, b"{}", {"WWW-Authenticate": self._challenge()}, "GET")
         return False
 
     async def _respond(self, writer: asyncio.StreamWriter, method: str, path: str) -> None:
@@ -142,7 +142,7 @@ class FakeUpstream:
             if fault == 429:
                 headers = {"Retry-After": "7"}
             elif fault == 401:
-                headers = {"WWW-Authenticate": f'Bearer realm="{self.url}/token",service="fake"'}
+                headers = {"WWW-Authenticate": self._challenge()}
             return self._send(writer, fault, b'{"errors":[]}', {**headers, **extra}, method)
         if isinstance(fault, str) and fault.startswith("redirect "):
             return self._send(writer, 307, b"", {"Location": fault.split(" ", 1)[1]}, method)
@@ -176,6 +176,9 @@ class FakeUpstream:
                 await asyncio.sleep(3600)
             return None
         return self._send(writer, 200, body, {**headers, **extra}, method)
+
+    def _challenge(self) -> str:
+        return f'Bearer realm="{self.realm or self.url + "/token"}",service="fake"'
 
     @staticmethod
     def _send(

@@ -520,7 +520,25 @@ def test_a_token_answer_over_1_mib_is_refused(
     upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
     response = client.get("/v2/x/manifests/v1")
     assert response.status_code == 503
-    assert "/token: answer over 1 MiB" in response.json()["errors"][0]["message"]
+    assert "token server: answer over 1 MiB" in response.json()["errors"][0]["message"]
+
+
+@pytest.mark.parametrize("where", ["realm", "redirect"])
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/x", "http://[::1/x", "http://\u2603/x"])
+def test_urls_no_socket_can_reach(
+    mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream, where: str, url: str
+) -> None:
+    """A token realm or a redirect to a port past 65535 was a 500 (anyio's OverflowError is
+    no httpx.HTTPError); it is a 503 as any upstream that cannot be reached."""
+    _, client = mirror
+    if where == "realm":
+        upstream.tokens, upstream.realm = set(), url
+    else:
+        upstream.faults["/manifests/v1"] = upstream.faults["/tags/list"] = f"redirect {url}"
+    for path in ("/v2/x/manifests/v1", "/v2/x/tags/list"):
+        response = client.get(path)
+        assert response.status_code == 503, response.text
+        assert response.json()["errors"][0]["code"] == "UNAVAILABLE"
 
 
 def test_upstream_down_at_start_then_up(tmp_path: Path) -> None:
