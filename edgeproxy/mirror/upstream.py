@@ -140,6 +140,9 @@ class UpstreamClient:
         self._blob_connections = ConnectionPool(
             blob_tls, config.connect_timeout, config.read_timeout
         )
+        # httpx's timeouts bound each read, not an answer that comes a byte now and then:
+        # a small answer gets a connect and two reads' worth of time in all.
+        self._deadline = config.connect_timeout + 2 * config.read_timeout
         self._challenge: tuple[str, dict[str, str]] | None = None
         self._probed = False
         self._probe_lock = asyncio.Lock()  # concurrent first requests wait for the one probe
@@ -284,11 +287,14 @@ class UpstreamClient:
         auth: tuple[str, str] | None = None,
     ) -> tuple[httpx.Response, bytes]:
         """Send one small request (`what`, for messages); the answer and its body, read whole
-        unless over `limit`. Any failure to get them is UpstreamUnavailable."""
+        unless over `limit`, within the deadline. Any failure to get them is UpstreamUnavailable."""
         try:
-            async with self._http.stream(
-                method, url, headers=headers, params=params, auth=auth
-            ) as response:
+            async with (
+                asyncio.timeout(self._deadline),
+                self._http.stream(
+                    method, url, headers=headers, params=params, auth=auth
+                ) as response,
+            ):
                 body = bytearray()
                 async for chunk in response.aiter_raw():
                     body += chunk
@@ -296,6 +302,10 @@ class UpstreamClient:
                         reason = f"{what}: answer over {limit >> 20} MiB"
                         raise UpstreamUnavailable(self.name, reason)
                 return response, bytes(body)
+        except* TimeoutError:
+            reason = f"{what}: no answer within {self._deadline:g} s"
+            log.warning("upstream %s: %s", self.name, reason)
+            raise UpstreamUnavailable(self.name, reason) from None
         # A URL that parses but that no socket takes (a realm or a redirect to port 99999)
         # fails below httpx, as an OverflowError or ValueError in anyio's task group.
         except* (httpx.HTTPError, httpx.InvalidURL, OverflowError, ValueError) as group:

@@ -35,7 +35,8 @@ class FakeUpstream:
     """Blobs and manifests by digest, tags by name; `faults` maps a path suffix to a fault:
     "cut" (half the body, then close), "wrong" (other bytes, same length), "stall" (headers,
     part of the body, then silence), "gzip" (the body gzip-encoded when the request accepts
-    it, as a compressing proxy in front of a registry does), "redirect <url>" (a 307 there,
+    it, as a compressing proxy in front of a registry does), "trickle" (a head that never
+    ends, a byte every 0.1 s: no read waits long, no answer comes), "redirect <url>" (a 307 there,
     as Docker Hub sends blobs to its CDN), or an HTTP status such as 500 or 429 (401 comes
     with a bearer challenge: with `tokens` set, a loop of 401s whatever the token)."""
 
@@ -144,6 +145,12 @@ class FakeUpstream:
             elif fault == 401:
                 headers = {"WWW-Authenticate": self._challenge()}
             return self._send(writer, fault, b'{"errors":[]}', {**headers, **extra}, method)
+        if fault == "trickle":
+            writer.write(b"HTTP/1.1 200 X\r\nX-Pad: ")
+            while True:  # until the client leaves
+                writer.write(b"x")
+                await writer.drain()
+                await asyncio.sleep(0.1)
         if isinstance(fault, str) and fault.startswith("redirect "):
             return self._send(writer, 307, b"", {"Location": fault.split(" ", 1)[1]}, method)
         kind, _, ref = path.rpartition("/")

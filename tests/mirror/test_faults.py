@@ -230,6 +230,22 @@ def test_upstream_down_at_start(tmp_path: Path) -> None:
         assert response.headers["cache-status"] == "edgeproxy; fwd=miss"  # no answer came
 
 
+def test_a_trickling_upstream_is_cut_and_the_cache_answers(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """An upstream sending a byte now and then never hits the read timeout: a cached tag
+    waited for it for ever. Each small request has a deadline (here 1 + 2 x 1 s)."""
+    upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
+    app = mirror_of(upstream, tmp_path, connect_timeout="1s", read_timeout="1s")
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        assert client.get("/v2/x/manifests/v1").status_code == 200
+        upstream.faults["/manifests/v1"] = upstream.faults["/tags/list"] = "trickle"
+        stale = client.get("/v2/x/manifests/v1")
+        assert (stale.status_code, stale.headers["cache-status"]) == (200, STALE)
+        tags = client.get("/v2/x/tags/list")
+        assert (tags.json()["tags"], tags.headers["cache-status"]) == (["v1"], STALE)
+
+
 def test_client_disconnect_does_not_abort_the_fill(
     mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
 ) -> None:
