@@ -24,11 +24,15 @@ from edgeproxy.config import UpstreamConfig
 from edgeproxy.mirror.blobstream import BlobRequest, BlobStream, BlobStreamError, ConnectionPool
 from edgeproxy.mirror.cache_status import forwarded
 from edgeproxy.mirror.errors import RegistryError
+from edgeproxy.mirror.shared import SharedCalls
 
 log = logging.getLogger("edgeproxy.upstream")
 
 MAX_METADATA_BODY = 4 * 1024 * 1024  # registry:2's manifest size limit
 MAX_TOKEN_BODY = 1024 * 1024  # a token answer (or the probe's): a few KiB in practice
+# Tokens kept (one per repository): past that, the expired go, then the oldest (to be fetched
+# again if asked for), so that clients naming ever new repositories cost no memory.
+MAX_TOKENS = 256
 # Docker Hub's registry hosts send clients to auth.docker.io for tokens: another host, but
 # Docker Hub's own, so it gets the credentials without a `token_realms` entry.
 _DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
@@ -147,7 +151,7 @@ class UpstreamClient:
         self._probed = False
         self._probe_lock = asyncio.Lock()  # concurrent first requests wait for the one probe
         self._tokens: dict[str, tuple[str, float]] = {}  # scope -> (Authorization, expiry)
-        self._token_locks: dict[str, asyncio.Lock] = {}
+        self._token_fetches: SharedCalls[str, tuple[str, float]] = SharedCalls()
         self._warned_realms: set[str] = set()
 
     async def aclose(self) -> None:
@@ -181,14 +185,22 @@ class UpstreamClient:
             return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
         scope = f"repository:{name}:pull"
         cached = self._tokens.get(scope)
-        if cached and cached[1] > time.monotonic():
-            return {"Authorization": cached[0]}
-        async with self._token_locks.setdefault(scope, asyncio.Lock()):
-            cached = self._tokens.get(scope)
-            if not cached or cached[1] <= time.monotonic():
-                cached = await self._fetch_token(params, scope)
-                self._tokens[scope] = cached
+        if not cached or cached[1] <= time.monotonic():
+            # Concurrent requests of a repository share one token request.
+            cached = await self._token_fetches.run(scope, lambda: self._renew(params, scope))
         return {"Authorization": cached[0]}
+
+    async def _renew(self, params: dict[str, str], scope: str) -> tuple[str, float]:
+        token = await self._fetch_token(params, scope)
+        if len(self._tokens) >= MAX_TOKENS:
+            now = time.monotonic()
+            for expired in [s for s, (_, expiry) in self._tokens.items() if expiry <= now]:
+                del self._tokens[expired]
+            while len(self._tokens) >= MAX_TOKENS:
+                del self._tokens[next(iter(self._tokens))]  # the oldest fetched
+        self._tokens.pop(scope, None)  # stored anew: the newest
+        self._tokens[scope] = token
+        return token
 
     def _learn(self, header: str | None, name: str | None) -> bool:
         """Take a 401's challenge; True when retrying with new credentials can help."""

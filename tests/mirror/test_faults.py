@@ -557,6 +557,26 @@ def test_urls_no_socket_can_reach(
         assert response.json()["errors"][0]["code"] == "UNAVAILABLE"
 
 
+def test_the_token_tables_stay_bounded(tmp_path: Path, upstream: FakeUpstream) -> None:
+    """A token and a lock per repository name were kept for ever: a client naming ever new
+    repositories grew the upstream client's tables without bound."""
+    upstream.tokens = set()
+    app = mirror_of(upstream, tmp_path)
+
+    async def run() -> dict[str, object]:
+        client = app.upstreams["fake"]
+        try:
+            for n in range(300):
+                await client.request("GET", f"/v2/r{n}/tags/list", f"r{n}")
+            return vars(client)
+        finally:
+            await app.aclose()
+
+    tables = [value for value in asyncio.run(run()).values() if isinstance(value, dict)]
+    assert upstream.issued == 300
+    assert max(len(table) for table in tables) <= 256
+
+
 def test_upstream_down_at_start_then_up(tmp_path: Path) -> None:
     port = free_port()
     with fake_upstream(port) as stand_in:
