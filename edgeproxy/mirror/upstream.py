@@ -15,6 +15,7 @@ import logging
 import re
 import ssl
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import certifi
@@ -174,7 +175,9 @@ class UpstreamClient:
             if response.status_code == 401:
                 self._learn(response.headers.get("www-authenticate"), None)
 
-    async def _authorization(self, name: str) -> dict[str, str]:
+    async def _authorization(self, name: str, wanted: Sequence[str] = ()) -> dict[str, str]:
+        """The Authorization for a request of repository `name`; a token is asked for the
+        scopes `wanted` (by a 401's challenge) too."""
         if not self._probed:
             await self._probe()
         if self._challenge is None:
@@ -184,14 +187,20 @@ class UpstreamClient:
             pair = f"{self.config.username}:{self.config.password}".encode()
             return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
         scope = f"repository:{name}:pull"
+        scopes = [scope, *(other for other in wanted if other != scope)]
         cached = self._tokens.get(scope)
         if not cached or cached[1] <= time.monotonic():
             # Concurrent requests of a repository share one token request.
-            cached = await self._token_fetches.run(scope, lambda: self._renew(params, scope))
+            cached = await self._token_fetches.run(
+                " ".join(scopes), lambda: self._renew(params, scopes)
+            )
         return {"Authorization": cached[0]}
 
-    async def _renew(self, params: dict[str, str], scope: str) -> tuple[str, float]:
-        token = await self._fetch_token(params, scope)
+    async def _renew(self, params: dict[str, str], scopes: list[str]) -> tuple[str, float]:
+        """A new token for `scopes`, kept as the one of the first (the pull scope) until it
+        expires: those a challenge added are asked for again only after the next 401."""
+        scope = scopes[0]
+        token = await self._fetch_token(params, scopes)
         if len(self._tokens) >= MAX_TOKENS:
             now = time.monotonic()
             for expired in [s for s, (_, expiry) in self._tokens.items() if expiry <= now]:
@@ -202,22 +211,23 @@ class UpstreamClient:
         self._tokens[scope] = token
         return token
 
-    def _learn(self, header: str | None, name: str | None) -> bool:
-        """Take a 401's challenge; True when retrying with new credentials can help."""
+    def _learn(self, header: str | None, name: str | None) -> list[str] | None:
+        """Take a 401's challenge; the scopes it names (containerd asks for them too, as the
+        retry does), or None when retrying with new credentials cannot help."""
         if not header:
-            return False
+            return None
         scheme, params = parse_challenge(header)
         if scheme == "basic" and not self.config.username:
-            return False
+            return None
         if scheme not in ("basic", "bearer") or (scheme == "bearer" and "realm" not in params):
-            return False
+            return None
         self._challenge = (scheme, {k: v for k, v in params.items() if k != "scope"})
         if name is not None:
             self._tokens.pop(f"repository:{name}:pull", None)
-        return True
+        return params.get("scope", "").split()
 
-    async def _fetch_token(self, params: dict[str, str], scope: str) -> tuple[str, float]:
-        query = {"scope": scope}
+    async def _fetch_token(self, params: dict[str, str], scopes: list[str]) -> tuple[str, float]:
+        query: dict[str, str | list[str]] = {"scope": scopes}
         if "service" in params:
             query["service"] = params["service"]
         base = httpx.URL(self.config.base_url)
@@ -264,8 +274,9 @@ class UpstreamClient:
         params: dict[str, str] | None = None,
     ) -> UpstreamResponse:
         """One small request, authorized, its body read whole (at most 4 MiB)."""
+        wanted: list[str] = []
         for attempt in range(2):
-            auth = await self._authorization(name)
+            auth = await self._authorization(name, wanted)
             response, body = await self._exchange(
                 method,
                 path,
@@ -278,13 +289,11 @@ class UpstreamClient:
             # A 401 from where the upstream redirected to is that server's: its challenge
             # must not replace the upstream's (as in open_blob).
             own = same_origin(response.url, self._http.base_url)
-            if (
-                response.status_code == 401
-                and own
-                and attempt == 0
-                and self._learn(challenge, name)
-            ):
-                continue
+            if response.status_code == 401 and own and attempt == 0:
+                learnt = self._learn(challenge, name)
+                if learnt is not None:
+                    wanted = learnt
+                    continue
             return UpstreamResponse(response.status_code, response.headers, body)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -295,7 +304,7 @@ class UpstreamClient:
         what: str,
         limit: int,
         headers: dict[str, str] | None = None,
-        params: dict[str, str] | None = None,
+        params: Mapping[str, str | list[str]] | None = None,
         auth: tuple[str, str] | None = None,
     ) -> tuple[httpx.Response, bytes]:
         """Send one small request (`what`, for messages); the answer and its body, read whole
@@ -332,8 +341,10 @@ class UpstreamClient:
         """A started 200 response for the blob, read in `block_size` blocks; the caller
         closes it."""
         url = f"{self.config.base_url}/v2/{name}/blobs/{digest}"
+        wanted: list[str] = []
         for attempt in range(2):
-            request = BlobRequest(url, await self._authorization(name), self._blob_connections)
+            auth = await self._authorization(name, wanted)
+            request = BlobRequest(url, auth, self._blob_connections)
             stream = BlobStream(request, block_size)
             try:
                 await stream.open()
@@ -350,8 +361,11 @@ class UpstreamClient:
             challenge = stream.headers.get("WWW-Authenticate")
             # A CDN's 401 is the CDN's: its challenge must not replace the upstream's.
             own = not stream.redirected
-            if stream.status == 401 and own and attempt == 0 and self._learn(challenge, name):
-                continue
+            if stream.status == 401 and own and attempt == 0:
+                learnt = self._learn(challenge, name)
+                if learnt is not None:
+                    wanted = learnt
+                    continue
             raise self.error(stream.status, "BLOB_UNKNOWN", stream.headers.get("Retry-After"))
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -218,3 +218,44 @@ def test_may_send_credentials(
     upstream: str, realm: str, allowed: list[str], expected: bool
 ) -> None:
     assert may_send_credentials(httpx.URL(upstream), httpx.URL(realm), allowed) is expected
+
+
+WANTED = "repository:mirror-scope/x:pull"
+
+
+async def scoped(scope: Scope, receive: Receive, send: Send) -> None:
+    """Takes only a token asked for with the scope its challenge names (besides the pull
+    scope of the repository); counts the token requests."""
+    if scope["type"] != "http":
+        return
+    request = Request(scope, receive)
+    if request.url.path == "/token":
+        SCOPED_TOKENS.append(request.query_params.getlist("scope"))
+        response: Response = JSONResponse({"token": "+".join(SCOPED_TOKENS[-1])})
+    elif WANTED not in request.headers.get("authorization", "").split("+"):
+        realm = f"http://127.0.0.1:{scope['server'][1]}/token"
+        challenge = f'Bearer realm="{realm}",service="s",scope="{WANTED}"'
+        response = JSONResponse({}, status_code=401, headers={"WWW-Authenticate": challenge})
+    else:
+        response = JSONResponse({"name": "x", "tags": ["v1"]})
+    await response(scope, receive, send)
+
+
+SCOPED_TOKENS: list[list[str]] = []
+
+
+def test_the_scope_a_challenge_names_is_asked_for(tmp_path: Path) -> None:
+    """containerd adds a 401's scope to its token request; the mirror asked for the pull scope
+    only, and was refused by a registry that wants another."""
+    SCOPED_TOKENS.clear()
+    with serve_app(scoped) as upstream:
+        config = config_from_dict(
+            {"mirror": {"root": str(tmp_path), "upstream": [{"name": "up", "url": upstream}]}}
+        )
+        with serve_app(MirrorApp(config.mirror)) as url, httpx.Client(base_url=url) as client:
+            for _ in range(3):
+                tags = client.get("/v2/x/tags/list")
+                assert (tags.status_code, tags.json()["tags"]) == (200, ["v1"]), tags.text
+    # The first token asked for with the challenge's scope serves the later requests too.
+    assert SCOPED_TOKENS[-1] == ["repository:x:pull", WANTED]
+    assert len(SCOPED_TOKENS) <= 2
