@@ -71,6 +71,7 @@ class Fill:
         self.verified = False  # the digest matched: every byte may go out
         self.committed = False
         self.spooling = True
+        self.spool_dropped = False  # its path is no longer this fill's: never open it again
         self.error: RegistryError | None = None
         self.started = asyncio.Event()  # the size is known, or the fill failed
         self._window: collections.deque[tuple[int, bytearray]] = collections.deque()
@@ -316,9 +317,9 @@ class BlobService:
                 reader.close()
 
     def _open_spool(self, fill: Fill) -> BlobReader | None:
-        """The fill's spool (or the blob it became); none once the spool failed: its path may
-        be the next fill's by now, with another download's bytes."""
-        return self._storage.open_partial(fill.digest) if fill.spooling else None
+        """The fill's spool (or the blob it became); none once a failed spool was dropped:
+        its path may be the next fill's by now, with another download's bytes."""
+        return None if fill.spool_dropped else self._storage.open_partial(fill.digest)
 
     async def _run(self, fill: Fill, upstream: UpstreamClient, target: Target) -> None:
         try:
@@ -384,7 +385,8 @@ class BlobService:
             # Before the spool goes: a request joining now could read neither the spool nor
             # the window's start; a fill of its own follows this one's lock, then fetches.
             self._forget(fill)
-            await asyncio.to_thread(partial.abort)
+            if not fill.spool_dropped:  # else aborted already (maybe still, in its thread)
+                await asyncio.to_thread(partial.abort)
             raise
         metrics.fetch_ended(pulled=fill.written)
         self._link(fill.names, fill.digest)
@@ -403,7 +405,6 @@ class BlobService:
         with ThreadPoolExecutor(1) as writer, ThreadPoolExecutor(1) as hashing:
             try:
                 received = 0
-                dropped = False
                 async for block in body:
                     received += len(block)
                     fill.receive(block)
@@ -412,16 +413,15 @@ class BlobService:
                         written = loop.run_in_executor(writer, partial.write, block)
                         written.add_done_callback(_advance_when_written(fill, received))
                         pending.append(written)
-                    else:
-                        if not dropped:
-                            dropped = True
-                            await self._drop_spool(fill, partial, pending)
-                        await _keep_pace(fill)
                     while len(pending) > 2 * MAX_UNWRITTEN // CHUNK:
                         await _settle(pending.popleft())
+                    if not fill.spooling:
+                        await self._drop_spool(fill, partial, pending)
+                        await _keep_pace(fill)
                 for future in pending:
                     await _settle(future)
                 pending.clear()
+                await self._drop_spool(fill, partial, pending)  # if it failed on the last writes
             finally:
                 if pending:  # let the threads finish before the spool is removed
                     await asyncio.gather(*pending, return_exceptions=True)
@@ -446,14 +446,17 @@ class BlobService:
     async def _drop_spool(
         self, fill: Fill, partial: PartialBlob, pending: collections.deque[asyncio.Future[None]]
     ) -> None:
-        """The spool failed (a full disk): stop being the fill every worker waits on. New
-        requests start fills of their own, followers in other workers find the lock free and
-        go on without this one, and the spool's space is free again. Readers here keep the
+        """Once the spool failed (a full disk): stop being the fill every worker waits on.
+        New requests start fills of their own, followers in other workers find the lock free
+        and go on without this one, and the spool's space is free again. Readers here keep the
         spool they opened, and the window."""
+        if fill.spooling or fill.spool_dropped:
+            return
         for future in pending:  # the writer must be done with the file before it closes
             await _settle(future)
         pending.clear()
         self._forget(fill)
+        fill.spool_dropped = True
         await asyncio.to_thread(partial.abort)
 
     async def _follow(self, fill: Fill) -> None:

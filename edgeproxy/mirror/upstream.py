@@ -31,6 +31,9 @@ log = logging.getLogger("edgeproxy.upstream")
 
 MAX_METADATA_BODY = 4 * 1024 * 1024  # registry:2's manifest size limit
 MAX_TOKEN_BODY = 1024 * 1024  # a token answer (or the probe's): a few KiB in practice
+# A small answer's body must come at least this fast on average (beyond the time its head
+# had): a 4 MiB manifest gets 4 more minutes, a byte now and then gets none.
+MIN_BODY_RATE = 16 * 1024  # bytes per second
 # Tokens kept (one per repository): past that, the expired go, then the oldest (to be fetched
 # again if asked for), so that clients naming ever new repositories cost no memory.
 MAX_TOKENS = 256
@@ -146,7 +149,8 @@ class UpstreamClient:
             blob_tls, config.connect_timeout, config.read_timeout
         )
         # httpx's timeouts bound each read, not an answer that comes a byte now and then:
-        # a small answer gets a connect and two reads' worth of time in all.
+        # a small answer's head gets a connect and two reads' worth of time in all, and its
+        # body more as it comes (MIN_BODY_RATE).
         self._deadline = config.connect_timeout + 2 * config.read_timeout
         self._challenge: tuple[str, dict[str, str]] | None = None
         self._probed = False
@@ -309,9 +313,10 @@ class UpstreamClient:
     ) -> tuple[httpx.Response, bytes]:
         """Send one small request (`what`, for messages); the answer and its body, read whole
         unless over `limit`, within the deadline. Any failure to get them is UpstreamUnavailable."""
+        deadline = asyncio.get_running_loop().time() + self._deadline
         try:
             async with (
-                asyncio.timeout(self._deadline),
+                asyncio.timeout_at(deadline) as timeout,
                 self._http.stream(
                     method, url, headers=headers, params=params, auth=auth
                 ) as response,
@@ -322,9 +327,10 @@ class UpstreamClient:
                     if len(body) > limit:
                         reason = f"{what}: answer over {limit >> 20} MiB"
                         raise UpstreamUnavailable(self.name, reason)
+                    timeout.reschedule(deadline + len(body) / MIN_BODY_RATE)
                 return response, bytes(body)
         except* TimeoutError:
-            reason = f"{what}: no answer within {self._deadline:g} s"
+            reason = f"{what}: no whole answer in time (a connect, two reads, 16 KiB/s)"
             log.warning("upstream %s: %s", self.name, reason)
             raise UpstreamUnavailable(self.name, reason) from None
         # A URL that parses but that no socket takes (a realm or a redirect to port 99999)

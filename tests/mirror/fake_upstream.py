@@ -36,7 +36,8 @@ class FakeUpstream:
     "cut" (half the body, then close), "wrong" (other bytes, same length), "stall" (headers,
     part of the body, then silence), "gzip" (the body gzip-encoded when the request accepts
     it, as a compressing proxy in front of a registry does), "trickle" (a head that never
-    ends, a byte every 0.1 s: no read waits long, no answer comes), "redirect <url>" (a 307 there,
+    ends, a byte every 0.1 s: no read waits long, no answer comes), "steady" (the body 64 KiB
+    every 0.05 s: a slow but healthy upstream), "redirect <url>" (a 307 there,
     as Docker Hub sends blobs to its CDN), or an HTTP status such as 500 or 429 (401 comes
     with a bearer challenge: with `tokens` set, a loop of 401s whatever the token)."""
 
@@ -175,6 +176,13 @@ class FakeUpstream:
         if fault == "gzip" and "gzip" in accepted:
             body = gzip.compress(body)
             headers["Content-Encoding"] = "gzip"
+        if fault == "steady" and method == "GET":
+            self._send(writer, 200, b"", {**headers, "Content-Length": str(len(body))}, method)
+            for start in range(0, len(body), 64 * 1024):
+                writer.write(body[start : start + 64 * 1024])
+                await writer.drain()
+                await asyncio.sleep(0.05)
+            return None
         if fault in ("cut", "stall") and method == "GET":
             self._send(writer, 200, b"", {**headers, "Content-Length": str(len(body))}, method)
             writer.write(body[: len(body) // 2])

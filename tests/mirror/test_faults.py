@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -16,9 +19,11 @@ import httpx
 import pytest
 
 from edgeproxy.mirror.app import MirrorApp
+from edgeproxy.mirror.blobs import CHUNK, Fill
 from edgeproxy.mirror.cache_status import STALE
 from edgeproxy.mirror.manifests import OCI_MANIFEST, Manifest
 from edgeproxy.mirror.names import resolve_target
+from edgeproxy.mirror.storage.filesystem import FilePartialBlob
 from tests.mirror.fake_upstream import FakeUpstream, fake_upstream, mirror_of
 from tests.support.ports import free_port
 from tests.support.servers import serve_app
@@ -26,6 +31,7 @@ from tests.support.verify import verify_cache
 from tests.support.wait import wait_until
 
 BLOB = os.urandom(5 * 1024 * 1024 + 3)
+BIG = os.urandom(48 * 1024 * 1024)  # bigger than the memory window many times over
 
 
 @pytest.fixture
@@ -246,6 +252,27 @@ def test_a_trickling_upstream_is_cut_and_the_cache_answers(
         assert (tags.json()["tags"], tags.headers["cache-status"]) == (["v1"], STALE)
 
 
+def test_a_big_manifest_coming_steadily_is_not_cut(tmp_path: Path) -> None:
+    """The deadline of a small request grows with its body: a 3 MiB manifest coming at 1.3 MB/s
+    took longer than a connect and two reads (1.5 s here) and was refused, 503."""
+    with fake_upstream() as upstream:
+        layer = upstream.add_blob(b"layer")
+        document = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": layer},
+            "layers": [],
+            "annotations": {"pad": "x" * (3 * 1024 * 1024)},
+        }
+        digest = upstream.add_document("v1", document)
+        upstream.faults["/manifests/v1"] = upstream.faults[digest] = "steady"
+        app = mirror_of(upstream, tmp_path, connect_timeout="0.5s", read_timeout="0.5s")
+        with serve_app(app) as url, httpx.Client(base_url=url, timeout=120) as client:
+            response = client.get("/v2/x/manifests/v1", headers={"Accept": OCI_MANIFEST})
+            assert response.status_code == 200, response.text
+            assert response.headers["docker-content-digest"] == digest
+
+
 def test_client_disconnect_does_not_abort_the_fill(
     mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
 ) -> None:
@@ -329,7 +356,8 @@ def test_disk_full_mid_fill_lets_the_other_workers_go_on(small_disk: Path) -> No
         )
         stalled = stack.enter_context(httpx.stream("GET", f"{first}/v2/x/blobs/{digest}"))
         assert stalled.status_code == 200
-        next(stalled.iter_raw())  # one piece, then no more reading
+        pieces = stalled.iter_raw()  # kept: a generator dropped would close the connection
+        next(pieces)  # one piece, then no more reading
         spool = small_disk / "edgeproxy" / "fills" / f"{digest.replace(':', '-')}.partial"
         assert wait_until(lambda: not spool.exists() or spool.stat().st_size > 1024 * 1024)
         # Following it (cut off when its bytes stop being the blob's), or filling it anew.
@@ -340,6 +368,97 @@ def test_disk_full_mid_fill_lets_the_other_workers_go_on(small_disk: Path) -> No
             assert result == (200, big, True)
         stalled.close()
         assert wait_until(lambda: verify_cache(small_disk).leftovers == [])
+
+
+@pytest.fixture
+def full_on_the_last_write(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, bool]]:
+    """The first spool written gets ENOSPC on the write that would complete it: the disk fills
+    up at the end of a layer, once the whole body has been read from the upstream."""
+    original = FilePartialBlob.write
+    state = {"failed": False}
+    first: list[FilePartialBlob] = []
+    written = [0]
+
+    def write(self: FilePartialBlob, data: bytes | bytearray) -> None:
+        first[:] = first or [self]
+        if self is first[0]:
+            if written[0] + len(data) >= len(BIG):
+                state["failed"] = True
+                raise OSError(errno.ENOSPC, "No space left on device")
+            written[0] += len(data)
+        original(self, data)
+
+    monkeypatch.setattr(FilePartialBlob, "write", write)
+    yield state
+
+
+def test_a_spool_failing_on_its_last_write_is_dropped_too(
+    tmp_path: Path, full_on_the_last_write: dict[str, bool]
+) -> None:
+    """The spool was dropped only when a block came after its failure: failing on the last
+    writes, it kept its lock while a client stalled, and another worker's client waited on
+    it; a client joining in this worker got a cut 200 (the spool refused, the window gone)."""
+    with fake_upstream() as upstream, ExitStack() as stack:
+        digest = upstream.add_blob(BIG)
+        first, second = (
+            stack.enter_context(serve_app(mirror_of(upstream, tmp_path))) for _ in range(2)
+        )
+        stalled = stack.enter_context(httpx.stream("GET", f"{first}/v2/x/blobs/{digest}"))
+        pieces = stalled.iter_raw()  # kept: a generator dropped would close the connection
+        next(pieces)  # one piece, then no more reading
+        assert wait_until(lambda: full_on_the_last_write["failed"])
+        for url in (first, second):  # this worker, and another
+            with httpx.Client(base_url=url, timeout=45) as client:
+                result = fetch(client, f"/v2/x/blobs/{digest}")
+                if not result[2]:  # a client retries a cut download
+                    result = fetch(client, f"/v2/x/blobs/{digest}")
+                assert result == (200, BIG, True), url
+        stalled.close()
+        assert wait_until(lambda: verify_cache(tmp_path).leftovers == [])
+
+
+def test_a_fill_cancelled_while_its_spool_is_dropped_aborts_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown cancels a fill while the dropped spool's abort runs in its thread: the fill's
+    own clean-up aborted it again in another thread at the same time (both could close the
+    same descriptors)."""
+    aborts = []
+    writes = [0]
+    original_abort = FilePartialBlob.abort
+
+    def write(self: FilePartialBlob, block: bytes | bytearray) -> None:
+        writes[0] += 1
+        if writes[0] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def abort(self: FilePartialBlob) -> None:
+        aborts.append(self)
+        time.sleep(0.3)  # a busy disk: the cancellation comes meanwhile
+        original_abort(self)
+
+    monkeypatch.setattr(FilePartialBlob, "write", write)
+    monkeypatch.setattr(FilePartialBlob, "abort", abort)
+
+    async def main(upstream: FakeUpstream, digest: str) -> None:
+        app = mirror_of(upstream, tmp_path)
+        target = resolve_target("x", None, list(app.config.upstream))
+        try:
+            async with asyncio.timeout(30):
+                fill = app.blobs._download(Fill(digest, "x"), app.upstreams["fake"], target)
+                task = asyncio.create_task(fill)
+                while not aborts:
+                    await asyncio.sleep(0.005)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                await asyncio.sleep(0.5)  # a second abort would have started by now
+        finally:
+            await app.aclose()
+
+    with fake_upstream() as upstream:
+        asyncio.run(main(upstream, upstream.add_blob(os.urandom(4 * CHUNK))))
+    assert len(aborts) == 1
 
 
 def test_a_read_only_cache_is_a_clear_503_for_cold_blobs(
