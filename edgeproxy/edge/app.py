@@ -64,8 +64,7 @@ class EdgeApp:
             if not exchange.started:
                 await send_page(exchange.send, 500, head=scope["method"] == "HEAD", close=True)
         finally:
-            if not scope.get(ANSWERED_KEY):
-                self.access_log.write(self._entry(scope, exchange, time.monotonic() - began))
+            self.access_log.write(self._entry(scope, exchange, time.monotonic() - began))
 
     async def _handle(self, scope: Scope, exchange: _Exchange) -> None:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
@@ -110,6 +109,11 @@ class EdgeApp:
             if scope["query_string"]:
                 uri += "?" + scope["query_string"].decode("latin-1")
             request = f"{scope['method']} {uri} HTTP/{scope['http_version']}"
+        # A request whose body broke is answered by the connection (protocol.py).
+        status, body_bytes_sent = scope.get(ANSWERED_KEY) or (
+            exchange.status,
+            exchange.body_bytes_sent,
+        )
         return request_entry(
             self.config.server_name,
             scope.get("client"),
@@ -117,9 +121,8 @@ class EdgeApp:
             request,
             # A client gone before the answer: nginx's 499; 408 if it was too slow to send, 400
             # if it left in the middle of its body.
-            exchange.status
-            or (408 if scope.get(TIMED_OUT_KEY) else 400 if exchange.body_cut else 499),
-            body_bytes_sent=exchange.body_bytes_sent,
+            status or (408 if scope.get(TIMED_OUT_KEY) else 400 if exchange.body_cut else 499),
+            body_bytes_sent=body_bytes_sent,
             tls=scope.get(tls.SCOPE_KEY),
             seconds=seconds,
             request_body=exchange.logged_body(),

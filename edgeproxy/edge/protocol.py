@@ -43,8 +43,8 @@ REQUEST_LINE_KEY = "edgeproxy.request_line"
 # scope[TIMED_OUT_KEY] is True once the client took longer than client_body_timeout.
 TIMED_OUT_KEY = "edgeproxy.timed_out"
 
-# scope[ANSWERED_KEY] is True once the connection answered the request itself (its chunked
-# body broke: nginx's 400 page) and logged it: the app's answer and log line are not wanted.
+# scope[ANSWERED_KEY] = (status, page size) once the connection answered the request itself
+# (its chunked body broke: nginx's 400 page): what the app logs; its own answer goes nowhere.
 ANSWERED_KEY = "edgeproxy.answered"
 
 # nginx's lingering_timeout and lingering_time defaults.
@@ -92,6 +92,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._line_checked = False  # this request's line went through request_line_status
         self._held = b""  # the CR or spaces that may end a request line still arriving
         self._refused = False
+        self._deferred: tuple[int, str] | None = None  # a refusal waiting for the answer before
         self._in_trailers = False  # the head is done: header callbacks now are trailers
         self._began = 0.0  # when this request's first byte came, for $request_time
         self._linger_timer: asyncio.TimerHandle | None = None
@@ -116,7 +117,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         if self._linger_timer is not None:
             self._linger_on()
             return
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self._deferred is not None:
             return  # refused already
         if self._meter.active:
             if not self._meter.begun:
@@ -209,7 +210,12 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._line_checked = False
 
     def on_response_complete(self) -> None:
-        if self._linger_timer is None:  # lingering: no next request, no keep-alive timer
+        if self._deferred is not None:  # the request after this one was refused: answer it
+            status, detail = self._deferred
+            self._deferred = None
+            if not self.transport.is_closing():
+                self._answer(status, detail)
+        elif self._linger_timer is None:  # lingering: no next request, no keep-alive timer
             super().on_response_complete()
 
     def send_400_response(self, msg: str) -> None:
@@ -255,15 +261,24 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         log.info("client %s sent a bad request: %s", self._client_addr(), what)
         self._refused = True
         cycle = self.cycle
-        if cycle is not None and not cycle.response_complete:
-            if cycle.scope is not self.scope or cycle.response_started:
-                self.transport.close()  # a pipelined request's answer would cut into this one
-                return
-            # This request's body broke (a bad chunk): the page answers it, and the app sees
-            # the client gone.
-            cycle.scope[ANSWERED_KEY] = True  # type: ignore[literal-required]
+        if cycle is None or cycle.response_complete:
+            self._answer(status, detail)
+        elif not (self._receiving and cycle.scope is self.scope):
+            # A request pipelined after one not yet answered: nginx answers them in order.
+            self._deferred = (status, detail)
+        elif cycle.response_started:
+            self.transport.close()  # its body broke while it was answered: no second answer
+        else:
+            # Its body broke (a bad chunk): the page answers it, the app sees the client gone
+            # and logs the request as answered here.
+            body_bytes = len(page(status, detail))
+            cycle.scope[ANSWERED_KEY] = (status, body_bytes)  # type: ignore[literal-required]
             cycle.disconnected = True
             cycle.message_event.set()
+            self._answer(status, detail, logged=False)
+
+    def _answer(self, status: int, detail: str, logged: bool = True) -> None:
+        """Send nginx's page for a refused request, log it, and close, lingering."""
         body = page(status, detail)
         lines = [f"HTTP/1.1 {status} {reason(status)}".encode()]
         lines += [name + b": " + value for name, value in self.server_state.default_headers]
@@ -273,7 +288,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             b"connection: close",
         ]
         self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
-        self._log(status, len(body))
+        if logged:
+            self._log(status, len(body))
         self._linger()
 
     def _log(self, status: int, body_bytes_sent: int) -> None:

@@ -46,11 +46,13 @@ def head_status(
     hosts = [value for name, value in headers if name == b"host"]
     if len(hosts) > 1 or (not hosts and http_version not in ("1.0", "0.9")):
         return 400
-    if hosts and not _valid_host(hosts[0]):
+    if not target.startswith(b"/"):  # the request line's host is checked as a Host is
+        hosts.append(re.split(rb"[/?]", target.partition(b"://")[2], maxsplit=1)[0])
+    if not all(_valid_host(host) for host in hosts):
         return 400
     encodings = [value for name, value in headers if name == b"transfer-encoding"]
     if encodings:
-        if http_version != "1.1" or len(encodings) > 1:
+        if http_version in ("1.0", "0.9") or len(encodings) > 1:
             return 400  # request smuggling through a 1.0 hop, or a second framing
         # nginx trims spaces only: "chunked<TAB>" is not chunked (llhttp would read to the end)
         if encodings[0].rstrip(b" ").lower() != b"chunked":

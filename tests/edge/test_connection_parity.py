@@ -8,6 +8,7 @@ size: the pages say edgeproxy where nginx's say nginx)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import ssl
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from starlette.types import Receive, Scope, Send
 
 from tests.edge.test_limits_parity import Counter, chunked, get
 from tests.support.edge import make_certificate, run_edge
@@ -200,6 +202,13 @@ MALFORMED: dict[str, bytes] = {
     ),
     "1000 header lines": get(1, (1,) * 998),
     "1001 header lines": get(1, (1,) * 999),
+    "absolute URI with .. in its host": (
+        b"GET http://a..b/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    ),
+    "HTTP/1.2 chunked": (
+        b"POST / HTTP/1.2\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
+        b"\r\n3\r\nabc\r\n0\r\n\r\n"
+    ),
     "request line over 32k (414)": get(40000),
     "header over 32k (400)": get(1, (40000,)),
     "head over the buffers (400)": get(1, (20000,) * 7),
@@ -269,6 +278,65 @@ def tls_get(server: Server) -> int:
             while chunk := conn.recv(65536):
                 data += chunk
     return parse(data).status
+
+
+def test_a_chunk_breaking_once_the_body_began_as_nginx(sides: tuple[Server, Server]) -> None:
+    """Part of the body is at the backend when a bad chunk size comes: nginx's 400 page, one
+    log line, with the body so far."""
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+    results = []
+    for server in sides:
+        before = len(server.lines())
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
+            conn.sendall(head)
+            time.sleep(0.3)  # two segments, most likely; either way the same answer
+            conn.sendall(b"zz\r\nabc\r\n0\r\n\r\n")
+            answer = parse(read_all(conn))
+        line = logged(server, before)
+        assert exchange(server.port, get()).status == 200  # logged after: no second line came
+        assert len(server.lines()) == before + 2
+        results.append((outcome(answer), fields(line)))
+    assert results[1] == results[0]
+    assert " abc 400 size " in results[0][1]
+
+
+class SlowBackend:
+    """Answers after a second: a request pipelined behind one comes before its answer."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        await asyncio.sleep(1)
+        start = {"type": "http.response.start", "status": 200}
+        await send({**start, "headers": [(b"content-length", b"4")]})
+        await send({"type": "http.response.body", "body": b"slow"})
+
+
+def test_a_bad_request_pipelined_behind_a_good_one_as_nginx(tmp_path: Path) -> None:
+    """Each is answered, in order: the bad one's 400 took the place of the good one's answer
+    (edgeproxy answered 400 and never logged the good one)."""
+    with ExitStack() as stack:
+        backend = stack.enter_context(serve_app(SlowBackend()))
+        nginx_log, edge_log = tmp_path / "nginx.log", tmp_path / "edge.log"
+        nginx = stack.enter_context(run_nginx(tmp_path / "nginx", backend, access_log=nginx_log))
+        edge = stack.enter_context(
+            run_edge(
+                tmp_path / "edge", OFFLINE, tls=False, backend=backend, access_log=str(edge_log)
+            )
+        )
+        results = []
+        for port, log in ((nginx, nginx_log), (edge.http_port, edge_log)):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+                conn.sendall(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+                time.sleep(0.3)  # its own segment, most likely; either way the same answers
+                conn.sendall(b"get /two HTTP/1.1\r\nHost: x\r\n\r\n")
+                answers = read_all(conn)
+            assert wait_until(lambda: len(log.read_text().splitlines()) == 2)  # noqa: B023
+            statuses = re.findall(rb"HTTP/1.1 (\d{3})", answers)
+            # The two lines in either order: the bad one's may be written first.
+            results.append((statuses, sorted(map(fields, log.read_text().splitlines()))))
+    assert results[1] == results[0]
+    assert results[0][0] == [b"200", b"400"]
 
 
 @pytest.mark.parametrize("offered", [["h2", "http/1.1"], ["http/1.1"], ["h2"]])
