@@ -298,7 +298,10 @@ class BlobService:
                         reader = reader or self._open_spool(fill)
                         if reader is None:
                             raise RegistryError("BLOB_UNKNOWN", "the fill vanished")
-                        chunk = reader.read(position, min(CHUNK, limit - position))
+                        # Never past what the spool holds for sure: a failed spool may hold
+                        # misplaced bytes beyond it.
+                        on_disk = min(CHUNK, limit - position, fill.written - position)
+                        chunk = reader.read(position, on_disk) if on_disk > 0 else b""
                         if not chunk:
                             raise RegistryError("BLOB_UNKNOWN", "the fill was replaced")
                     position += len(chunk)
@@ -467,7 +470,7 @@ class BlobService:
         while (progress := self._storage.partial_progress(fill.digest)) is not None:
             written, size, spool = progress
             if fill.written and (written < fill.written or spool != followed):
-                if not spool and self._storage.blob_size(fill.digest) is not None:
+                if not spool and self._storage.committed_from(fill.digest, followed):
                     return  # committed: renamed into place, the lock not yet released
                 raise RegistryError(
                     "UNAVAILABLE", "the fill in another worker stopped; retry", status=503
@@ -478,6 +481,12 @@ class BlobService:
             if written != fill.written:
                 fill.advance(written)
             await asyncio.sleep(FOLLOW_POLL)
+        # The lock is free: the fill followed committed, or failed (and maybe another one
+        # committed since: its bytes are not those the readers had).
+        if fill.written and not self._storage.committed_from(fill.digest, followed):
+            raise RegistryError(
+                "UNAVAILABLE", "the fill in another worker stopped; retry", status=503
+            )
 
 
 async def _keep_pace(fill: Fill) -> None:

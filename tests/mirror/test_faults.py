@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,9 +22,10 @@ import pytest
 from edgeproxy.mirror.app import MirrorApp
 from edgeproxy.mirror.blobs import CHUNK, Fill
 from edgeproxy.mirror.cache_status import STALE
+from edgeproxy.mirror.errors import RegistryError
 from edgeproxy.mirror.manifests import OCI_MANIFEST, Manifest
 from edgeproxy.mirror.names import resolve_target
-from edgeproxy.mirror.storage.filesystem import FilePartialBlob
+from edgeproxy.mirror.storage.filesystem import FilePartialBlob, FilesystemStorage
 from tests.mirror.fake_upstream import FakeUpstream, fake_upstream, mirror_of
 from tests.support.ports import free_port
 from tests.support.servers import serve_app
@@ -459,6 +461,150 @@ def test_a_fill_cancelled_while_its_spool_is_dropped_aborts_it_once(
     with fake_upstream() as upstream:
         asyncio.run(main(upstream, upstream.add_blob(os.urandom(4 * CHUNK))))
     assert len(aborts) == 1
+
+
+async def cold_fill(app: MirrorApp, digest: str) -> Fill:
+    """The fill of `digest` in repository x, as a client's GET starts it."""
+    target = resolve_target("x", None, list(app.config.upstream))
+    return await app.blobs.fill(app.upstreams["fake"], target, digest)
+
+
+def test_a_shutdown_during_the_commit_never_commits_another_workers_spool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker 1 is cancelled (shutdown, a reload) while its commit's fsync runs in a thread.
+    Its clean-up aborted the spool in a second thread meanwhile: the lock went, worker 2
+    began a fill of its own at the same spool path, and worker 1's commit then renamed
+    worker 2's unfinished spool into place: a partial blob, visible, never verified."""
+    real_fsync = os.fsync
+    in_fsync = threading.Event()
+
+    def slow_fsync(fd: int) -> None:  # a big spool on a busy disk: fsync takes a while
+        real_fsync(fd)
+        in_fsync.set()
+        time.sleep(0.5)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    blob = os.urandom(4 * CHUNK)
+
+    async def main(upstream: FakeUpstream, digest: str) -> FilesystemStorage:
+        first = mirror_of(upstream, tmp_path)
+        second = FilesystemStorage(tmp_path)  # another worker's storage on the same root
+        fill = await cold_fill(first, digest)
+        while not in_fsync.is_set():
+            await asyncio.sleep(0.005)
+        closing = asyncio.create_task(first.aclose())  # shutdown: cancels the fill
+        # Worker 2 gets the lock as soon as the abort released it, and spools its first MiB.
+        partial = None
+        while partial is None and not (closing.done() and second.blob_size(digest)):
+            await asyncio.sleep(0.005)
+            partial = second.try_begin_blob(digest)
+        if partial is not None:
+            partial.write(blob[:CHUNK])
+        await closing
+        assert not fill.committed
+        # asyncio.run (as the worker's exit) waits for the commit thread to finish.
+        return second
+
+    with fake_upstream() as upstream:
+        digest = upstream.add_blob(blob)
+        second = asyncio.run(main(upstream, digest))
+    size = second.blob_size(digest)
+    report = verify_cache(tmp_path)
+    assert size in (None, len(blob)), f"a {size}-byte blob is visible for a {len(blob)}-byte digest"
+    assert report.corrupt == []
+
+
+def test_a_write_failing_then_space_coming_back_never_shifts_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk is full for one write (ENOSPC, nothing written), then has room again (another
+    fill dropped its spool, an eviction ran): the writes queued behind the failed one landed
+    at the spool's end, a block early, and a Range reader behind the window (an unaligned
+    start) read across `fill.written` into them: a complete body with wrong bytes inside."""
+    original = FilePartialBlob.write
+    count = [0]
+
+    def write(self: FilePartialBlob, data: bytes | bytearray) -> None:
+        count[0] += 1
+        if count[0] == 3:
+            time.sleep(0.3)  # a slow, failing write: the loop queues more behind it
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(self, data)
+
+    monkeypatch.setattr(FilePartialBlob, "write", write)
+    blob = os.urandom(24 * CHUNK)
+    start = 100  # e.g. containerd resuming a download
+
+    async def main(upstream: FakeUpstream, digest: str) -> bytes:
+        app = mirror_of(upstream, tmp_path)
+        try:
+            fill = await cold_fill(app, digest)
+            # The first blocks are on disk and out of the window; the third write is failing.
+            while not (fill.written >= 2 * CHUNK and fill.in_memory(0, 1) is None):
+                await asyncio.sleep(0.001)
+            body = bytearray()
+            pieces = app.blobs.read_fill(fill, start, None)
+            body += await anext(pieces)  # [100, 1 MiB + 100) from the spool
+            while not fill.spool_dropped:  # the queued writes have landed by now
+                await asyncio.sleep(0.005)
+            async for piece in pieces:  # ends normally: a complete body
+                body += piece
+            return bytes(body)
+        finally:
+            await app.aclose()
+
+    with fake_upstream() as upstream:
+        body = asyncio.run(main(upstream, upstream.add_blob(blob)))
+    assert len(body) == len(blob) - start
+    wrong = [i + start for i in range(len(body)) if body[i] != blob[i + start]]
+    assert wrong == [], f"{len(wrong)} wrong bytes from {wrong[0]} to {wrong[-1]}"
+
+
+def test_a_follower_never_ends_a_wrong_spool_as_a_complete_blob(tmp_path: Path) -> None:
+    """Worker B follows worker A's fill of wrong bytes (same length); B's client has all but
+    the last byte of A's spool. A's digest check fails and it aborts; worker C commits the
+    right blob before B's next look (3 ms). B found the lock free and a blob in place, took
+    it for A's commit, and gave its client the last byte: a whole wrong blob, complete."""
+    blob = os.urandom(CHUNK // 2)
+    wrong = bytes(255 - b for b in blob)
+
+    async def main(upstream: FakeUpstream, digest: str) -> bytes:
+        a = FilesystemStorage(tmp_path)
+        spool_a = a.try_begin_blob(digest)
+        assert spool_a is not None
+        spool_a.announce(len(blob))
+        spool_a.write(wrong)
+        b = mirror_of(upstream, tmp_path)
+        try:
+            fill = await cold_fill(b, digest)
+            while fill.written < len(blob):
+                await asyncio.sleep(0.001)
+            pieces = b.blobs.read_fill(fill, 0, None)
+            body = bytearray()
+            while len(body) < len(blob) - 1:
+                body += await anext(pieces)
+            # Between two of B's looks: A fails its digest check, C fills and commits.
+            spool_a.abort()
+            c = FilesystemStorage(tmp_path)
+            spool_c = c.try_begin_blob(digest)
+            assert spool_c is not None
+            spool_c.announce(len(blob))
+            spool_c.write(blob)
+            spool_c.commit()
+            try:
+                async with asyncio.timeout(10):
+                    async for piece in pieces:
+                        body += piece
+            except RegistryError:
+                return b"cut short"  # the client retries: fine
+            return bytes(body)
+        finally:
+            await b.aclose()
+
+    with fake_upstream() as upstream:
+        body = asyncio.run(main(upstream, upstream.add_blob(blob)))
+    assert body != wrong, "a complete body of the wrong bytes"
 
 
 def test_a_read_only_cache_is_a_clear_503_for_cold_blobs(

@@ -62,14 +62,24 @@ def test_two_processes_fill_a_blob_once(tmp_path: Path) -> None:
 
 
 class ScriptedSpools(FilesystemStorage):
-    """Another process's fill as a script of (written, size, spool) observations."""
+    """Another process's fill as a script of (written, size, spool) observations, and the
+    spool the blob in the cache was committed from (None: no blob)."""
 
-    def __init__(self, root: Path, script: list[tuple[int, int | None, int]]) -> None:
+    def __init__(
+        self,
+        root: Path,
+        script: list[tuple[int, int | None, int]],
+        committed: int | None = None,
+    ) -> None:
         super().__init__(root)
         self.script = script
+        self.committed = committed
 
     def partial_progress(self, digest: str) -> tuple[int, int | None, int] | None:
         return self.script.pop(0) if self.script else None
+
+    def committed_from(self, digest: str, spool: int) -> bool:
+        return spool == self.committed
 
 
 @pytest.mark.parametrize(
@@ -97,18 +107,30 @@ def test_a_follower_never_goes_on_with_another_fills_bytes(
 def test_a_follower_takes_a_spool_renamed_into_place_for_the_commit(tmp_path: Path) -> None:
     """Between the commit's rename and the lock's release the spool is gone: that fill
     succeeded (two processes of test_two_processes_fill_a_blob_once saw it now and then)."""
-    storage = ScriptedSpools(tmp_path, [(0, 100, 7), (60, 100, 7), (0, 100, 0)])
-    digest = "sha256:" + "a" * 64
-    storage.blob_path(digest).parent.mkdir(parents=True)
-    storage.blob_path(digest).write_bytes(b"x" * 100)
-    fill = Fill(digest, "x")
+    storage = ScriptedSpools(tmp_path, [(0, 100, 7), (60, 100, 7), (0, 100, 0)], committed=7)
+    fill = Fill("sha256:" + "a" * 64, "x")
     asyncio.run(BlobService(storage)._follow(fill))
     assert fill.written == 60  # the fill's loop then finds the blob committed
 
 
 def test_a_follower_sees_one_fill_through(tmp_path: Path) -> None:
     script: list[tuple[int, int | None, int]] = [(0, 100, 0), (0, 100, 7), (60, 100, 7)]
-    service = BlobService(ScriptedSpools(tmp_path, [*script, (100, 100, 7)]))
+    service = BlobService(ScriptedSpools(tmp_path, [*script, (100, 100, 7)], committed=7))
     fill = Fill("sha256:" + "a" * 64, "x")
     asyncio.run(service._follow(fill))
     assert (fill.size, fill.written) == (100, 100)
+
+
+@pytest.mark.parametrize("committed", [None, 8])
+def test_a_follower_whose_fill_ended_without_its_commit_fails(
+    tmp_path: Path, committed: int | None
+) -> None:
+    """The lock is free and the spool followed was not committed (that fill failed; another
+    may have committed since): readers that had its bytes are failed, not ended with the
+    blob now in place (they were given another download's bytes: a whole wrong blob)."""
+    script: list[tuple[int, int | None, int]] = [(0, 100, 7), (60, 100, 7)]
+    service = BlobService(ScriptedSpools(tmp_path, script, committed=committed))
+    fill = Fill("sha256:" + "a" * 64, "x")
+    with pytest.raises(RegistryError) as caught:
+        asyncio.run(service._follow(fill))
+    assert caught.value.status == 503

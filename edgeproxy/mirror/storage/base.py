@@ -100,6 +100,11 @@ class Storage(ABC):
         process's fill; None when none runs. A new spool is another fill's."""
 
     @abstractmethod
+    def committed_from(self, digest: str, spool: int) -> bool:
+        """Whether the blob in the cache is the spool `spool` (of `partial_progress`),
+        committed: not another fill's."""
+
+    @abstractmethod
     def open_partial(self, digest: str) -> BlobReader | None:
         """A reader of the fill in progress (or of the blob, if it was just committed)."""
 

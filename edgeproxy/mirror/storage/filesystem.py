@@ -19,6 +19,7 @@ import fcntl
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,6 +107,8 @@ class FilePartialBlob(PartialBlob):
         self._digest = digest
         self._lock_fd = lock_fd
         self._released = False
+        self._failed = False
+        self._guard = threading.Lock()  # a commit and an abort never run at once
         self.path = storage.fill_path(digest, "partial")
         # A fresh inode: readers of an abandoned fill keep the old one and never see ours.
         self.path.unlink(missing_ok=True)
@@ -116,11 +119,23 @@ class FilePartialBlob(PartialBlob):
             _write_atomic(self._storage.fill_path(self._digest, "size"), str(size).encode())
 
     def write(self, data: bytes | bytearray) -> None:
+        if self._failed:  # nothing lands after a failed write: it would be misplaced
+            raise OSError(errno.EIO, "an earlier write to the spool failed")
         view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except BaseException:
+            self._failed = True
+            raise
 
     def commit(self) -> None:
+        with self._guard:
+            if self._released:  # aborted meanwhile (a cancelled fill): the path is not ours
+                raise OSError(errno.ECANCELED, "the spool was aborted")
+            self._commit()
+
+    def _commit(self) -> None:
         try:
             os.fsync(self._fd)
             target = self._storage.blob_path(self._digest)
@@ -133,6 +148,10 @@ class FilePartialBlob(PartialBlob):
             self._release()
 
     def abort(self) -> None:
+        with self._guard:  # waits for a commit running in another thread
+            self._abort()
+
+    def _abort(self) -> None:
         if not self._released:  # else a failed commit removed the spool already
             self.path.unlink(missing_ok=True)
             self._release()
@@ -242,6 +261,13 @@ class FilesystemStorage(Storage):
             written, identity = 0, 0
         size = _read_link(self.fill_path(digest, "size"))
         return written, int(size) if size and size.isdigit() else None, identity
+
+    def committed_from(self, digest: str, spool: int) -> bool:
+        # A rename keeps the inode; a spool a reader holds open keeps its number from reuse.
+        try:
+            return self.blob_path(digest).stat().st_ino == spool
+        except (FileNotFoundError, NotADirectoryError):
+            return False
 
     def open_partial(self, digest: str) -> BlobReader | None:
         for path in (self.fill_path(digest, "partial"), self.blob_path(digest)):
