@@ -295,13 +295,17 @@ class BlobService:
                 if position < limit:
                     chunk: bytes | memoryview | None = fill.in_memory(position, limit)
                     if chunk is None:  # fallen behind the window: the bytes are on disk
-                        reader = reader or self._open_spool(fill)
-                        if reader is None:
-                            raise RegistryError("BLOB_UNKNOWN", "the fill vanished")
                         # Never past what the spool holds for sure: a failed spool may hold
                         # misplaced bytes beyond it.
                         on_disk = min(CHUNK, limit - position, fill.written - position)
-                        chunk = reader.read(position, on_disk) if on_disk > 0 else b""
+                        chunk = reader.read(position, on_disk) if reader and on_disk > 0 else b""
+                        if not chunk and on_disk > 0:
+                            # The spool opened was another's, whose fill failed before its
+                            # first byte (then this fill took over: nothing was read of it).
+                            if reader is not None:
+                                reader.close()
+                            reader = self._open_spool(fill)
+                            chunk = reader.read(position, on_disk) if reader else b""
                         if not chunk:
                             raise RegistryError("BLOB_UNKNOWN", "the fill was replaced")
                     position += len(chunk)

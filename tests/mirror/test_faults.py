@@ -607,6 +607,43 @@ def test_a_follower_never_ends_a_wrong_spool_as_a_complete_blob(tmp_path: Path) 
     assert body != wrong, "a complete body of the wrong bytes"
 
 
+def test_a_follower_that_takes_over_keeps_its_slow_reader(tmp_path: Path) -> None:
+    """Worker B follows worker A's fill, whose spool is still empty; B's client opens A's
+    spool. A fails before writing anything and B fetches the blob itself. B's client kept
+    A's dead, empty spool: once behind B's window it read nothing there and was cut ("the
+    fill was replaced"), though B's own spool held every byte."""
+    blob = os.urandom(16 * CHUNK)
+
+    async def main(upstream: FakeUpstream, digest: str) -> bytes:
+        a = FilesystemStorage(tmp_path)
+        spool_a = a.try_begin_blob(digest)
+        assert spool_a is not None
+        spool_a.announce(len(blob))
+        b = mirror_of(upstream, tmp_path)
+        try:
+            fill = await cold_fill(b, digest)
+            pieces = b.blobs.read_fill(fill, 0, None)
+
+            async def first_piece() -> bytes | memoryview:
+                return await anext(pieces)  # opens A's spool, waits for bytes
+
+            first = asyncio.create_task(first_piece())
+            await asyncio.sleep(0.05)
+            spool_a.abort()  # A's upstream failed before its first block
+            body = bytearray(await first)
+            while not fill.done:  # a client slower than the upstream
+                await asyncio.sleep(0.01)
+            async for piece in pieces:
+                body += piece
+            return bytes(body)
+        finally:
+            await b.aclose()
+
+    with fake_upstream() as upstream:
+        body = asyncio.run(main(upstream, upstream.add_blob(blob)))
+    assert body == blob
+
+
 def test_a_read_only_cache_is_a_clear_503_for_cold_blobs(
     small_disk: Path, upstream: FakeUpstream
 ) -> None:
