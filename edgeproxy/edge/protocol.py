@@ -264,8 +264,12 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         if cycle is None or cycle.response_complete:
             self._answer(status, detail)
         elif not (self._receiving and cycle.scope is self.scope):
-            # A request pipelined after one not yet answered: nginx answers them in order.
+            # A request pipelined after one not yet answered: nginx answers them in order (and
+            # reads no more meanwhile: no client_header_timeout for the one waiting).
             self._deferred = (status, detail)
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
         elif cycle.response_started:
             self.transport.close()  # its body broke while it was answered: no second answer
         else:

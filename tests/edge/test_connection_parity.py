@@ -301,12 +301,13 @@ def test_a_chunk_breaking_once_the_body_began_as_nginx(sides: tuple[Server, Serv
 
 
 class SlowBackend:
-    """Answers after a second: a request pipelined behind one comes before its answer."""
+    """Answers after 2 s: a request pipelined behind one comes before its answer, and its
+    head is older than the 1 s client_header_timeout by then."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        await asyncio.sleep(1)
+        await asyncio.sleep(2)
         start = {"type": "http.response.start", "status": 200}
         await send({**start, "headers": [(b"content-length", b"4")]})
         await send({"type": "http.response.body", "body": b"slow"})
@@ -314,14 +315,22 @@ class SlowBackend:
 
 def test_a_bad_request_pipelined_behind_a_good_one_as_nginx(tmp_path: Path) -> None:
     """Each is answered, in order: the bad one's 400 took the place of the good one's answer
-    (edgeproxy answered 400 and never logged the good one)."""
+    (edgeproxy answered 400 and never logged the good one); and the bad one waits for it
+    without a client_header_timeout (which closed the connection before either answer)."""
     with ExitStack() as stack:
         backend = stack.enter_context(serve_app(SlowBackend()))
         nginx_log, edge_log = tmp_path / "nginx.log", tmp_path / "edge.log"
-        nginx = stack.enter_context(run_nginx(tmp_path / "nginx", backend, access_log=nginx_log))
+        nginx = stack.enter_context(
+            run_nginx(tmp_path / "nginx", backend, access_log=nginx_log, directives=NGINX_TIMEOUTS)
+        )
         edge = stack.enter_context(
             run_edge(
-                tmp_path / "edge", OFFLINE, tls=False, backend=backend, access_log=str(edge_log)
+                tmp_path / "edge",
+                OFFLINE,
+                tls=False,
+                backend=backend,
+                access_log=str(edge_log),
+                **TIMEOUTS,
             )
         )
         results = []
