@@ -371,9 +371,7 @@ class BlobService:
         metrics.fetch_started()
         try:
             if fill.written:  # we followed another process whose fill died: readers must restart
-                raise RegistryError(
-                    "UNAVAILABLE", "the fill in another worker stopped; retry", status=503
-                )
+                raise _other_fill_stopped()
             stream = await upstream.open_blob(target.remote_name, fill.digest, CHUNK)
             try:
                 try:
@@ -476,9 +474,7 @@ class BlobService:
             if fill.written and (written < fill.written or spool != followed):
                 if not spool and self._storage.committed_from(fill.digest, followed):
                     return  # committed: renamed into place, the lock not yet released
-                raise RegistryError(
-                    "UNAVAILABLE", "the fill in another worker stopped; retry", status=503
-                )
+                raise _other_fill_stopped()
             followed = spool
             if size is not None and not fill.started.is_set():
                 fill.start(size)
@@ -488,9 +484,12 @@ class BlobService:
         # The lock is free: the fill followed committed, or failed (and maybe another one
         # committed since: its bytes are not those the readers had).
         if fill.written and not self._storage.committed_from(fill.digest, followed):
-            raise RegistryError(
-                "UNAVAILABLE", "the fill in another worker stopped; retry", status=503
-            )
+            raise _other_fill_stopped()
+
+
+def _other_fill_stopped() -> RegistryError:
+    """For readers that had bytes of another worker's fill that did not end in its commit."""
+    return RegistryError("UNAVAILABLE", "the fill in another worker stopped; retry", status=503)
 
 
 async def _keep_pace(fill: Fill) -> None:
