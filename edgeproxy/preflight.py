@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import os
 import ssl
+import urllib.request
 
 from edgeproxy.config import Config, ConfigError
 from edgeproxy.edge.accesslog import AccessLog
 from edgeproxy.edge.tls import TlsError, server_context
+from edgeproxy.mirror.proxies import ProxyError, parse_proxy
 from edgeproxy.mirror.upstream import ssl_context
 
 
@@ -18,6 +20,7 @@ def check(config: Config) -> None:
     """Raise ConfigError unless `config` can run: see `check_listeners` and `check_files`."""
     check_listeners(config)
     check_files(config)
+    check_proxies()
 
 
 def check_listeners(config: Config) -> None:
@@ -78,3 +81,15 @@ def check_files(config: Config) -> None:
             raise ConfigError(
                 f"mirror.upstream.{index}.ca: cannot load {upstream.ca}: {reason}"
             ) from exc
+
+
+def check_proxies() -> None:
+    """Raise ConfigError unless every proxy variable of the environment can be used: httpx
+    would not start with a socks:// one, and the blob threads take http:// proxies only."""
+    for scheme, url in urllib.request.getproxies_environment().items():
+        if scheme not in ("http", "https", "all"):  # the ones httpx reads
+            continue
+        try:
+            parse_proxy(url)
+        except ProxyError as exc:
+            raise ConfigError(f"the environment's {scheme.upper()}_PROXY: {exc}") from None

@@ -224,6 +224,21 @@ def test_check_loads_the_files_the_config_names(
         assert error.startswith(f"edgeproxy: {path}: ") and message in error, error
 
 
+def test_check_refuses_a_proxy_variable_run_cannot_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """httpx would not start with a socks proxy (no socksio), and the blob threads speak to
+    http:// proxies only: `check` says so before `run` would fail."""
+    mirror = {"listen": "127.0.0.1:5000", "upstream": [{"name": "docker.io", "url": "https://r"}]}
+    path = write_toml(tmp_path / "proxy.toml", {"mirror": mirror})
+    monkeypatch.setenv("all_proxy", "socks5://127.0.0.1:1080")
+    assert main(["check", "--config", str(path)]) == 1
+    assert capsys.readouterr().err == (
+        f"edgeproxy: {path}: the environment's ALL_PROXY: socks5:// proxies are not supported "
+        "(use http://)\n"
+    )
+
+
 def test_check_warns_of_credentials_anyone_may_use(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -23,6 +23,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.message import Message
 
+from edgeproxy.mirror.proxies import Proxy, ProxyError, environment_proxy
+
 MAX_REDIRECTS = 5
 MAX_IDLE = 8  # idle connections kept per origin
 IDLE_TIMEOUT = 30.0  # seconds; older idle ones are dropped (servers close them too)
@@ -65,17 +67,32 @@ class ConnectionPool:
 
     def _new(self, origin: Origin) -> http.client.HTTPConnection:
         scheme, netloc = origin
+        try:
+            proxy = environment_proxy(scheme, netloc)
+        except ProxyError as exc:
+            raise BlobStreamError(f"proxy: {exc}") from None
         connection: http.client.HTTPConnection
         if scheme == "https":
             connection = http.client.HTTPSConnection(
-                netloc, timeout=self._connect_timeout, context=self._context
+                proxy.netloc if proxy else netloc,
+                timeout=self._connect_timeout,
+                context=self._context,
             )
+            if proxy:
+                connection.set_tunnel(netloc, headers=proxy.headers)  # CONNECT, then TLS
+        elif proxy:
+            connection = _ForwardedConnection(proxy, netloc, self._connect_timeout)
         else:
             connection = http.client.HTTPConnection(netloc, timeout=self._connect_timeout)
         try:
             connection.connect()
             assert connection.sock is not None
             connection.sock.settimeout(self._read_timeout)
+        except OSError as exc:
+            connection.close()
+            if proxy:  # say which way failed: a proxy's refusal is its status line
+                raise BlobStreamError(f"through the proxy: {str(exc)[:120]}") from None
+            raise
         except BaseException:
             connection.close()
             raise
@@ -96,6 +113,23 @@ class ConnectionPool:
         for connections in idle.values():
             for connection, _ in connections:
                 connection.close()
+
+
+class _ForwardedConnection(http.client.HTTPConnection):
+    """Plain HTTP through a proxy: each request names its absolute URL (RFC 9112 3.2.2) and
+    carries the proxy's credentials."""
+
+    def __init__(self, proxy: Proxy, netloc: str, timeout: float) -> None:
+        super().__init__(proxy.netloc, timeout=timeout)
+        self._base = f"http://{netloc}"
+        self._proxy_headers = proxy.headers
+
+    def putrequest(
+        self, method: str, url: str, skip_host: bool = False, skip_accept_encoding: bool = False
+    ) -> None:
+        super().putrequest(method, self._base + url, skip_host, skip_accept_encoding)
+        for name, value in self._proxy_headers.items():
+            self.putheader(name, value)
 
 
 @dataclass(frozen=True)

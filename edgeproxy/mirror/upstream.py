@@ -25,6 +25,7 @@ from edgeproxy.config import UpstreamConfig
 from edgeproxy.mirror.blobstream import BlobRequest, BlobStream, BlobStreamError, ConnectionPool
 from edgeproxy.mirror.cache_status import forwarded
 from edgeproxy.mirror.errors import RegistryError
+from edgeproxy.mirror.proxies import environment_proxy
 from edgeproxy.mirror.shared import SharedCalls
 
 log = logging.getLogger("edgeproxy.upstream")
@@ -148,6 +149,10 @@ class UpstreamClient:
         self._blob_connections = ConnectionPool(
             blob_tls, config.connect_timeout, config.read_timeout
         )
+        base = httpx.URL(config.base_url)
+        proxy = environment_proxy(base.scheme, base.netloc.decode("ascii"))
+        if proxy:
+            log.info("upstream %s: through the proxy %s", self.name, proxy.shown)
         # httpx's timeouts bound each read, not an answer that comes a byte now and then:
         # a small answer's head gets a connect and two reads' worth of time in all, and its
         # body more as it comes (MIN_BODY_RATE).
@@ -340,7 +345,10 @@ class UpstreamClient:
             while isinstance(exc, BaseExceptionGroup):
                 exc = exc.exceptions[0]
             log.warning("upstream %s: %s failed: %r", self.name, what, exc)
-            raise UpstreamUnavailable(self.name, f"{what}: {type(exc).__name__}") from exc
+            reason = type(exc).__name__
+            if isinstance(exc, httpx.ProxyError):  # a proxy's refusal: its status line says why
+                reason = f"through the proxy: {str(exc)[:120]}"
+            raise UpstreamUnavailable(self.name, f"{what}: {reason}") from exc
 
     # Blob streams
     async def open_blob(self, name: str, digest: str, block_size: int) -> BlobStream:
@@ -397,4 +405,6 @@ class UpstreamClient:
             return RegistryError(
                 "TOOMANYREQUESTS", f"upstream {self.name} is rate limiting", headers=cache
             )
+        if status == 407:  # from an HTTP_PROXY of the environment, not from the upstream
+            return UpstreamUnavailable(self.name, "its proxy asks for credentials (407)", status)
         return UpstreamUnavailable(self.name, f"answered {status}", status)

@@ -118,9 +118,13 @@ class EdgeproxyProcess:
 
 @contextmanager
 def run_edgeproxy(
-    workdir: Path, upstreams: list[dict[str, Any]], **mirror: Any
+    workdir: Path,
+    upstreams: list[dict[str, Any]],
+    env: dict[str, str] | None = None,
+    **mirror: Any,
 ) -> Iterator[EdgeproxyProcess]:
-    """Start edgeproxy with a mirror of `upstreams` on a free port; stop it afterwards."""
+    """Start edgeproxy with a mirror of `upstreams` on a free port, with `env` added to its
+    environment; stop it afterwards."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     config = {
@@ -131,7 +135,7 @@ def run_edgeproxy(
             "upstream": upstreams,
         }
     }
-    process = EdgeproxyProcess(write_toml(workdir / "proxy.toml", config), port)
+    process = EdgeproxyProcess(write_toml(workdir / "proxy.toml", config), port, env)
     process.start()
     try:
         yield process
