@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -419,12 +418,12 @@ class BlobService:
                         written.add_done_callback(_advance_when_written(fill, received))
                         pending.append(written)
                     while len(pending) > 2 * MAX_UNWRITTEN // CHUNK:
-                        await _settle(pending.popleft())
+                        await _settle(fill, pending.popleft())
                     if not fill.spooling:
                         await self._drop_spool(fill, partial, pending)
                         await _keep_pace(fill)
                 for future in pending:
-                    await _settle(future)
+                    await _settle(fill, future)
                 pending.clear()
                 await self._drop_spool(fill, partial, pending)  # if it failed on the last writes
             finally:
@@ -441,12 +440,17 @@ class BlobService:
                 "DIGEST_INVALID", "upstream blob does not match its digest", status=502
             )
         fill.verify()  # clients finish now; the fsync and rename below are not theirs to wait for
-        if not fill.spooling:
-            while fill.has_readers:  # the window's last bytes are theirs alone
-                await fill.changed()
-            log.warning("served %s without caching it: the spool failed", fill.digest)
-            raise RegistryError("UNAVAILABLE", "the blob could not be cached", status=503)
-        await asyncio.to_thread(partial.commit)
+        if fill.spooling:
+            try:
+                await asyncio.to_thread(partial.commit, received)
+                return
+            except OSError as exc:  # the fsync failed, or the spool lacks bytes: not cached
+                _spool_failed(fill, exc)
+                await self._drop_spool(fill, partial, pending)
+        while fill.has_readers:  # the window's last bytes are theirs alone
+            await fill.changed()
+        log.warning("served %s without caching it: the spool failed", fill.digest)
+        raise RegistryError("UNAVAILABLE", "the blob could not be cached", status=503)
 
     async def _drop_spool(
         self, fill: Fill, partial: PartialBlob, pending: collections.deque[asyncio.Future[None]]
@@ -458,7 +462,7 @@ class BlobService:
         if fill.spooling or fill.spool_dropped:
             return
         for future in pending:  # the writer must be done with the file before it closes
-            await _settle(future)
+            await _settle(fill, future)
         pending.clear()
         self._forget(fill)
         fill.spool_dropped = True
@@ -504,10 +508,15 @@ async def _keep_pace(fill: Fill) -> None:
             ) from None
 
 
-async def _settle(future: asyncio.Future[None]) -> None:
-    """Wait for a hash or a write; a failed write has already stopped the spooling."""
-    with contextlib.suppress(OSError):
+async def _settle(fill: Fill, future: asyncio.Future[None]) -> None:
+    """Wait for a hash or a write; a failed write stops the spooling. Here, not only in its
+    done callback: a future already done when awaited returns before its callbacks have run,
+    and the fill then committed a spool that lacked the failed block."""
+    try:
         await future
+    except OSError as error:
+        if fill.spooling:
+            _spool_failed(fill, error)
 
 
 def _spool_failed(fill: Fill, error: OSError) -> None:

@@ -34,7 +34,7 @@ def put_blob(storage: FilesystemStorage, data: bytes, age: float) -> str:
         partial = storage.try_begin_blob(digest)
         assert partial is not None
         partial.write(data)
-        partial.commit()
+        partial.commit(len(data))
     os.utime(storage.blob_path(digest), (NOW - age, NOW - age))
     return digest
 

@@ -55,7 +55,7 @@ def warm_blob(tmp_path: Path) -> Iterator[tuple[FilesystemStorage, str, bytes]]:
     partial = storage.try_begin_blob(digest)
     assert partial is not None
     partial.write(blob)
-    partial.commit()
+    partial.commit(len(blob))
     storage.link_blob("test/big", digest)  # as its fill would: the repository it came from
     yield storage, digest, blob
 

@@ -71,8 +71,10 @@ class PartialBlob(ABC):
         """Append `data` (called from one worker thread at a time)."""
 
     @abstractmethod
-    def commit(self) -> None:
-        """Make the written bytes the blob (the caller has verified the digest)."""
+    def commit(self, size: int) -> None:
+        """Make the written bytes the blob: the caller verified the digest of the `size`
+        bytes it wrote. Raise OSError, and keep nothing, unless every write succeeded and
+        they made `size` bytes."""
 
     @abstractmethod
     def abort(self) -> None:

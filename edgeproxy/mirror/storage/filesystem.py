@@ -108,6 +108,7 @@ class FilePartialBlob(PartialBlob):
         self._lock_fd = lock_fd
         self._released = False
         self._failed = False
+        self._written = 0
         self._guard = threading.Lock()  # a commit and an abort never run at once
         self.path = storage.fill_path(digest, "partial")
         # A fresh inode: readers of an abandoned fill keep the old one and never see ours.
@@ -124,15 +125,20 @@ class FilePartialBlob(PartialBlob):
         view = memoryview(data)
         try:
             while view:
-                view = view[os.write(self._fd, view) :]
+                count = os.write(self._fd, view)
+                self._written += count
+                view = view[count:]
         except BaseException:
             self._failed = True
             raise
 
-    def commit(self) -> None:
+    def commit(self, size: int) -> None:
         with self._guard:
             if self._released:  # aborted meanwhile (a cancelled fill): the path is not ours
                 raise OSError(errno.ECANCELED, "the spool was aborted")
+            if self._failed or self._written != size:
+                self._abort()
+                raise OSError(errno.EIO, f"the spool holds {self._written} of {size} bytes")
             self._commit()
 
     def _commit(self) -> None:
