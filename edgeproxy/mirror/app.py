@@ -210,7 +210,7 @@ class MirrorApp:
     async def _tags(
         self, request: Request, route: Route, target: Target, upstream: UpstreamClient
     ) -> Response:
-        params = {k: v for k, v in request.query_params.items() if k in ("n", "last")}
+        params = _upstream_params(request)
         if "n" in params:
             params["n"] = str(parse_count(params["n"]))
         path = f"/v2/{route.name}/tags/list"
@@ -367,6 +367,13 @@ def _blob_headers(digest: str, cache_status: str, size: int | None) -> dict[str,
     if size is not None:
         headers["Content-Length"] = str(size)
     return headers
+
+
+def _upstream_params(request: Request) -> dict[str, str]:
+    """The query of a list the upstream pages, for the upstream: all of it but the mirror's
+    own `ns`. A next page's Link carries the upstream's cursor, `last` or another (Quay's
+    `next_page`), which must reach it as the client sent it back."""
+    return {k: v for k, v in request.query_params.items() if k != "ns"}
 
 
 def _accept(request: Request) -> str | None:

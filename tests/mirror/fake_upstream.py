@@ -48,6 +48,8 @@ class FakeUpstream:
     requests: Counter[str] = field(default_factory=Counter)
     # The headers of the last request by "METHOD path", their names in lowercase.
     headers: dict[str, dict[str, str]] = field(default_factory=dict)
+    # The query string of the last request by "METHOD path", as sent.
+    queries: dict[str, str] = field(default_factory=dict)
     # Headers added to (or replacing) those of the answers, 200 or a status fault, for a path
     # suffix; sent as UTF-8.
     answer_headers: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -101,8 +103,9 @@ class FakeUpstream:
             head = await reader.readuntil(b"\r\n\r\n")
             lines = head.decode().split("\r\n")
             method, target, _ = lines[0].split(" ", 2)
-            path = target.split("?", 1)[0]
+            path, _, query = target.partition("?")
             self.requests[f"{method} {path}"] += 1
+            self.queries[f"{method} {path}"] = query
             headers = {
                 name.strip().lower(): value.strip()
                 for name, _, value in (line.partition(":") for line in lines[1:] if line)

@@ -6,6 +6,7 @@ import asyncio
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 import httpx
 import pytest
@@ -165,6 +166,23 @@ def test_tags_catalog_and_referrers(setup: tuple[FakeUpstream, httpx.Client]) ->
         "mediaType": "application/vnd.oci.image.index.v1+json",
         "manifests": [],
     }
+
+
+def test_a_next_page_of_tags_reaches_the_upstream_with_its_cursor(
+    setup: tuple[FakeUpstream, httpx.Client],
+) -> None:
+    """Quay pages tags/list with an opaque `next_page` in its Link, not `last`: a client
+    following that Link through the mirror must get the next page, not the first one again
+    (a script paging through the tags looped for ever). The mirror's own `ns` stays here."""
+    upstream, client = setup
+    upstream.add_manifest("a", [upstream.add_blob(b"layer")])
+    link = '</v2/library/x/tags/list?n=1&next_page=gAAA%3D>; rel="next"'
+    upstream.answer_headers["/tags/list"] = {"Link": link}
+    first = client.get("/v2/x/tags/list?n=1&ns=docker.io")
+    assert first.headers["link"] == '</v2/x/tags/list?n=1&next_page=gAAA%3D>; rel="next"'
+    client.get(first.headers["link"][1 : first.headers["link"].index(">")])
+    query = upstream.queries["GET /v2/library/x/tags/list"]
+    assert parse_qsl(query) == [("n", "1"), ("next_page", "gAAA=")]
 
 
 def test_tag_ttl_trusts_a_tag_without_asking(tmp_path: Path) -> None:
