@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -230,10 +231,7 @@ class MirrorApp:
             response = _paginated(request, "tags", tags, path, extra)
             response.headers["Cache-Status"] = STALE
             return response
-        headers = {"Cache-Status": MISS}
-        if link := upstream.passable("Link", answer.headers.get("link")):
-            # The upstream's next page, under the name the client used.
-            headers["Link"] = link.replace(f"/v2/{target.remote_name}/", f"/v2/{route.name}/", 1)
+        headers = {"Cache-Status": MISS, **_next_page(upstream, answer, target, route)}
         return Response(answer.body, headers=headers, media_type="application/json")
 
     async def _referrers(
@@ -367,6 +365,22 @@ def _blob_headers(digest: str, cache_status: str, size: int | None) -> dict[str,
     if size is not None:
         headers["Content-Length"] = str(size)
     return headers
+
+
+def _next_page(
+    upstream: UpstreamClient, answer: UpstreamResponse, target: Target, route: Route
+) -> dict[str, str]:
+    """The upstream's Link to its next page as a Link to the mirror's: relative (Quay's is
+    absolute, to itself) and under the name the client used."""
+    link = upstream.passable("Link", answer.headers.get("link")) or ""
+    before, _, rest = link.partition("<")
+    reference, closed, after = rest.partition(">")
+    if not closed:
+        return {}  # none, or nothing a client could follow
+    url = urlsplit(reference)
+    path = url.path.replace(f"/v2/{target.remote_name}/", f"/v2/{route.name}/", 1)
+    query = f"?{url.query}" if url.query else ""
+    return {"Link": f"{before}<{path}{query}>{after}"}
 
 
 def _upstream_params(request: Request) -> dict[str, str]:

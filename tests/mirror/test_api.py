@@ -185,6 +185,23 @@ def test_a_next_page_of_tags_reaches_the_upstream_with_its_cursor(
     assert parse_qsl(query) == [("n", "1"), ("next_page", "gAAA=")]
 
 
+def test_an_absolute_next_page_link_stays_on_the_mirror(
+    setup: tuple[FakeUpstream, httpx.Client],
+) -> None:
+    """Quay's Link is absolute, to itself: passed on as it came, a client paged on at the
+    upstream (past the mirror and its credentials) under a name only the mirror knows. The
+    mirror's Link is relative, as registry:2's."""
+    upstream, client = setup
+    upstream.add_manifest("a", [upstream.add_blob(b"layer")])
+    link = f'<{upstream.url}/v2/team/app/tags/list?n=1&next_page=gAAA>; rel="next"'
+    upstream.answer_headers["/tags/list"] = {"Link": link}
+    page = client.get("/v2/other.example/team/app/tags/list?n=1")
+    assert (
+        page.headers["link"]
+        == '</v2/other.example/team/app/tags/list?n=1&next_page=gAAA>; rel="next"'
+    )
+
+
 def test_tag_ttl_trusts_a_tag_without_asking(tmp_path: Path) -> None:
     with fake_upstream() as upstream:
         digest = upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
