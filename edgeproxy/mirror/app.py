@@ -237,7 +237,7 @@ class MirrorApp:
     async def _referrers(
         self, request: Request, route: Route, target: Target, upstream: UpstreamClient
     ) -> Response:
-        params = {k: v for k, v in request.query_params.items() if k == "artifactType"}
+        params = _upstream_params(request)
         try:
             answer: UpstreamResponse | None = await upstream.request(
                 "GET",
@@ -249,7 +249,7 @@ class MirrorApp:
         except UpstreamUnavailable:
             answer = None  # down: the tag schema's index still answers if it is cached
         if answer is not None and answer.status == 200:
-            headers = {"Cache-Status": MISS}
+            headers = {"Cache-Status": MISS, **_next_page(upstream, answer, target, route)}
             filters = answer.headers.get("oci-filters-applied")
             if filters := upstream.passable("OCI-Filters-Applied", filters):
                 headers["OCI-Filters-Applied"] = filters

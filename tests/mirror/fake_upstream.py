@@ -24,6 +24,7 @@ from tests.support.ports import free_port, wait_for_port
 # Docker schema 2: served whatever a client's Accept names (an OCI manifest goes only to a
 # client that names its type, as registry:2 does; tests/e2e/test_mirror_parity.py).
 MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 
 def digest_of(data: bytes) -> str:
@@ -44,6 +45,8 @@ class FakeUpstream:
     blobs: dict[str, bytes] = field(default_factory=dict)
     manifests: dict[str, bytes] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    # The referrers API's descriptors by subject digest (a subject not here: 404, no API).
+    referrers: dict[str, list[dict[str, object]]] = field(default_factory=dict)
     faults: dict[str, str | int] = field(default_factory=dict)
     requests: Counter[str] = field(default_factory=Counter)
     # The headers of the last request by "METHOD path", their names in lowercase.
@@ -168,6 +171,10 @@ class FakeUpstream:
             digest = self.tags.get(ref, ref)
             body = self.manifests.get(digest)
             headers = {"Content-Type": MANIFEST_TYPE, "Docker-Content-Digest": digest}
+        elif kind.endswith("/referrers") and ref in self.referrers:
+            index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": self.referrers[ref]}
+            body = json.dumps(index).encode()
+            headers = {"Content-Type": OCI_INDEX}
         elif kind.endswith("/blobs"):
             body = self.blobs.get(ref)
             headers = {"Content-Type": "application/octet-stream"}

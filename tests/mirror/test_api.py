@@ -202,6 +202,25 @@ def test_an_absolute_next_page_link_stays_on_the_mirror(
     )
 
 
+def test_the_upstreams_referrers_come_in_its_pages(
+    setup: tuple[FakeUpstream, httpx.Client],
+) -> None:
+    """A registry that cannot list all referrers at once MUST page them with a Link (OCI
+    1.1): the mirror dropped it and the cursor in it, so a client listing an image's
+    signatures or SBOMs through the mirror saw the first page only."""
+    upstream, client = setup
+    subject = upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
+    referrer = {"mediaType": MANIFEST_TYPE, "digest": subject, "size": 1, "artifactType": "x/y"}
+    upstream.referrers[subject] = [referrer]
+    link = f'</v2/library/x/referrers/{subject}?next=abc>; rel="next"'
+    upstream.answer_headers[f"/referrers/{subject}"] = {"Link": link}
+    first = client.get(f"/v2/x/referrers/{subject}")
+    assert first.json()["manifests"] == [referrer]
+    assert first.headers["link"] == f'</v2/x/referrers/{subject}?next=abc>; rel="next"'
+    client.get(f"/v2/x/referrers/{subject}?next=abc")
+    assert upstream.queries[f"GET /v2/library/x/referrers/{subject}"] == "next=abc"
+
+
 def test_tag_ttl_trusts_a_tag_without_asking(tmp_path: Path) -> None:
     with fake_upstream() as upstream:
         digest = upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
