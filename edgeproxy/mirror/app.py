@@ -212,7 +212,7 @@ class MirrorApp:
         self, request: Request, route: Route, target: Target, upstream: UpstreamClient
     ) -> Response:
         params = _upstream_params(request)
-        if "n" in params:
+        if params.get("n"):  # an empty one is none, to registry:2 as here
             params["n"] = str(parse_count(params["n"]))
         path = f"/v2/{route.name}/tags/list"
         try:
@@ -427,7 +427,7 @@ def _paginated(
     headers = {}
     n_param = request.query_params.get("n")
     count = None if pages is None else pages[0]
-    if n_param is not None:
+    if n_param:  # an empty `n` is none (registry:2 2.8 and 3): a script's unset page size
         count = parse_count(n_param)
         if pages is not None and count > pages[1]:
             raise RegistryError(

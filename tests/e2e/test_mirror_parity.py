@@ -279,3 +279,22 @@ def test_a_cached_blob_through_a_repository_without_it(
             answer = client.get(f"{base}/v2/test/elsewhere/blobs/{digest}")
             assert answer.status_code == 404, base
             assert answer.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+
+def test_paging_parameters_as_registry2(
+    registry_none: Registry,
+    push_all: Callable[[Registry], dict[str, Pushed]],
+    tmp_path: Path,
+) -> None:
+    """An empty `n` (a script's unset page size) is no `n` to registry:2, 2.8 and 3 alike:
+    the default page, not a 400."""
+    item = push_all(registry_none)["small"]
+    with (
+        run_edgeproxy(tmp_path, [upstream_entry(registry_none)]) as mirror,
+        httpx.Client(timeout=60) as client,
+    ):
+        for path in ("/v2/_catalog", f"/v2/{item.repo}/tags/list"):
+            for query in ("?n=", "?n=&last=a", "?n=0", "?n=1001", "?last=zzz"):
+                expected = client.get(registry_none.url + path + query).status_code
+                got = client.get(mirror.url + path + query).status_code
+                assert got == expected, (path, query)
