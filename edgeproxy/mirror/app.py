@@ -7,7 +7,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -228,10 +228,10 @@ class MirrorApp:
                 raise
             log.warning("tags of %s from the cache: %s", target.local_name, exc.message)
             extra = {"name": route.name}
-            response = _paginated(request, "tags", tags, path, extra)
+            response = _paginated(request, "tags", tags, path, extra, keep=_namespace(request))
             response.headers["Cache-Status"] = STALE
             return response
-        headers = {"Cache-Status": MISS, **_next_page(upstream, answer, target, route)}
+        headers = {"Cache-Status": MISS, **_next_page(request, upstream, answer, target, route)}
         return Response(answer.body, headers=headers, media_type="application/json")
 
     async def _referrers(
@@ -249,7 +249,7 @@ class MirrorApp:
         except UpstreamUnavailable:
             answer = None  # down: the tag schema's index still answers if it is cached
         if answer is not None and answer.status == 200:
-            headers = {"Cache-Status": MISS, **_next_page(upstream, answer, target, route)}
+            headers = {"Cache-Status": MISS, **_next_page(request, upstream, answer, target, route)}
             filters = answer.headers.get("oci-filters-applied")
             if filters := upstream.passable("OCI-Filters-Applied", filters):
                 headers["OCI-Filters-Applied"] = filters
@@ -368,10 +368,14 @@ def _blob_headers(digest: str, cache_status: str, size: int | None) -> dict[str,
 
 
 def _next_page(
-    upstream: UpstreamClient, answer: UpstreamResponse, target: Target, route: Route
+    request: Request,
+    upstream: UpstreamClient,
+    answer: UpstreamResponse,
+    target: Target,
+    route: Route,
 ) -> dict[str, str]:
     """The upstream's Link to its next page as a Link to the mirror's: relative (Quay's is
-    absolute, to itself) and under the name the client used."""
+    absolute, to itself), under the name and `ns` the client used."""
     link = upstream.passable("Link", answer.headers.get("link")) or ""
     before, _, rest = link.partition("<")
     reference, closed, after = rest.partition(">")
@@ -379,8 +383,16 @@ def _next_page(
         return {}  # none, or nothing a client could follow
     url = urlsplit(reference)
     path = url.path.replace(f"/v2/{target.remote_name}/", f"/v2/{route.name}/", 1)
-    query = f"?{url.query}" if url.query else ""
-    return {"Link": f"{before}<{path}{query}>{after}"}
+    query = "&".join(q for q in (url.query, urlencode(_namespace(request))) if q)
+    return {"Link": f"{before}<{path}{'?' if query else ''}{query}>{after}"}
+
+
+def _namespace(request: Request) -> dict[str, str]:
+    """The client's `ns`, which a next page's Link must keep: it picks the upstream (without
+    it, the page is the first upstream's repository of that name). A configured one: the
+    request came this far."""
+    namespace = request.query_params.get("ns")
+    return {} if namespace is None else {"ns": namespace}
 
 
 def _upstream_params(request: Request) -> dict[str, str]:
@@ -418,9 +430,11 @@ def _paginated(
     path: str,
     extra: dict[str, str],
     pages: tuple[int, int] | None = None,
+    keep: Mapping[str, str] | None = None,
 ) -> Response:
-    """registry:2's `n`/`last` pagination over a sorted list, with a Link to the next page;
-    `pages` is (size without `n`, largest `n`), for a list that always comes in pages."""
+    """registry:2's `n`/`last` pagination over a sorted list, with a Link to the next page
+    (with the parameters in `keep` too); `pages` is (size without `n`, largest `n`), for a
+    list that always comes in pages."""
     last = request.query_params.get("last")
     if last:
         items = [item for item in items if item > last]
@@ -436,5 +450,6 @@ def _paginated(
     if count is not None and len(items) > count:
         items = items[:count]
         if items:
-            headers["Link"] = f'<{path}?last={items[-1]}&n={count}>; rel="next"'
+            query = urlencode({"last": items[-1], "n": count, **(keep or {})}, safe="/")
+            headers["Link"] = f'<{path}?{query}>; rel="next"'
     return _json({**extra, key: items}, headers)

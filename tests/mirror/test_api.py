@@ -179,7 +179,9 @@ def test_a_next_page_of_tags_reaches_the_upstream_with_its_cursor(
     link = '</v2/library/x/tags/list?n=1&next_page=gAAA%3D>; rel="next"'
     upstream.answer_headers["/tags/list"] = {"Link": link}
     first = client.get("/v2/x/tags/list?n=1&ns=docker.io")
-    assert first.headers["link"] == '</v2/x/tags/list?n=1&next_page=gAAA%3D>; rel="next"'
+    assert first.headers["link"] == (
+        '</v2/x/tags/list?n=1&next_page=gAAA%3D&ns=docker.io>; rel="next"'
+    )
     client.get(first.headers["link"][1 : first.headers["link"].index(">")])
     query = upstream.queries["GET /v2/library/x/tags/list"]
     assert parse_qsl(query) == [("n", "1"), ("next_page", "gAAA=")]
@@ -219,6 +221,30 @@ def test_the_upstreams_referrers_come_in_its_pages(
     assert first.headers["link"] == f'</v2/x/referrers/{subject}?next=abc>; rel="next"'
     client.get(f"/v2/x/referrers/{subject}?next=abc")
     assert upstream.queries[f"GET /v2/library/x/referrers/{subject}"] == "next=abc"
+
+
+def test_a_next_page_keeps_the_clients_ns(setup: tuple[FakeUpstream, httpx.Client]) -> None:
+    """Asked with `?ns=` for another upstream than the first, a next page's Link without it
+    would page through the first upstream's repository of that name: the Link keeps it,
+    whether the page is the upstream's or the cache's (the upstream down)."""
+    upstream, client = setup
+    layer = upstream.add_blob(b"layer")
+    for tag in ("a", "b"):
+        upstream.add_manifest(tag, [layer])
+        client.get(f"/v2/team/app/manifests/{tag}?ns=other.example")
+    upstream.answer_headers["/tags/list"] = {
+        "Link": '</v2/team/app/tags/list?n=1&last=a>; rel="next"'
+    }
+    live = client.get("/v2/team/app/tags/list?n=1&ns=other.example")
+    assert (
+        live.headers["link"] == '</v2/team/app/tags/list?n=1&last=a&ns=other.example>; rel="next"'
+    )
+    upstream.faults["/tags/list"] = 503
+    cached = client.get("/v2/team/app/tags/list?n=1&ns=other.example")
+    assert cached.json() == {"name": "team/app", "tags": ["a"]}
+    assert (
+        cached.headers["link"] == '</v2/team/app/tags/list?last=a&n=1&ns=other.example>; rel="next"'
+    )
 
 
 def test_tag_ttl_trusts_a_tag_without_asking(tmp_path: Path) -> None:
