@@ -42,10 +42,11 @@ from edgeproxy.mirror.verify import findings
 
 
 @contextlib.contextmanager
-def owned_as_the_cache(root: Path, writes: bool = True) -> Iterator[None]:
+def owned_as_the_cache(root: Path) -> Iterator[None]:
     """Files made by a command run as root (`sudo edgeproxy cache prune`: the eviction lock,
-    blob folders) are handed to the cache's owner afterwards, or the service (User=edgeproxy)
-    could no longer evict or cache. Not setuid: the command's Python may be root's only."""
+    blob folders; `ls` too: opening the storage makes edgeproxy/fills/ on a registry:2 root)
+    are handed to the cache's owner afterwards, or the service (User=edgeproxy) could no
+    longer evict or cache. Not setuid: the command's Python may be root's only."""
     try:
         yield
     finally:
@@ -53,7 +54,7 @@ def owned_as_the_cache(root: Path, writes: bool = True) -> Iterator[None]:
             owner: os.stat_result | None = root.stat()
         except OSError:
             owner = None
-        if writes and owner is not None and owner.st_uid != 0 and os.geteuid() == 0:
+        if owner is not None and owner.st_uid != 0 and os.geteuid() == 0:
             _hand_over(root, owner.st_uid, owner.st_gid)
 
 

@@ -101,8 +101,7 @@ def _cache_parser(commands: Any, common: argparse.ArgumentParser) -> None:
 def _cache(args: argparse.Namespace, config: Config) -> int:
     from edgeproxy import cache_cli
 
-    writes = args.action not in ("ls", "du")
-    with cache_cli.owned_as_the_cache(config.mirror.root, writes):
+    with cache_cli.owned_as_the_cache(config.mirror.root):
         if args.action == "ls":
             return cache_cli.ls(config)
         if args.action == "du":

@@ -158,6 +158,21 @@ def test_cache_commands_run_as_root_leave_the_cache_to_its_owner(tmp_path: Path)
         assert [p for p in root.rglob("*") if p.stat().st_uid != 65534] == []
 
 
+def test_ls_and_du_run_as_root_leave_a_registry2_cache_to_its_owner(tmp_path: Path) -> None:
+    """`sudo edgeproxy cache ls` on a root registry:2 wrote (no edgeproxy/ folder yet) made
+    edgeproxy/fills/ as root, and handed nothing over: the service (User=edgeproxy) then
+    could not lock a fill there, and every cold blob was a 503."""
+    root = tmp_path / "cache"
+    (root / "docker/registry/v2/blobs").mkdir(parents=True)
+    for path in (root, *root.rglob("*")):
+        os.chown(path, 65534, 65534)
+    mirror = {"root": str(root), "upstream": [{"name": "x", "url": "http://x"}]}
+    config = str(write_toml(tmp_path / "proxy.toml", {"mirror": mirror}))
+    for action in ("ls", "du"):
+        assert main(["cache", action, "--config", config]) == 0
+        assert [p for p in root.rglob("*") if p.stat().st_uid != 65534] == []
+
+
 def test_handing_over_never_follows_a_folder_swapped_for_a_link(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
