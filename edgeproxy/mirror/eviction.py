@@ -162,9 +162,9 @@ def plan(inventory: Inventory, limits: CacheConfig, now: float) -> Plan:
 
 def execute(storage: Storage, planned: Plan, taken: float) -> Plan:
     """Remove what was planned, except what was pulled since the scan began and what such a
-    manifest references (an index's children: the plan puts an index before them); return
-    what was removed."""
-    kept: set[str] = set()
+    manifest references (an index's children: the plan puts an index before them), or a
+    manifest stored since (the plan never saw it); return what was removed."""
+    kept = _stored_since(storage, taken)
     manifests = []
     for entry in planned.manifests:
         name, digest = entry.manifest.name, entry.manifest.digest
@@ -182,6 +182,17 @@ def execute(storage: Storage, planned: Plan, taken: float) -> Plan:
     storage.remove_blobs([blob.digest for blob in blobs])
     freed = sum(blob.size for blob in blobs)
     return Plan(manifests, blobs, planned.size_before, planned.size_before - freed)
+
+
+def _stored_since(storage: Storage, taken: float) -> set[str]:
+    """The manifests stored or pulled since `taken` and what they reference: a pull racing
+    the pass (a new image sharing an old one's layers) asks for those layers next."""
+    found: set[str] = set()
+    for manifest in storage.manifests():
+        if manifest.last_pull > taken:
+            data = storage.read_manifest(manifest.name, manifest.digest)
+            found |= {manifest.digest} | (references(data) if data is not None else set())
+    return found
 
 
 class Evictor:

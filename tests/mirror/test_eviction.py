@@ -202,6 +202,23 @@ def test_an_index_pulled_after_the_scan_keeps_its_children(storage: FilesystemSt
     assert all(storage.read_manifest("multi", d) is not None for d in children)
 
 
+def test_a_manifest_stored_after_the_scan_keeps_its_layers(storage: FilesystemStorage) -> None:
+    """A pull of a new image sharing an old image's layer, while a pass runs: the new manifest
+    (stored after the scan, so not in the plan) lost its layer, and with the upstream down
+    the cache served a manifest it could not serve the layers of."""
+    layer = os.urandom(100)
+    put_image(storage, "old", [layer], age=10 * DAY)
+    inventory = scan(storage)
+    planned = plan(inventory, CacheConfig(max_age=7 * DAY), inventory.taken)
+    assert digest_of(layer) in {blob.digest for blob in planned.blobs}
+    new = put_image(storage, "new", [layer], age=0)
+    link = storage.root / "docker/registry/v2/repositories/new/_manifests/revisions/sha256"
+    os.utime(link / new[7:] / "link", (inventory.taken + 1, inventory.taken + 1))  # just stored
+    execute(storage, planned, inventory.taken)
+    assert storage.blob_size(digest_of(layer)) == 100
+    assert storage.blob_linked("new", digest_of(layer))
+
+
 def test_one_evictor_at_a_time(storage: FilesystemStorage) -> None:
     put_image(storage, "a", [os.urandom(100)], age=10 * DAY)
     evictor = Evictor(CacheConfig(max_age=7 * DAY), storage, storage.root / "edgeproxy")
