@@ -47,6 +47,62 @@ def test_workers_share_the_listener_and_are_replaced(tmp_path: Path) -> None:
     assert f"worker {first} exited with -9; starting another" in process.log()
 
 
+def exited(pid: int) -> bool:
+    """Gone, or a zombie: its files (and locks) are closed either way."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_the_metrics_folder_of_a_killed_master_goes_at_the_next_start(tmp_path: Path) -> None:
+    """A master killed with its workers (SIGKILL, the OOM killer) runs no `finally`: each left
+    an empty edgeproxy-metrics-* folder in /tmp (one per test run, test_faults_kill's). The
+    next start removes it; a running edgeproxy's is kept."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+
+    def start(name: str) -> EdgeproxyProcess:
+        port = free_port()
+        config = {
+            "mirror": {
+                "root": str(tmp_path / "cache"),
+                "listen": f"127.0.0.1:{port}",
+                "upstream": [{"name": "docker.io", "url": "http://127.0.0.1:1"}],
+            },
+            "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+        }
+        path = write_toml(tmp_path / f"{name}.toml", config)
+        process = EdgeproxyProcess(path, port, env={"TMPDIR": str(tmp)})
+        process.start()
+        return process
+
+    def folders() -> set[Path]:
+        return set(tmp.glob("edgeproxy-metrics-*"))
+
+    killed = start("killed")
+    try:
+        assert wait_until(lambda: "ready:" in killed.log())
+        (left,) = folders()
+        os.killpg(killed.pid, signal.SIGKILL)
+        assert wait_until(lambda: all(exited(pid) for pid in workers_started(killed)))
+    finally:
+        killed.stop()
+    assert folders() == {left}
+    running = start("running")
+    try:
+        (kept,) = folders()
+        assert kept != left
+        second = start("second")
+        try:
+            assert kept in folders() and len(folders()) == 2
+        finally:
+            assert second.stop() == 0
+    finally:
+        assert running.stop() == 0
+    assert folders() == set()
+
+
 def run_fails(tmp_path: Path, config: dict[str, Any]) -> str:
     """`edgeproxy run` of `config`, which must exit 1 before any worker starts; its stderr."""
     result = subprocess.run(

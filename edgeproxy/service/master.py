@@ -23,6 +23,7 @@ which the workers report "ready PID" and "closed PID".
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import selectors
@@ -43,6 +44,7 @@ from edgeproxy.service import notify
 log = logging.getLogger("edgeproxy")
 
 START_GRACE = 2.0  # a worker failing sooner than this after its start is not replaced
+METRICS_PREFIX = "edgeproxy-metrics-"  # the workers' metric files: $TMPDIR/edgeproxy-metrics-*
 
 Work = Callable[[Config, Listeners, int], None]
 
@@ -333,12 +335,41 @@ def _make_root(config: Config) -> None:
         ) from exc
 
 
+def _metrics_folder() -> tuple[str, int]:
+    """A fresh folder for the workers' metric files, and the fd of its `lock`, held (inherited
+    by every worker) for as long as a process of this master's lives."""
+    _sweep_metrics_folders()
+    folder = tempfile.mkdtemp(prefix=METRICS_PREFIX)
+    fd, spare = tempfile.mkstemp(dir=folder)  # not *.db: prometheus-client reads only those
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(spare, os.path.join(folder, "lock"))  # in place only once locked: never swept
+    return folder, fd
+
+
+def _sweep_metrics_folders() -> None:
+    """Remove the folders of masters killed with their workers (SIGKILL, the OOM killer: no
+    `finally` ran), which no process locks any more. One without a lock is left alone."""
+    for folder in Path(tempfile.gettempdir()).glob(METRICS_PREFIX + "*"):
+        try:
+            fd = os.open(folder / "lock", os.O_RDONLY)
+        except OSError:  # another user's, an older edgeproxy's, or not locked yet
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a running edgeproxy's
+        finally:
+            os.close(fd)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def run(path: Path, config: Config, work: Work) -> int:
     """`edgeproxy run`: the master's life; its exit code."""
     _make_root(config)
-    folder = tempfile.mkdtemp(prefix="edgeproxy-metrics-")
+    folder, lock = _metrics_folder()
     os.environ[metrics.MULTIPROC_ENV] = folder  # before any worker creates a metric
     try:
         return Master(path, config, work).run()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        os.close(lock)
