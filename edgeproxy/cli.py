@@ -101,16 +101,26 @@ def _cache_parser(commands: Any, common: argparse.ArgumentParser) -> None:
 def _cache(args: argparse.Namespace, config: Config) -> int:
     from edgeproxy import cache_cli
 
-    with cache_cli.owned_as_the_cache(config.mirror.root):
-        if args.action == "ls":
-            return cache_cli.ls(config)
-        if args.action == "du":
-            return cache_cli.du(config)
-        if args.action == "prune":
-            return cache_cli.prune(config, args.dry_run)
-        if args.action == "warm":
-            return cache_cli.warm(config, args.images, args.platform)
-        return cache_cli.verify(config, args.remove)
+    try:
+        with cache_cli.owned_as_the_cache(config.mirror.root):
+            return _cache_action(args, config)
+    except OSError as exc:  # run by a user who may read the cache, not write it
+        print(f"edgeproxy: {exc.filename or config.mirror.root}: {exc.strerror}", file=sys.stderr)
+        return 1
+
+
+def _cache_action(args: argparse.Namespace, config: Config) -> int:
+    from edgeproxy import cache_cli
+
+    if args.action == "ls":
+        return cache_cli.ls(config)
+    if args.action == "du":
+        return cache_cli.du(config)
+    if args.action == "prune":
+        return cache_cli.prune(config, args.dry_run)
+    if args.action == "warm":
+        return cache_cli.warm(config, args.images, args.platform)
+    return cache_cli.verify(config, args.remove)
 
 
 def _certs(args: argparse.Namespace) -> int:

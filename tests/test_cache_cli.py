@@ -173,6 +173,34 @@ def test_ls_and_du_run_as_root_leave_a_registry2_cache_to_its_owner(tmp_path: Pa
         assert [p for p in root.rglob("*") if p.stat().st_uid != 65534] == []
 
 
+def test_a_user_who_may_only_read_the_cache_reads_it(tmp_path: Path) -> None:
+    """`edgeproxy cache ls` by an operator who can read the service's cache but not write it,
+    while a fill runs (its files in edgeproxy/fills/): a PermissionError traceback, as were
+    du and verify. Now they answer; prune says what it cannot write, exit 1."""
+    root = tmp_path / "cache"
+    storage = FilesystemStorage(root)
+    put = storage.try_begin_blob(digest_of(b"layer"))
+    assert put is not None
+    put.write(b"layer")
+    put.commit()
+    (root / "edgeproxy/fills/sha256-0.partial").write_bytes(b"a fill's spool")
+    for path in (root, *root.rglob("*")):
+        os.chown(path, 65534, 65534)
+    upstreams = [{"name": "x", "url": "http://x"}]
+    mirror = {"root": str(root), "upstream": upstreams, "cache": {"max_size": "1GiB"}}
+    config = str(write_toml(tmp_path / "proxy.toml", {"mirror": mirror}))
+    command = [sys.executable, "-m", "edgeproxy.cli", "cache"]
+    for action in ("ls", "du", "verify", "prune"):
+        done = subprocess.run(
+            [*WITHOUT_DAC, *command, action, "--config", config], capture_output=True, text=True
+        )
+        assert "Traceback" not in done.stderr, done.stderr
+        assert done.returncode == (1 if action == "prune" else 0), done.stderr
+        if action == "verify":
+            assert "checked 1 blobs: 0 corrupt" in done.stdout
+    assert f"edgeproxy: {root}/edgeproxy/evict.lock: Permission denied" in done.stderr
+
+
 def test_handing_over_never_follows_a_folder_swapped_for_a_link(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -186,7 +186,10 @@ class FilesystemStorage(Storage):
         lock is free once its process is gone, so a spool nobody holds belongs to no fill."""
         for stem in {path.name.rpartition(".")[0] for path in self._fills.iterdir()}:
             digest = stem.replace("-", ":", 1)
-            lock_fd = self._lock(digest)
+            try:
+                lock_fd = self._lock(digest)
+            except PermissionError:  # a reader of the cache (`cache ls` as another user)
+                return
             if lock_fd is None:
                 continue  # a running fill, in another worker
             for suffix in ("partial", "size"):
