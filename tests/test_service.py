@@ -11,6 +11,9 @@ import re
 import signal
 import socket
 import ssl
+import threading
+import time
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -399,3 +402,53 @@ def test_a_refused_fork_is_an_error_line_not_a_traceback(
     with caplog.at_level(logging.ERROR, logger="edgeproxy"):
         assert master.run() == 1
     assert "cannot start a worker: fork failed: Resource temporarily unavailable" in caplog.text
+
+
+def test_a_reload_asked_for_during_a_reload_follows_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`systemctl reload` twice in a row (a config change, then a renewed certificate): the
+    second SIGHUP came while the first reload's workers were starting and was ignored, so the
+    change made between the two never applied. Now a second reload follows the first."""
+    path = tmp_path / "proxy.toml"
+
+    def write(generation: str) -> None:
+        config = mirror_config(tmp_path, port, headers={"X-Generation": generation})
+        config["edge"]["workers"] = 1
+        write_toml(path, config)
+
+    def work(config: Any, listeners: Any, report: int) -> None:
+        """A worker, ready once its generation's gate is open; SIGTERM ends it."""
+        gate = tmp_path / f"gate-{config.mirror.headers['X-Generation']}"
+        while not gate.exists():
+            time.sleep(0.01)
+        os.write(report, f"ready {os.getpid()}\n".encode())
+        while True:
+            signal.pause()
+
+    port = free_port()
+    write("first")
+    for opened in ("first", "third"):
+        (tmp_path / f"gate-{opened}").touch()
+    master = Master(path, config_from_dict(tomllib.loads(path.read_text())), work)
+
+    def operator() -> None:
+        try:
+            assert wait_until(lambda: master.announced)
+            write("second")
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert wait_until(lambda: master.next is not None)  # its workers wait for the gate
+            write("third")
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert wait_until(lambda: "reload: one is already under way" in caplog.text)
+            (tmp_path / "gate-second").touch()
+            assert wait_until(lambda: master.announced and master.next is None)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=operator)
+    with caplog.at_level(logging.INFO, logger="edgeproxy"):
+        thread.start()
+        assert master.run() == 0
+        thread.join()
+    assert master.current.config.mirror.headers == {"X-Generation": "third"}

@@ -9,6 +9,7 @@ dies, and tells systemd (sd_notify) where it stands:
   new generation of workers starts on the same sockets (an address still configured keeps
   its socket: no connection is refused meanwhile); once all of them are ready, the old ones
   drain (stop accepting, finish what is in flight, `shutdown_timeout` at most), then READY=1.
+  A SIGHUP during a reload is another reload, once that one is done.
 - SIGTERM/SIGINT (or SIGQUIT, nginx's graceful stop): STOPPING=1, the master closes its copies
   of the listeners, the workers drain and the master exits 0 when they are gone. A second
   signal forces them (the master sends them SIGQUIT).
@@ -72,6 +73,7 @@ class Master:
         self.stopping = False
         self.failed = False
         self.announced = False  # READY=1 sent for the current generation
+        self.reload_pending = False  # a SIGHUP during a reload: it read the config before
         self._reports, self._report_fd = os.pipe()
         self._pending = b""
 
@@ -250,7 +252,8 @@ class Master:
     # Reload
     def _reload(self) -> None:
         if self.next is not None:
-            log.warning("reload: one is already under way; ignored")
+            log.warning("reload: one is already under way; another follows it")
+            self.reload_pending = True
             return
         log.info("reload: reading %s", self.path)
         bound = dict(self.bound)
@@ -289,6 +292,7 @@ class Master:
                  len(self.current.pids), len(old.pids))  # fmt: skip
         if not old.pids:
             self.draining.remove(old)
+        self._reload_again()
 
     def _abandon(self, generation: Generation) -> None:
         self.next = None
@@ -298,6 +302,14 @@ class Master:
         generation.closed = set(generation.pids)  # they are stopped, not awaited for READY
         self._close_unused()
         self._announce_if_done()
+        self._reload_again()
+
+    def _reload_again(self) -> None:
+        """The reload asked for while the last one ran: the config may have changed after
+        that one read it (a certificate renewed just after a config change)."""
+        if self.reload_pending and not self.stopping:
+            self.reload_pending = False
+            self._reload()
 
     def _close_unused(self) -> None:
         """Close the sockets of addresses that no running generation listens on."""
