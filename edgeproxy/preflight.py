@@ -5,12 +5,12 @@ and the file."""
 
 from __future__ import annotations
 
+import errno
 import os
 import ssl
 import urllib.request
 
 from edgeproxy.config import Config, ConfigError
-from edgeproxy.edge.accesslog import AccessLog
 from edgeproxy.edge.tls import TlsError, server_context
 from edgeproxy.mirror.proxies import ProxyError, parse_proxy
 from edgeproxy.mirror.upstream import ssl_context
@@ -63,7 +63,7 @@ def check_files(config: Config) -> None:
             raise ConfigError(f"edge.tls: {exc}") from exc
     if edge is not None:
         try:
-            AccessLog(edge.access_log).close()  # made if missing, as nginx -t makes its logs
+            _check_appendable(edge.access_log)
         except OSError as exc:
             raise ConfigError(
                 f"edge.access_log: cannot open {edge.access_log}: {exc.strerror}"
@@ -93,3 +93,19 @@ def check_proxies() -> None:
             parse_proxy(url)
         except ProxyError as exc:
             raise ConfigError(f"the environment's {scheme.upper()}_PROXY: {exc}") from None
+
+
+def _check_appendable(target: str) -> None:
+    """Raise OSError unless the access log `target` ("-", "off" or a file) can be appended
+    to. A missing file is not made (nginx -t makes it, as the root its master runs as): made
+    by `sudo edgeproxy check`, it would be root's, and the service's user could not open it."""
+    if target in ("-", "off"):
+        return
+    try:
+        os.close(os.open(target, os.O_WRONLY | os.O_APPEND))
+    except FileNotFoundError:
+        folder = os.path.dirname(os.path.abspath(target))
+        if not os.path.isdir(folder):
+            raise
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), target) from None

@@ -239,6 +239,26 @@ def test_check_refuses_a_proxy_variable_run_cannot_use(
     )
 
 
+def test_check_as_root_makes_no_access_log_the_service_cannot_open(tmp_path: Path) -> None:
+    """`sudo edgeproxy check` (as one runs `sudo nginx -t`) made a missing access log, owned
+    by root: the service (User=edgeproxy) then failed its ExecStartPre and every reload with
+    "cannot open ...: Permission denied". check no longer makes it; a folder the log cannot be
+    made in is still refused."""
+    logs = tmp_path / "log"
+    logs.mkdir()
+    os.chown(logs, 65534, 65534)
+    mirror = {"root": str(tmp_path / "cache"), "upstream": [{"name": "x", "url": "http://x"}]}
+    edge = {"http": "127.0.0.1:8080", "access_log": str(logs / "access.log")}
+    path = str(write_toml(tmp_path / "proxy.toml", {"mirror": mirror, "edge": edge}))
+    assert main(["check", "--config", path]) == 0
+    assert not (logs / "access.log").exists()
+    logs.chmod(0o755)
+    command = [sys.executable, "-m", "edgeproxy.cli", "check", "--config", path]
+    done = subprocess.run([*WITHOUT_DAC, *command], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert f"edge.access_log: cannot open {logs}/access.log: Permission denied" in done.stderr
+
+
 def test_check_warns_of_credentials_anyone_may_use(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
