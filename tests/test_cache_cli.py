@@ -182,7 +182,7 @@ def test_a_user_who_may_only_read_the_cache_reads_it(tmp_path: Path) -> None:
     put = storage.try_begin_blob(digest_of(b"layer"))
     assert put is not None
     put.write(b"layer")
-    put.commit()
+    put.commit(len(b"layer"))
     (root / "edgeproxy/fills/sha256-0.partial").write_bytes(b"a fill's spool")
     for path in (root, *root.rglob("*")):
         os.chown(path, 65534, 65534)
