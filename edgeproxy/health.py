@@ -57,6 +57,7 @@ class HealthMonitor:
 
     def __post_init__(self) -> None:
         self.storage = Check()
+        self._stuck: asyncio.Future[None] | None = None  # a storage probe that timed out
         self.reachable = {u.name: Check() for u in self.upstreams}
         self._verify = {u.name: ssl_context(str(u.ca) if u.ca else None) for u in self.upstreams}
 
@@ -88,9 +89,16 @@ class HealthMonitor:
             check.record(error)
 
     async def _probe_storage(self) -> str | None:
+        # A probe that timed out still holds its thread, one of the few the warm reads share:
+        # no other starts until it returns, or hung writes would take them all.
+        if self._stuck is not None and not self._stuck.done():
+            return "the last probe has not returned"
+        probe = asyncio.ensure_future(asyncio.to_thread(self._write_and_read))
+        probe.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved
         try:
-            await asyncio.wait_for(asyncio.to_thread(self._write_and_read), self.config.timeout)
+            await asyncio.wait_for(asyncio.shield(probe), self.config.timeout)
         except TimeoutError:
+            self._stuck = probe
             return f"no answer within {self.config.timeout:g}s"
         except OSError as exc:
             return f"{exc.strerror or exc}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import threading
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -137,3 +138,37 @@ def test_the_storage_is_down_only_after_threshold_failures_in_a_row(tmp_path: Pa
     root.mkdir()
     assert asyncio.run(checks(1)) == 200  # one success resets the count
     assert list(root.iterdir()) == []  # the probe file is removed each time
+
+
+def test_a_hung_storage_probe_holds_one_thread_not_one_per_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes that hang (a stalled volume) while reads still come from the page cache: each
+    timed-out probe kept its thread, and after a few checks the warm reads, which share those
+    threads, waited behind them. Now one probe at a time; down as before, and back after."""
+    release = threading.Event()
+    started: list[int] = []
+
+    def hangs_until_released(self: HealthMonitor) -> None:
+        started.append(1)
+        release.wait(30)
+
+    monitor = HealthMonitor(tmp_path, [], HealthConfig(threshold=3, timeout=0.01))
+    monkeypatch.setattr(HealthMonitor, "_write_and_read", hangs_until_released)
+
+    async def scenario() -> tuple[int, int, str | None, int]:
+        for _ in range(5):
+            await monitor.check()
+        down, threads, error = monitor.report()[0], len(started), monitor.storage.error
+        release.set()
+        monkeypatch.undo()
+        for _ in range(1000):  # until the hung probe has returned and a new one ran
+            await monitor.check()
+            if monitor.storage.error is None:
+                break
+            await asyncio.sleep(0.01)
+        return down, threads, error, monitor.report()[0]
+
+    down, threads, error, after = asyncio.run(scenario())
+    assert (down, threads, after) == (503, 1, 200)
+    assert error == "the last probe has not returned"
