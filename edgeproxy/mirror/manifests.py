@@ -133,7 +133,7 @@ class ManifestService:
         index only to a client that names its type, and for a tag of a Docker manifest list,
         to a client that takes no list, its linux/amd64 manifest (registry:2 2.8 would then
         rewrite schema 2 to schema 1 for a client that takes no schema 2; edgeproxy serves
-        schema 2, as distribution 3 does)."""
+        schema 2: docs/architecture.md, Manifests)."""
         manifest, status = found
         kinds = _accepted_types(accept)
         refusal = None
