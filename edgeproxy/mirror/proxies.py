@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
+
+import httpx
+from httpx._utils import URLPattern, get_environment_proxies
 
 
 class ProxyError(ValueError):
@@ -28,12 +30,26 @@ class Proxy:
 
 
 def environment_proxy(scheme: str, netloc: str) -> Proxy | None:
-    """The proxy for requests to `scheme://netloc`, or None for a direct connection."""
-    proxies = urllib.request.getproxies_environment()
-    url = proxies.get(scheme) or proxies.get("all")
-    if not url or urllib.request.proxy_bypass(netloc):  # NO_PROXY, on Linux
-        return None
-    return parse_proxy(url)
+    """The proxy for requests to `scheme://netloc`, or None for a direct connection.
+
+    httpx's own rules, not urllib's: they read NO_PROXY differently (`*` among other names,
+    `.domain`, an IPv6 address, `scheme://host`), and the blobs must go where the manifests go.
+    """
+    url = httpx.URL(f"{scheme}://{netloc}")
+    for pattern, proxy in environment_mounts():
+        if pattern.matches(url):
+            return parse_proxy(proxy) if proxy else None
+    return None
+
+
+def environment_mounts() -> list[tuple[URLPattern, str | None]]:
+    """httpx's table for the environment, in the order its client tries it (the most
+    specific pattern first): a proxy URL, or None for NO_PROXY."""
+    try:
+        mounts = [(URLPattern(key), url) for key, url in get_environment_proxies().items()]
+    except httpx.InvalidURL as exc:  # only NO_PROXY's names are patterns
+        raise ProxyError(f"NO_PROXY: {exc}") from None
+    return sorted(mounts, key=lambda mount: mount[0])
 
 
 def parse_proxy(url: str) -> Proxy:

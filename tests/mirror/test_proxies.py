@@ -67,13 +67,26 @@ def test_the_proxy_by_scheme_all_and_no_proxy(monkeypatch: pytest.MonkeyPatch) -
 
 
 @pytest.mark.parametrize(
-    "url", ["https://registry-1.docker.io", "https://mirror.internal.example", "http://10.0.0.7"]
+    ("no_proxy", "url"),
+    [
+        ("internal.example,10.0.0.7", "https://registry-1.docker.io"),
+        ("internal.example,10.0.0.7", "https://mirror.internal.example"),
+        ("internal.example,10.0.0.7", "http://10.0.0.7"),
+        ("localhost, *", "https://registry-1.docker.io"),  # "*" among others: nothing
+        (".example.com", "https://example.com"),  # a leading dot: subdomains only
+        (".example.com", "https://cdn.example.com"),
+        ("::1", "http://[::1]:5000"),  # an IPv6 address, without brackets
+        ("https://registry.example", "https://registry.example"),  # with its scheme
+        ("https://registry.example", "http://registry.example"),
+        ("registry.example:5000", "https://registry.example:5000"),
+        ("registry.example:5000", "https://registry.example:6000"),
+    ],
 )
-def test_the_same_choice_as_httpx(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+def test_the_same_choice_as_httpx(monkeypatch: pytest.MonkeyPatch, no_proxy: str, url: str) -> None:
     """Manifests (httpx) and their blobs (the threads) must leave the same way."""
     monkeypatch.setenv("HTTPS_PROXY", "http://secure:1")
     monkeypatch.setenv("HTTP_PROXY", "http://plain:2")
-    monkeypatch.setenv("NO_PROXY", "internal.example,10.0.0.7")
+    monkeypatch.setenv("NO_PROXY", no_proxy)
     transport = httpx.Client()._transport_for_url(httpx.URL(url))  # httpx's own choice
     theirs = getattr(getattr(transport, "_pool", None), "_proxy_url", None)
     assert proxy_of(url) == (theirs and f"{theirs.host.decode()}:{theirs.port}")
