@@ -12,7 +12,7 @@ import urllib.request
 
 from edgeproxy.config import Config, ConfigError
 from edgeproxy.edge.tls import TlsError, server_context
-from edgeproxy.mirror.proxies import ProxyError, parse_proxy
+from edgeproxy.mirror.proxies import ProxyError, environment_mounts, parse_proxy
 from edgeproxy.mirror.upstream import ssl_context
 
 
@@ -85,7 +85,12 @@ def check_files(config: Config) -> None:
 
 def check_proxies() -> None:
     """Raise ConfigError unless every proxy variable of the environment can be used: httpx
-    would not start with a socks:// one, and the blob threads take http:// proxies only."""
+    would not start with a socks:// one or a NO_PROXY name it cannot parse (`[::1]`), and
+    the blob threads take http:// proxies only."""
+    try:
+        environment_mounts()
+    except ProxyError as exc:  # names the variable
+        raise ConfigError(f"the environment's {exc}") from None
     for scheme, url in urllib.request.getproxies_environment().items():
         if scheme not in ("http", "https", "all"):  # the ones httpx reads
             continue

@@ -239,6 +239,20 @@ def test_check_refuses_a_proxy_variable_run_cannot_use(
     )
 
 
+def test_check_refuses_a_no_proxy_httpx_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NO_PROXY=[::1] (an address in brackets, as in a URL) stops httpx's client from being
+    made: `run` started workers that died with its traceback, while `check` said ok."""
+    mirror = {"listen": "127.0.0.1:5000", "upstream": [{"name": "docker.io", "url": "https://r"}]}
+    path = write_toml(tmp_path / "proxy.toml", {"mirror": mirror})
+    monkeypatch.setenv("no_proxy", "localhost,[::1]")
+    assert main(["check", "--config", str(path)]) == 1
+    assert capsys.readouterr().err == (
+        f"edgeproxy: {path}: the environment's NO_PROXY: Invalid port: ':1]'\n"
+    )
+
+
 def test_check_as_root_makes_no_access_log_the_service_cannot_open(tmp_path: Path) -> None:
     """`sudo edgeproxy check` (as one runs `sudo nginx -t`) made a missing access log, owned
     by root: the service (User=edgeproxy) then failed its ExecStartPre and every reload with
