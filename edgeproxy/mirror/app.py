@@ -7,7 +7,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import unquote, unquote_plus, urlencode, urlsplit
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -215,10 +215,9 @@ class MirrorApp:
         if params.get("n"):  # an empty one is none, to registry:2 as here
             params["n"] = str(parse_count(params["n"]))
         path = f"/v2/{route.name}/tags/list"
+        asked = f"/v2/{target.remote_name}/tags/list"
         try:
-            answer = await upstream.request(
-                "GET", f"/v2/{target.remote_name}/tags/list", target.remote_name, params=params
-            )
+            answer = await upstream.request("GET", asked, target.remote_name, params=params)
             if answer.status != 200:
                 retry_after = answer.headers.get("retry-after")
                 raise upstream.error(answer.status, "NAME_UNKNOWN", retry_after)
@@ -231,17 +230,18 @@ class MirrorApp:
             response = _paginated(request, "tags", tags, path, extra, keep=_namespace(request))
             response.headers["Cache-Status"] = STALE
             return response
-        headers = {"Cache-Status": MISS, **_next_page(request, upstream, answer, target, route)}
+        headers = {"Cache-Status": MISS, **_next_page(request, upstream, answer, asked, path)}
         return Response(answer.body, headers=headers, media_type="application/json")
 
     async def _referrers(
         self, request: Request, route: Route, target: Target, upstream: UpstreamClient
     ) -> Response:
         params = _upstream_params(request)
+        asked = f"/v2/{target.remote_name}/referrers/{route.reference}"
         try:
             answer: UpstreamResponse | None = await upstream.request(
                 "GET",
-                f"/v2/{target.remote_name}/referrers/{route.reference}",
+                asked,
                 target.remote_name,
                 headers={"Accept": OCI_INDEX},
                 params=params,
@@ -249,7 +249,8 @@ class MirrorApp:
         except UpstreamUnavailable:
             answer = None  # down: the tag schema's index still answers if it is cached
         if answer is not None and answer.status == 200:
-            headers = {"Cache-Status": MISS, **_next_page(request, upstream, answer, target, route)}
+            path = f"/v2/{route.name}/referrers/{route.reference}"
+            headers = {"Cache-Status": MISS, **_next_page(request, upstream, answer, asked, path)}
             filters = answer.headers.get("oci-filters-applied")
             if filters := upstream.passable("OCI-Filters-Applied", filters):
                 headers["OCI-Filters-Applied"] = filters
@@ -368,22 +369,23 @@ def _blob_headers(digest: str, cache_status: str, size: int | None) -> dict[str,
 
 
 def _next_page(
-    request: Request,
-    upstream: UpstreamClient,
-    answer: UpstreamResponse,
-    target: Target,
-    route: Route,
+    request: Request, upstream: UpstreamClient, answer: UpstreamResponse, asked: str, path: str
 ) -> dict[str, str]:
-    """The upstream's Link to its next page as a Link to the mirror's: relative (Quay's is
-    absolute, to itself), under the name and `ns` the client used."""
+    """The upstream's Link to the next page of the list at `asked` as a Link to the mirror's
+    `path`: relative (Quay's is absolute, to itself), under the name and `ns` the client
+    used. A Link elsewhere (another repository, `//host`) is nothing to page through here."""
     link = upstream.passable("Link", answer.headers.get("link")) or ""
     before, _, rest = link.partition("<")
     reference, closed, after = rest.partition(">")
-    if not closed:
+    try:
+        url = urlsplit(reference)
+    except ValueError:  # not a URL at all ("http://[..."): the page goes without a Link
+        return {}
+    if not closed or unquote(url.path) != asked:
         return {}  # none, or nothing a client could follow
-    url = urlsplit(reference)
-    path = url.path.replace(f"/v2/{target.remote_name}/", f"/v2/{route.name}/", 1)
-    query = "&".join(q for q in (url.query, urlencode(_namespace(request))) if q)
+    # Only the client's ns: the upstream's would send its next page to another upstream.
+    cursor = [q for q in url.query.split("&") if q and unquote_plus(q.partition("=")[0]) != "ns"]
+    query = "&".join(q for q in (*cursor, urlencode(_namespace(request))) if q)
     return {"Link": f"{before}<{path}{'?' if query else ''}{query}>{after}"}
 
 

@@ -204,6 +204,35 @@ def test_an_absolute_next_page_link_stays_on_the_mirror(
     )
 
 
+@pytest.mark.parametrize(
+    ("link", "passed"),
+    [
+        # Another repository: its tags would be listed as this one's.
+        ('</v2/library/other/tags/list?n=1&last=a>; rel="next"', None),
+        # A path that starts with // is another host (protocol-relative): off the mirror.
+        ('<{url}//evil.example/v2/library/x/tags/list?n=1>; rel="next"', None),
+        # No URL at all (urlsplit: "Invalid IPv6 URL").
+        ('<http://[oops/v2/library/x/tags/list?n=1>; rel="next"', None),
+        # The upstream's own ns would pick another upstream for the client's next page.
+        (
+            '</v2/library/x/tags/list?n=1&ns=other.example&last=a>; rel="next"',
+            '</v2/x/tags/list?n=1&last=a>; rel="next"',
+        ),
+    ],
+)
+def test_a_next_page_link_pages_this_list_through_the_mirror_only(
+    setup: tuple[FakeUpstream, httpx.Client], link: str, passed: str | None
+) -> None:
+    """The upstream's Link is passed on only as a next page of the same list, through the
+    mirror, with the client's upstream: never to another repository, host or upstream."""
+    upstream, client = setup
+    upstream.add_manifest("a", [upstream.add_blob(b"layer")])
+    upstream.answer_headers["/tags/list"] = {"Link": link.format(url=upstream.url)}
+    page = client.get("/v2/x/tags/list?n=1")
+    assert page.status_code == 200
+    assert page.headers.get("link") == passed
+
+
 def test_the_upstreams_referrers_come_in_its_pages(
     setup: tuple[FakeUpstream, httpx.Client],
 ) -> None:
