@@ -174,6 +174,7 @@ def execute(storage: Storage, planned: Plan, taken: float) -> Plan:
             continue
         storage.remove_manifest(name, digest)
         manifests.append(entry)
+    kept |= _stored_since(storage, taken)  # again: stored while the manifests went
     blobs = []
     for blob in planned.blobs:
         last_pull = storage.blob_last_pull(blob.digest)

@@ -219,6 +219,29 @@ def test_a_manifest_stored_after_the_scan_keeps_its_layers(storage: FilesystemSt
     assert storage.blob_linked("new", digest_of(layer))
 
 
+def test_a_manifest_stored_while_the_pass_removes_keeps_its_layers(
+    storage: FilesystemStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same pull, its manifest stored while the pass was removing manifests (after it
+    looked for new ones): the blobs go last, so they must be checked against it then."""
+    layer = os.urandom(100)
+    put_image(storage, "old", [layer], age=10 * DAY)
+    inventory = scan(storage)
+    planned = plan(inventory, CacheConfig(max_age=7 * DAY), inventory.taken)
+    remove_manifest = storage.remove_manifest
+
+    def pulled_meanwhile(name: str, digest: str) -> None:
+        remove_manifest(name, digest)
+        new = put_image(storage, "new", [layer], age=0)
+        link = storage.root / "docker/registry/v2/repositories/new/_manifests/revisions/sha256"
+        os.utime(link / new[7:] / "link", (inventory.taken + 1, inventory.taken + 1))
+
+    monkeypatch.setattr(storage, "remove_manifest", pulled_meanwhile)
+    execute(storage, planned, inventory.taken)
+    assert storage.blob_size(digest_of(layer)) == 100
+    assert storage.blob_linked("new", digest_of(layer))
+
+
 def test_one_evictor_at_a_time(storage: FilesystemStorage) -> None:
     put_image(storage, "a", [os.urandom(100)], age=10 * DAY)
     evictor = Evictor(CacheConfig(max_age=7 * DAY), storage, storage.root / "edgeproxy")
