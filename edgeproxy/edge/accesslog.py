@@ -42,6 +42,8 @@ class Entry:
     remote_user: str
     time: datetime  # aware, local time, when the request ended (as nginx's $time_local)
     request: str  # the request line: `GET /v2/ HTTP/1.1`
+    # Fields from the request (request, remote_user, http_*) hold its bytes as `wire_text`
+    # decodes them: escape() gives nginx's escapes of those very bytes.
     request_body: bytes | None  # None: no body, or one too large to keep; b"": declared empty
     status: int
     body_bytes_sent: int
@@ -52,6 +54,12 @@ class Entry:
     ssl_cipher: str
     request_time: float  # seconds
     cache: str = ""  # HIT, MISS, STALE, REVALIDATED: from the mirror's Cache-Status
+
+
+def wire_text(data: bytes) -> str:
+    """Bytes of a request as text: UTF-8 where they are, the others kept as surrogates, so
+    that escape() gets the same bytes back (latin-1 would print é as \\xC3\\x83\\xC2\\xA9)."""
+    return data.decode("utf-8", "surrogateescape")
 
 
 def escape(value: str | bytes) -> str:
@@ -118,7 +126,7 @@ def request_entry(
     server_name: str,
     client: tuple[str, int] | None,
     headers: list[tuple[bytes, bytes]],
-    request: str,
+    request: bytes,
     status: int,
     *,
     body_bytes_sent: int = 0,
@@ -127,11 +135,12 @@ def request_entry(
     request_body: bytes | None = None,
     cache: str = "",
 ) -> Entry:
-    """The entry for a request: its headers (names lowercased) give $remote_user and the
-    $http_* fields; `tls` is the session's (protocol, cipher); it ends now."""
+    """The entry for a request: its line as received, its headers (names lowercased) give
+    $remote_user and the $http_* fields; `tls` is the session's (protocol, cipher); it ends
+    now."""
 
     def text(name: bytes) -> str:
-        return (header(headers, name) or b"").decode("latin-1")
+        return wire_text(header(headers, name) or b"")
 
     protocol, cipher = tls or ("", "")
     return Entry(
@@ -139,7 +148,7 @@ def request_entry(
         remote_addr=client[0] if client else "",
         remote_user=basic_user(header(headers, b"authorization")),
         time=datetime.now().astimezone(),
-        request=request,
+        request=wire_text(request),
         request_body=request_body,
         status=status,
         body_bytes_sent=body_bytes_sent,
@@ -164,7 +173,7 @@ def basic_user(authorization: bytes | None) -> str:
         decoded = base64.b64decode(credentials.strip(), validate=True)
     except (binascii.Error, ValueError):
         return ""
-    return decoded.partition(b":")[0].decode("latin-1")
+    return wire_text(decoded.partition(b":")[0])
 
 
 def cache_state(cache_status: bytes | None) -> str:

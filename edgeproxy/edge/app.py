@@ -101,14 +101,16 @@ class EdgeApp:
         return b"https://" + authority.encode("latin-1") + uri
 
     def _entry(self, scope: Scope, exchange: _Exchange, seconds: float) -> Entry:
-        line = scope.get(REQUEST_LINE_KEY)
-        if line is not None:
-            request = line.decode("latin-1")  # as received: nginx's $request
-        else:
-            uri = scope["raw_path"].decode("latin-1")
+        request: bytes | None = scope.get(REQUEST_LINE_KEY)  # as received: nginx's $request
+        if request is None:
+            uri = scope["raw_path"]
             if scope["query_string"]:
-                uri += "?" + scope["query_string"].decode("latin-1")
-            request = f"{scope['method']} {uri} HTTP/{scope['http_version']}"
+                uri += b"?" + scope["query_string"]
+            request = b"%s %s HTTP/%s" % (
+                scope["method"].encode(),
+                uri,
+                scope["http_version"].encode(),
+            )
         # A request whose body broke is answered by the connection (protocol.py).
         status, body_bytes_sent = scope.get(ANSWERED_KEY) or (
             exchange.status,

@@ -297,12 +297,11 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._linger()
 
     def _log(self, status: int, body_bytes_sent: int) -> None:
-        request = self._meter.request_line
         entry = request_entry(
             self.settings.server_name,
             self.client,
             self._meter.headers(),
-            request.decode("latin-1"),
+            self._meter.request_line,
             status,
             body_bytes_sent=body_bytes_sent,
             tls=self._tls,

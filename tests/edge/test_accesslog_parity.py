@@ -1,0 +1,36 @@
+"""The access log line against nginx's: the same odd request to nginx (the seed's `main`
+format) and to edgeproxy, both in front of one backend (the `sides` of
+test_connection_parity); the lines must be the same but for the time and request time."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.edge.test_connection_parity import Server, fields, logged, sides
+from tests.support.rawhttp import exchange
+
+pytestmark = pytest.mark.e2e
+
+__all__ = ["sides"]  # the fixture, shared with test_connection_parity
+
+
+def request(*headers: bytes, line: bytes = b"GET / HTTP/1.1") -> bytes:
+    return b"\r\n".join([line, b"Host: x", *headers, b"Connection: close"]) + b"\r\n\r\n"
+
+
+CASES: dict[str, bytes] = {
+    "non-ASCII User-Agent and Referer": request(
+        b"User-Agent: caf\xc3\xa9 \x80\t.", b"Referer: http://r/\xff"
+    ),
+    "non-ASCII user": request(b"Authorization: Basic w6k6cA=="),  # "é:p"
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logged_as_nginx(case: str, sides: tuple[Server, Server]) -> None:
+    lines = []
+    for server in sides:
+        before = len(server.lines())
+        assert exchange(server.port, CASES[case]).status == 200
+        lines.append(fields(logged(server, before)))
+    assert lines[1] == lines[0]
