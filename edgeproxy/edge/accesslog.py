@@ -47,9 +47,9 @@ class Entry:
     request_body: bytes | None  # None: no body, or one too large to keep; b"": declared empty
     status: int
     body_bytes_sent: int
-    http_referer: str
-    http_user_agent: str
-    http_x_forwarded_for: str
+    http_referer: str | None  # None: not sent ("-"); "" sent empty (printed empty, as nginx)
+    http_user_agent: str | None
+    http_x_forwarded_for: str | None
     ssl_protocol: str
     ssl_cipher: str
     request_time: float  # seconds
@@ -76,6 +76,12 @@ def escape(value: str | bytes) -> str:
     return "".join(out)
 
 
+def header_field(value: str | None) -> str:
+    """A $http_* field: "-" for a header not sent, nothing for one sent empty (nginx's
+    variable is then found, and empty)."""
+    return "" if value == "" else escape(value or "")
+
+
 def time_local(moment: datetime) -> str:
     """nginx's $time_local: `27/Nov/2026:20:44:50 +0100` (English month names, any locale)."""
     offset = moment.strftime("%z") or "+0000"
@@ -93,8 +99,8 @@ def format_main(e: Entry) -> str:
     fields = (
         f"{escape(e.server_name)} {escape(e.remote_addr)} - {escape(e.remote_user)} "
         f'[{time_local(e.time)}] "{escape(e.request)}" - {body} '
-        f'{e.status} {e.body_bytes_sent} "{escape(e.http_referer)}" '
-        f'"{escape(e.http_user_agent)}" "{escape(e.http_x_forwarded_for)}" '
+        f'{e.status} {e.body_bytes_sent} "{header_field(e.http_referer)}" '
+        f'"{header_field(e.http_user_agent)}" "{header_field(e.http_x_forwarded_for)}" '
         f"{escape(e.ssl_protocol)} {escape(e.ssl_cipher)} {e.request_time:.3f} "
     )
     return fields
@@ -111,9 +117,9 @@ def format_json(e: Entry) -> str:
         "request_body": (e.request_body or b"").decode("utf-8", "replace"),
         "status": e.status,
         "body_bytes_sent": e.body_bytes_sent,
-        "http_referer": e.http_referer,
-        "http_user_agent": e.http_user_agent,
-        "http_x_forwarded_for": e.http_x_forwarded_for,
+        "http_referer": e.http_referer or "",
+        "http_user_agent": e.http_user_agent or "",
+        "http_x_forwarded_for": e.http_x_forwarded_for or "",
         "ssl_protocol": e.ssl_protocol,
         "ssl_cipher": e.ssl_cipher,
         "request_time": round(e.request_time, 3),
@@ -139,8 +145,9 @@ def request_entry(
     $remote_user and the $http_* fields; `tls` is the session's (protocol, cipher); it ends
     now."""
 
-    def text(name: bytes) -> str:
-        return wire_text(header(headers, name) or b"")
+    def text(name: bytes) -> str | None:
+        value = header(headers, name)
+        return None if value is None else wire_text(value)
 
     protocol, cipher = tls or ("", "")
     return Entry(

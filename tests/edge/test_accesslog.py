@@ -25,9 +25,9 @@ def entry(**changes: object) -> Entry:
         "request_body": None,
         "status": 200,
         "body_bytes_sent": 1472,
-        "http_referer": "",
+        "http_referer": None,
         "http_user_agent": "docker/20.10.24 go/go1.19.8",
-        "http_x_forwarded_for": "",
+        "http_x_forwarded_for": None,
         "ssl_protocol": "TLSv1.3",
         "ssl_cipher": "TLS_AES_256_GCM_SHA384",
         "request_time": 0.0123,
@@ -71,6 +71,10 @@ def test_plain_http_with_a_body_a_user_and_a_forwarded_for() -> None:
 def test_an_empty_body_declared_is_printed_empty() -> None:
     assert ' HTTP/1.1" -  200 ' in format_main(entry(request_body=b""))
     assert ' HTTP/1.1" - - 200 ' in format_main(entry(request_body=None))
+
+
+def test_a_header_sent_empty_is_printed_empty() -> None:
+    assert ' 200 1472 "" "" "-" ' in format_main(entry(http_referer="", http_user_agent=""))
 
 
 def test_escaping_as_nginx() -> None:

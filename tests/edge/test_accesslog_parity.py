@@ -23,6 +23,8 @@ CASES: dict[str, bytes] = {
         b"User-Agent: caf\xc3\xa9 \x80\t.", b"Referer: http://r/\xff"
     ),
     "non-ASCII user": request(b"Authorization: Basic w6k6cA=="),  # "é:p"
+    # Sent empty: nginx prints the empty value, "-" only for a header not sent.
+    "empty User-Agent and X-Forwarded-For": request(b"User-Agent: ", b"X-Forwarded-For:"),
 }
 
 
