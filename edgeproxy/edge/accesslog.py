@@ -161,12 +161,19 @@ def request_entry(
         body_bytes_sent=body_bytes_sent,
         http_referer=text(b"referer"),
         http_user_agent=text(b"user-agent"),
-        http_x_forwarded_for=text(b"x-forwarded-for"),
+        http_x_forwarded_for=forwarded_for(headers),
         ssl_protocol=protocol,
         ssl_cipher=cipher,
         request_time=seconds,
         cache=cache,
     )
+
+
+def forwarded_for(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """$http_x_forwarded_for: nginx 1.22 joins every X-Forwarded-For line with ", " (of the
+    other headers its $http_* take the first)."""
+    values = [value for name, value in headers if name == b"x-forwarded-for"]
+    return wire_text(b", ".join(values)) if values else None
 
 
 def basic_user(authorization: bytes | None) -> str:

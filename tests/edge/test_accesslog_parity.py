@@ -25,6 +25,12 @@ CASES: dict[str, bytes] = {
     "non-ASCII user": request(b"Authorization: Basic w6k6cA=="),  # "é:p"
     # Sent empty: nginx prints the empty value, "-" only for a header not sent.
     "empty User-Agent and X-Forwarded-For": request(b"User-Agent: ", b"X-Forwarded-For:"),
+    # nginx joins every X-Forwarded-For line; of the other headers it takes the first.
+    "two of each": request(
+        *(b"X-Forwarded-For: 192.0.2.%d" % i for i in (1, 2)),
+        *(b"User-Agent: u%d" % i for i in (1, 2)),
+        *(b"Referer: r%d" % i for i in (1, 2)),
+    ),
 }
 
 
