@@ -23,6 +23,12 @@ CASES: dict[str, bytes] = {
         b"User-Agent: caf\xc3\xa9 \x80\t.", b"Referer: http://r/\xff"
     ),
     "non-ASCII user": request(b"Authorization: Basic w6k6cA=="),  # "é:p"
+    # $remote_user as nginx decodes Basic credentials: padding optional, nothing read past a
+    # "=", a user only before a ":".
+    "Basic without padding": request(b"Authorization: Basic dTp"),  # "u:"
+    "Basic past its padding": request(b"Authorization: Basic dTpw=zz"),  # "u:p"
+    "Basic without a colon": request(b"Authorization: Basic dQ=="),  # "u"
+    "Basic with a bad length": request(b"Authorization: Basic dTpwe"),
     # Sent empty: nginx prints the empty value, "-" only for a header not sent.
     "empty User-Agent and X-Forwarded-For": request(b"User-Agent: ", b"X-Forwarded-For:"),
     # nginx joins every X-Forwarded-For line; of the other headers it takes the first.
