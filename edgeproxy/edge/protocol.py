@@ -162,8 +162,9 @@ class EdgeHttpProtocol(HttpToolsProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         # A chunked body's trailers, dropped as nginx drops them: uvicorn would add them to
         # the request's headers after the head was checked (a trailer Host replacing it).
+        # nginx ends a value at its last byte that is not a space (llhttp keeps the spaces).
         if not self._in_trailers:
-            super().on_header(name, value)
+            super().on_header(name, value.rstrip(b" "))
 
     def on_headers_complete(self) -> None:
         self._in_trailers = True

@@ -29,6 +29,8 @@ CASES: dict[str, bytes] = {
     "Basic past its padding": request(b"Authorization: Basic dTpw=zz"),  # "u:p"
     "Basic without a colon": request(b"Authorization: Basic dQ=="),  # "u"
     "Basic with a bad length": request(b"Authorization: Basic dTpwe"),
+    # nginx drops the spaces after a value (not tabs); llhttp kept them.
+    "spaces after values": request(b"User-Agent: u \t  ", b"Authorization: Basic dTpw  "),
     # Sent empty: nginx prints the empty value, "-" only for a header not sent.
     "empty User-Agent and X-Forwarded-For": request(b"User-Agent: ", b"X-Forwarded-For:"),
     # nginx joins every X-Forwarded-For line; of the other headers it takes the first.
