@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,7 +32,7 @@ from edgeproxy.edge.accesslog import (
 from edgeproxy.edge.forward import forwarded_headers, header
 from edgeproxy.edge.gzip import GzipMiddleware
 from edgeproxy.edge.pages import send_page
-from edgeproxy.edge.protocol import ANSWERED_KEY, REQUEST_LINE_KEY, TIMED_OUT_KEY
+from edgeproxy.edge.protocol import ANSWERED_KEY, GONE_KEY, REQUEST_LINE_KEY, TIMED_OUT_KEY
 
 log = logging.getLogger("edgeproxy.edge")
 
@@ -84,7 +86,8 @@ class EdgeApp:
         backend_scope["headers"] = forwarded_headers(
             headers, scope["scheme"], client[0] if client else None
         )
-        await self.backend(backend_scope, exchange.receive, exchange.send)
+        answer = self.backend(backend_scope, exchange.receive, exchange.send)
+        await _unless_gone(answer, scope.get(GONE_KEY), exchange)
 
     def _redirect_location(self, scope: Scope, host: bytes | None) -> bytes:
         """https://<server_name><request URI>; the port is added when https is not on 443.
@@ -250,6 +253,27 @@ _FORM_SECRET = re.compile(rb"(?i)(^|&)(password|refresh_token|client_secret)=[^&
 
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+async def _unless_gone(
+    answer: Awaitable[None], gone: asyncio.Future[None] | None, exchange: _Exchange
+) -> None:
+    """Run the backend's answer, unless the client leaves before it begins: nginx then
+    closes the backend's connection and logs 499 (the answer would have gone nowhere, and
+    been logged as sent). Once begun, the answer runs to its end, as before."""
+    if gone is None:  # served by another protocol: nothing tells
+        await answer
+        return
+    task = asyncio.ensure_future(answer)
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and not exchange.started:
+            task.cancel()
+        await asyncio.wait((task,))
+    finally:
+        task.cancel()  # the edge's own task was cancelled (a shutdown): so is the answer
+    if not task.cancelled():
+        task.result()
 
 
 def _too_large(length: bytes, limit: int) -> bool:

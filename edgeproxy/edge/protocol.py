@@ -47,6 +47,10 @@ TIMED_OUT_KEY = "edgeproxy.timed_out"
 # (its chunked body broke: nginx's 400 page): what the app logs; its own answer goes nowhere.
 ANSWERED_KEY = "edgeproxy.answered"
 
+# scope[GONE_KEY]: a future done once the connection is lost (the client left, or half-closed:
+# asyncio then closes the transport), for the app to stop waiting on the backend's answer.
+GONE_KEY = "edgeproxy.gone"
+
 # nginx's lingering_timeout and lingering_time defaults.
 LINGERING_TIMEOUT = 5.0
 LINGERING_TIME = 30.0
@@ -111,6 +115,11 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         for timer in (self._head_timer, self._linger_timer, self._body_timer):
             if timer is not None:
                 timer.cancel()
+        gone: asyncio.Future[None] | None = None
+        if self.cycle is not None:
+            gone = self.cycle.scope.get(GONE_KEY)  # type: ignore[assignment]
+        if gone is not None and not gone.done():
+            gone.set_result(None)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -186,6 +195,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             if version == "1.0":
                 self.cycle.keep_alive = _asks_keep_alive(self.headers)
                 self.cycle.send = _http10_send(self.cycle)  # type: ignore[method-assign,assignment]
+            self.scope[GONE_KEY] = self.loop.create_future()  # type: ignore[literal-required]
             if self._meter.request_line_done:  # not for a pipelined request the meter missed
                 self.scope[REQUEST_LINE_KEY] = self._meter.request_line  # type: ignore[literal-required]
             if _has_body(self.headers):
