@@ -27,8 +27,20 @@ log = logging.getLogger("edgeproxy.edge")
 
 # aiohttp buffers up to twice this of a response before it stops reading the backend.
 READ_BUFFER = 1 << 20
-# Hidden from the client, as nginx's proxy_hide_header defaults do (it adds its own Date).
-_HIDDEN_RESPONSE = frozenset({b"server", b"date", b"x-pad", b"x-accel-redirect"})
+# Hidden from the client, as nginx's proxy_hide_header defaults do (it adds its own Date; the
+# X-Accel-* are instructions to nginx, never meant for the client).
+_HIDDEN_RESPONSE = frozenset(
+    {
+        b"server",
+        b"date",
+        b"x-pad",
+        b"x-accel-redirect",
+        b"x-accel-expires",
+        b"x-accel-limit-rate",
+        b"x-accel-buffering",
+        b"x-accel-charset",
+    }
+)
 # The edge already answered `Expect: 100-continue`; asking the backend again costs a round trip.
 _NOT_FORWARDED = frozenset({b"expect"})
 

@@ -55,6 +55,8 @@ async def registry_like(scope: Scope, receive: Receive, send: Send) -> None:
         extra = [(b"content-encoding", b"br")]
     elif path == "/etag":
         extra = [(b"etag", b'"sha256:abc"'), (b"accept-ranges", b"bytes")]
+    elif path == "/accel":  # what nginx acts on and hides (proxy_hide_header's defaults)
+        extra = [(b"x-accel-" + name, value) for name, value in ACCEL] + [(b"x-pad", b"1")]
     elif path == "/chunked":
         body, length = SMALL, False  # under 256 B, but the length is not known up front
     headers = [(b"content-type", kind), *extra]
@@ -75,6 +77,10 @@ def request(
     if accept:
         lines.append(f"Accept-Encoding: {accept}")
     return ("\r\n".join([*lines, *headers]) + "\r\n\r\n").encode()
+
+
+# Values that change nothing here (X-Accel-Redirect would redirect nginx inside itself).
+ACCEL = [(b"expires", b"0"), (b"limit-rate", b"0"), (b"buffering", b"yes"), (b"charset", b"off")]
 
 
 MSIE6 = "User-Agent: Mozilla/4.0 (compatible; MSIE 6.0; Windows NT 5.1)"
@@ -137,3 +143,14 @@ def test_the_cases_cover_both_decisions(ports: tuple[int, int]) -> None:
     nginx_port, _ = ports
     encodings = [exchange(nginx_port, r).header("content-encoding") for r in CASES.values()]
     assert "gzip" in encodings and None in encodings
+
+
+def test_hidden_backend_headers_as_nginx(ports: tuple[int, int]) -> None:
+    """nginx hides the backend's X-Accel-* and X-Pad from the client."""
+    names = [
+        sorted(
+            name for name, _ in exchange(port, request("/accel")).headers if name.startswith("x-")
+        )
+        for port in ports
+    ]
+    assert names[1] == names[0] == []
