@@ -5,11 +5,12 @@
     gzip_disable "MSIE [1-6]\\.(?!.*SV1)";
 
 A response is *eligible* when its status is 200, 403 or 404, it has no Content-Encoding, its
-Content-Length (when known) is >= 256 and its type (before any `;`, case-insensitive) is in
-the list or text/html. Every eligible response gets `Vary: Accept-Encoding` (a line of its
-own, as nginx adds it), also when it is not compressed. It is compressed when the request is
-HTTP/1.1 or later, its Accept-Encoding names `gzip` with q > 0, and its User-Agent does not
-match the MSIE pattern (case-insensitive). `gzip_proxied any`: a `Via` changes nothing.
+Content-Length (when known) is >= 256 and its type (before the `;` of a charset, else the
+whole value; case-insensitive) is in the list or text/html. Every eligible response gets
+`Vary: Accept-Encoding` (a line of its own, as nginx adds it), also when it is not
+compressed. It is compressed when the request is HTTP/1.1 or later, its Accept-Encoding
+names `gzip` with q > 0, and its User-Agent does not match the MSIE pattern
+(case-insensitive). `gzip_proxied any`: a `Via` changes nothing.
 
 Compressing drops Content-Length (the server chunks) and Accept-Ranges, makes a strong ETag
 weak, adds `Content-Encoding: gzip`. One zlib stream per response, fed as the body arrives:
@@ -107,9 +108,18 @@ def eligible(status: int, headers: list[tuple[bytes, bytes]]) -> bool:
                 return False
         elif name == b"content-type":
             content_type = value
-    # nginx keeps what precedes the `;`, spaces included: "application/json ; x" is no match.
-    media = content_type.strip().partition(b";")[0].lower()
-    return media.decode("latin-1") in TYPES
+    return media_type(content_type.strip()).lower().decode("latin-1") in TYPES
+
+
+def media_type(content_type: bytes) -> bytes:
+    """The type nginx matches against gzip_types (ngx_http_upstream_copy_content_type): what
+    precedes the `;` of a `charset=` parameter, spaces included ("application/json ;
+    charset=x" is no match); without a charset, the whole value, parameters and all."""
+    charset = _CHARSET.search(content_type)
+    return content_type[: charset.start()] if charset else content_type
+
+
+_CHARSET = re.compile(rb";(?=[ ]*charset=)", re.IGNORECASE)
 
 
 def compressed_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 from starlette.types import Receive, Scope, Send
@@ -57,6 +58,14 @@ async def registry_like(scope: Scope, receive: Receive, send: Send) -> None:
         extra = [(b"etag", b'"sha256:abc"'), (b"accept-ranges", b"bytes")]
     elif path == "/accel":  # what nginx acts on and hides (proxy_hide_header's defaults)
         extra = [(b"x-accel-" + name, value) for name, value in ACCEL] + [(b"x-pad", b"1")]
+    elif path.startswith("/type/"):  # nginx reads a type up to `;` only before a charset
+        kind = {
+            "param": b"application/json; foo=bar",
+            "charset": b"application/json; charset=utf-8",
+            "param and charset": b"application/json; foo=bar; charset=utf-8",
+            "charset and param": b"application/json;  Charset=utf-8; foo=bar",
+            "bare semicolon": b"application/json;",
+        }[unquote(path[6:])]
     elif path == "/chunked":
         body, length = SMALL, False  # under 256 B, but the length is not known up front
     headers = [(b"content-type", kind), *extra]
@@ -102,6 +111,11 @@ CASES = {
     "no accept-encoding": request("/error", accept=""),
     "gzip;q=0": request("/error", accept="gzip;q=0"),
     "head": request("/error", method="HEAD"),
+    "type with a parameter": request("/type/param"),
+    "type with a charset": request("/type/charset"),
+    "type with a parameter, then a charset": request("/type/param%20and%20charset"),
+    "type with a charset, then a parameter": request("/type/charset%20and%20param"),
+    "type and a bare semicolon": request("/type/bare%20semicolon"),
 }
 
 
