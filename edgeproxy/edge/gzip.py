@@ -25,6 +25,8 @@ import zlib
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from edgeproxy.edge.forward import header
+
 LEVEL = 6
 MIN_LENGTH = 256
 # gzip_types of the seed, plus text/html, which nginx always compresses.
@@ -63,33 +65,59 @@ HOLD = 64 * 1024
 
 
 def accepts_gzip(accept_encoding: bytes) -> bool:
-    """Whether an Accept-Encoding value names `gzip` with a q above 0 (`x-gzip` and `*` do
-    not count, as in nginx)."""
-    for item in accept_encoding.split(b","):
-        coding, *params = item.split(b";")
-        if coding.strip().lower() != b"gzip":
-            continue
-        for param in params:
-            name, _, value = param.partition(b"=")
-            if name.strip().lower() == b"q":
-                try:
-                    return float(value.strip() or b"x") > 0
-                except ValueError:
-                    return False
+    """Whether an Accept-Encoding value accepts gzip, read as nginx 1.22 reads it
+    (ngx_http_gzip_accept_encoding): its first `gzip` at the start or after `,` or a space
+    (`x-gzip` does not count), then spaces, and the end, a `,`, or `;` and a q above 0 (any
+    other parameter, or one after the q, refuses it)."""
+    lower, start = accept_encoding.lower(), 0
+    while True:
+        at = lower.find(b"gzip", start)
+        if at < 0:
+            return False
+        if at == start or lower[at - 1 : at] in (b",", b" "):
+            break
+        start = at + 4
+    rest = lower[at + 4 :].lstrip(b" ")
+    if not rest or rest.startswith(b","):
         return True
-    return False
+    if not rest.startswith(b";"):
+        return False
+    rest = rest[1:].lstrip(b" ")
+    if not rest:
+        return True
+    return rest.startswith(b"q=") and len(rest) > 2 and _quantity(rest[2:]) > 0
+
+
+def _quantity(value: bytes) -> int:
+    """ngx_http_gzip_quantity: a q as 0-100, 0 if malformed (more than 3 decimals, over 1, not
+    starting with 0 or 1). nginx adds the decimals up, whatever their place: kept here."""
+    if value[:1] not in (b"0", b"1"):
+        return 0
+    q = (value[0] - 0x30) * 100
+    if len(value) == 1 or value[1:2] in (b",", b" "):
+        return q
+    if value[1:2] != b".":
+        return 0
+    decimals = 0
+    for byte in value[2:]:
+        if byte in b", ":
+            break
+        if not 0x30 <= byte <= 0x39:
+            return 0
+        q += byte - 0x30
+        decimals += 1
+    return 0 if q > 100 or decimals > 3 else q
 
 
 def client_wants_gzip(scope: Scope) -> bool:
     """The request side of the decision: HTTP/1.1+, gzip accepted, not an old MSIE."""
     if scope["http_version"] in ("0.9", "1.0"):
         return False
+    # nginx 1.22 reads the first Accept-Encoding and the first User-Agent only.
     headers: list[tuple[bytes, bytes]] = scope["headers"]
-    accept = b",".join(v for n, v in headers if n == b"accept-encoding")
-    if not accepts_gzip(accept):
+    if not accepts_gzip(header(headers, b"accept-encoding") or b""):
         return False
-    agent = b" ".join(v for n, v in headers if n == b"user-agent")
-    return DISABLE.search(agent) is None
+    return DISABLE.search(header(headers, b"user-agent") or b"") is None
 
 
 def eligible(status: int, headers: list[tuple[bytes, bytes]]) -> bool:

@@ -92,6 +92,11 @@ def request(
 ACCEL = [(b"expires", b"0"), (b"limit-rate", b"0"), (b"buffering", b"yes"), (b"charset", b"off")]
 
 
+ACCEPT = [
+    *("gzip;q=" + q for q in ("0.001", "0.0001", ".5", "1.5", "1.0", "1.000", "1.0000", "0.")),
+    *("gzip;q=0.5;x=1", "gzip;level=1", "gzip;q =1", "gzip; q=0.5", "gzip ;q=0", "GZIP;Q=1"),
+    *("gzipx, gzip", "x-gzip, gzip", "gzip\t", "br, gzip", "gzip;", "gzip;q="),
+]
 MSIE6 = "User-Agent: Mozilla/4.0 (compatible; MSIE 6.0; Windows NT 5.1)"
 CASES = {
     "json error >= 256 B": request("/error"),
@@ -111,6 +116,11 @@ CASES = {
     "no accept-encoding": request("/error", accept=""),
     "gzip;q=0": request("/error", accept="gzip;q=0"),
     "head": request("/error", method="HEAD"),
+    # Accept-Encoding as nginx 1.22 parses it, and only the first one (the first User-Agent). Not
+    # "\tgzip": llhttp drops the tab before a value, nginx does not (and so refuses it).
+    **{f"accept {value!r}": request("/error", accept=value) for value in ACCEPT},
+    "two accept-encodings": request("/error", "Accept-Encoding: gzip", accept="identity"),
+    "two user-agents": request("/error", "User-Agent: x", MSIE6),
     "type with a parameter": request("/type/param"),
     "type with a charset": request("/type/charset"),
     "type with a parameter, then a charset": request("/type/param%20and%20charset"),
