@@ -212,7 +212,7 @@ class MirrorApp:
         self, request: Request, route: Route, target: Target, upstream: UpstreamClient
     ) -> Response:
         params = _upstream_params(request)
-        if params.get("n"):  # an empty one is none, to registry:2 as here
+        if "n" in params:
             params["n"] = str(parse_count(params["n"]))
         path = f"/v2/{route.name}/tags/list"
         asked = f"/v2/{target.remote_name}/tags/list"
@@ -399,9 +399,11 @@ def _namespace(request: Request) -> dict[str, str]:
 
 def _upstream_params(request: Request) -> dict[str, str]:
     """The query of a list the upstream pages, for the upstream: all of it but the mirror's
-    own `ns`. A next page's Link carries the upstream's cursor, `last` or another (Quay's
-    `next_page`), which must reach it as the client sent it back."""
-    return {k: v for k, v in request.query_params.items() if k != "ns"}
+    own `ns`, and an empty `n` (no `n` to registry:2; a stricter upstream refuses it). A next
+    page's Link carries the upstream's cursor, `last` or another (Quay's `next_page`), which
+    must reach it as the client sent it back."""
+    query = request.query_params.items()
+    return {k: v for k, v in query if k != "ns" and (k != "n" or v)}
 
 
 def _accept(request: Request) -> str | None:

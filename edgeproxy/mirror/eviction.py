@@ -164,6 +164,8 @@ def execute(storage: Storage, planned: Plan, taken: float) -> Plan:
     """Remove what was planned, except what was pulled since the scan began and what such a
     manifest references (an index's children: the plan puts an index before them), or a
     manifest stored since (the plan never saw it); return what was removed."""
+    if not planned.manifests and not planned.blobs:  # the usual pass: nothing to look at
+        return planned
     kept = _stored_since(storage, taken)
     manifests = []
     for entry in planned.manifests:

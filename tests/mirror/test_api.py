@@ -187,6 +187,15 @@ def test_a_next_page_of_tags_reaches_the_upstream_with_its_cursor(
     assert parse_qsl(query) == [("n", "1"), ("next_page", "gAAA=")]
 
 
+def test_an_empty_n_is_not_sent_upstream(setup: tuple[FakeUpstream, httpx.Client]) -> None:
+    """`?n=` is no `n` here and to registry:2; sent on as `n=`, a stricter upstream answered
+    400, which became a 503 or a stale page."""
+    upstream, client = setup
+    upstream.add_manifest("a", [upstream.add_blob(b"layer")])
+    assert client.get("/v2/x/tags/list?n=&last=a").status_code == 200
+    assert upstream.queries["GET /v2/library/x/tags/list"] == "last=a"
+
+
 def test_an_absolute_next_page_link_stays_on_the_mirror(
     setup: tuple[FakeUpstream, httpx.Client],
 ) -> None:
