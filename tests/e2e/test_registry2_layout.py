@@ -1,0 +1,111 @@
+"""The cache's layout, read by the real registry:2 (Debian docker-registry 2.8): a cache
+edgeproxy filled is served by registry:2 with the upstream gone, with the same digests,
+catalog and tags."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from edgeproxy.mirror.manifests import UPSTREAM_ACCEPT
+from tests.support.images import build_image, build_index, push, random_layer
+from tests.support.registry import Registry, start_registry
+from tests.support.servers import run_edgeproxy
+
+pytestmark = pytest.mark.e2e
+
+
+def entry(registry: Registry, name: str) -> dict[str, Any]:
+    return {"name": name, "url": registry.url}
+
+
+def get(url: str, **params: str) -> httpx.Response:
+    response = httpx.get(url, headers={"Accept": UPSTREAM_ACCEPT}, params=params, timeout=30)
+    assert response.status_code == 200, f"{url}: {response.status_code} {response.text}"
+    return response
+
+
+def tags_of(base: str, repo: str) -> list[str]:
+    return sorted(get(f"{base}/v2/{repo}/tags/list").json()["tags"])
+
+
+def pull(base: str, repo: str, reference: str, **params: str) -> dict[str, str]:
+    """A manifest and all it references (an index's children, their config and layers), as
+    a client pulls them: `{"<path>": digest of the bytes received}`."""
+    manifest = get(f"{base}/v2/{repo}/manifests/{reference}", **params)
+    got = {f"{repo}:{reference}": "sha256:" + hashlib.sha256(manifest.content).hexdigest()}
+    document = manifest.json()
+    for child in document.get("manifests", []):
+        got |= pull(base, repo, child["digest"], **params)
+    for blob in [document["config"], *document["layers"]] if "layers" in document else []:
+        body = get(f"{base}/v2/{repo}/blobs/{blob['digest']}", **params).content
+        got[f"{repo}@{blob['digest']}"] = "sha256:" + hashlib.sha256(body).hexdigest()
+    return got
+
+
+def test_registry2_serves_a_cache_edgeproxy_filled(tmp_path: Path) -> None:
+    """Several repositories and tags, a multi-arch index, a Docker Hub one-name image, a
+    second upstream picked by `?ns=` and by its name's prefix: registry:2 (plain and as a
+    mirror whose upstream stopped) pulls each with the digests edgeproxy served, and lists
+    the repositories and tags edgeproxy lists."""
+    hub, other = start_registry(tmp_path / "hub"), start_registry(tmp_path / "other")
+    try:
+        small = build_image(tmp_path / "small", "v1", [random_layer(2048, seed=601)])
+        newer = build_image(tmp_path / "newer", "v2", [random_layer(2048, seed=602)])
+        multi = build_index(tmp_path / "multi", "v1", [("linux", "amd64"), ("linux", "arm64")])
+        for image, repo, tag in [
+            (small, "library/alpine", "3.20"),
+            (small, "library/alpine", "latest"),
+            (newer, "library/alpine", "3.21"),
+            (multi, "team/app", "v1"),
+            (newer, "team/app/sidecar", "v1"),
+        ]:
+            push(image, hub, repo, tag)
+        push(small, other, "owner/repo", "v1")
+        push(multi, other, "owner/multi", "v1")
+        # (name asked, tag, query) -> the name registry:2 finds it under
+        asked = {
+            ("alpine", "3.20", ()): "library/alpine",
+            ("library/alpine", "latest", ()): "library/alpine",
+            ("alpine", "3.21", ()): "library/alpine",
+            ("team/app", "v1", ()): "team/app",
+            ("team/app/sidecar", "v1", ()): "team/app/sidecar",
+            ("owner/repo", "v1", (("ns", "quay.io"),)): "quay.io/owner/repo",
+            ("quay.io/owner/multi", "v1", ()): "quay.io/owner/multi",
+        }
+        served: dict[str, str] = {}
+        workdir = tmp_path / "edgeproxy"
+        with run_edgeproxy(workdir, [entry(hub, "docker.io"), entry(other, "quay.io")]) as mirror:
+            for (name, tag, query), stored in asked.items():
+                got = pull(mirror.url, name, tag, **dict(query))
+                served |= {key.replace(name, stored, 1): d for key, d in got.items()}
+            catalog = get(f"{mirror.url}/v2/_catalog").json()
+            tags = {r: tags_of(mirror.url, r) for r in set(asked.values())}
+        hub.stop()
+        other.stop()
+        assert catalog == {"repositories": sorted(set(asked.values()))}
+        plain = start_registry(tmp_path / "plain", storage=workdir / "cache")
+        try:
+            for (_, tag, _), stored in asked.items():
+                assert pull(plain.url, stored, tag).items() <= served.items()
+            assert get(f"{plain.url}/v2/_catalog").json() == catalog
+            for repo, listed in tags.items():
+                assert tags_of(plain.url, repo) == listed
+        finally:
+            plain.close()
+        # A registry:2 mirror panics at start without its upstream: it goes away after.
+        hub.start()
+        proxy = start_registry(tmp_path / "proxy", remote=hub.url, storage=workdir / "cache")
+        hub.stop()
+        try:
+            for (_, tag, _), stored in asked.items():
+                assert pull(proxy.url, stored, tag).items() <= served.items()
+        finally:
+            proxy.close()
+    finally:
+        hub.close()
+        other.close()
