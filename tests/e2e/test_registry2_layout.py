@@ -1,6 +1,6 @@
 """The cache's layout, read by the real registry:2 (Debian docker-registry 2.8): a cache
 edgeproxy filled is served by registry:2 with the upstream gone, with the same digests,
-catalog and tags."""
+catalog and tags, and `registry garbage-collect` keeps what edgeproxy serves."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from edgeproxy.mirror.manifests import UPSTREAM_ACCEPT
 from tests.support.images import build_image, build_index, push, random_layer
-from tests.support.registry import Registry, start_registry
+from tests.support.registry import Registry, garbage_collect, start_registry
 from tests.support.servers import run_edgeproxy
 
 pytestmark = pytest.mark.e2e
@@ -109,3 +109,31 @@ def test_registry2_serves_a_cache_edgeproxy_filled(tmp_path: Path) -> None:
     finally:
         hub.close()
         other.close()
+
+
+def test_a_manifest_pulled_alone_survives_registry2s_gc(tmp_path: Path) -> None:
+    """A client that only reads a manifest (`skopeo inspect`, a digest check) leaves a
+    repository without layers. registry:2 knows a repository by its _layers folder: its GC
+    skipped that repository and deleted the manifest, which edgeproxy then could not serve
+    with the upstream down (503); and registry:2's catalog did not list it."""
+    upstream = start_registry(tmp_path / "upstream")
+    try:
+        image = build_image(tmp_path / "image", "v1", [random_layer(2048, seed=610)])
+        push(image, upstream, "test/inspected", "v1")
+        workdir = tmp_path / "edgeproxy"
+        manifest = image.blob_path(image.manifest_digest).read_bytes()
+        path = "/v2/test/inspected/manifests/v1"
+        with run_edgeproxy(workdir, [entry(upstream, "docker.io")]) as mirror:
+            assert get(mirror.url + path).content == manifest
+        upstream.stop()
+        garbage_collect(workdir / "cache")
+        with run_edgeproxy(workdir, [entry(upstream, "docker.io")]) as mirror:
+            assert get(mirror.url + path).content == manifest  # stale, from the cache
+        registry2 = start_registry(tmp_path / "registry2", storage=workdir / "cache")
+        try:
+            catalog = get(f"{registry2.url}/v2/_catalog").json()
+            assert catalog == {"repositories": ["test/inspected"]}
+        finally:
+            registry2.close()
+    finally:
+        upstream.close()

@@ -286,6 +286,22 @@ def start_registry(
     return registry
 
 
+def garbage_collect(root: Path, *flags: str) -> str:
+    """`registry garbage-collect` (registry:2's own GC, `--delete-untagged` a flag) on a
+    storage root; its output. Raises with the output when it fails."""
+    config = root.parent / f"{root.name}-gc.yml"
+    storage = {"filesystem": {"rootdirectory": str(root)}, "delete": {"enabled": True}}
+    config.write_text(json.dumps({"version": "0.1", "storage": storage}) + "\n")
+    done = subprocess.run(
+        [_require(REGISTRY_BINARY), "garbage-collect", str(config), *flags],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"garbage-collect failed:\n{done.stdout}{done.stderr}")
+    return done.stdout + done.stderr
+
+
 def _require(binary: str) -> str:
     path = shutil.which(binary)
     if path is None:

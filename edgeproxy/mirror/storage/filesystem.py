@@ -307,6 +307,9 @@ class FilesystemStorage(Storage):
     def write_manifest(self, name: str, digest: str, data: bytes) -> None:
         if self.blob_size(digest) is None:
             _write_atomic(self.blob_path(digest), data)
+        # registry:2 finds repositories by their _layers folder (its catalog, and the ones
+        # its garbage-collect keeps the manifests of): a manifest read alone needs one too.
+        (self._repo(name) / "_layers").mkdir(parents=True, exist_ok=True)
         revisions = self._repo(name) / "_manifests" / "revisions"
         _write_atomic(self._digest_link(revisions, digest), digest.encode())
 
