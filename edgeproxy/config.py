@@ -199,6 +199,15 @@ class UpstreamConfig(_Model):
     def adds_library_prefix(self) -> bool:
         return self.name == "docker.io" if self.library_prefix is None else self.library_prefix
 
+    @property
+    def cache_prefix(self) -> str:
+        """The first component of its repositories' cache names (all but the first
+        upstream's): its name, or `host_port` for `host:port`. registry:2's storage refuses a
+        ":" in a path (its catalog and garbage-collect then fail on the whole cache), and
+        reads the folder as a repository name's component: lowercase."""
+        host, colon, port = self.name.partition(":")
+        return f"{host.lower()}_{port}" if colon else self.name
+
 
 class CacheConfig(_Model):
     """`[mirror.cache]`: the limits the cache keeps itself within (none by default)."""
@@ -239,6 +248,7 @@ class MirrorConfig(_Model):
     @classmethod
     def _unique_names(cls, upstreams: list[UpstreamConfig]) -> list[UpstreamConfig]:
         names = [u.name for u in upstreams]
+        names += [u.cache_prefix for u in upstreams if u.cache_prefix != u.name]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"upstream names must be unique; repeated: {', '.join(duplicates)}")

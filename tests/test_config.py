@@ -329,6 +329,17 @@ def test_upstream_url_and_name_errors_say_what_is_wanted(tmp_path: Path) -> None
     assert "pattern" not in message
 
 
+def test_upstreams_cached_under_one_name_are_refused(tmp_path: Path) -> None:
+    """`host:port` is cached as `host_port` (registry:2 takes no ":" in a path), lowercase."""
+    upstreams = [
+        {"name": name, "url": "https://r.example"}
+        for name in ("docker.io", "Registry.Local:5000", "registry.local:5000")
+    ]
+    path = write_toml(tmp_path / "proxy.toml", {"mirror": {"upstream": upstreams}})
+    with pytest.raises(ConfigError, match=r"repeated: registry\.local_5000"):
+        load_config(path)
+
+
 def test_no_config_anywhere_names_both_places(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

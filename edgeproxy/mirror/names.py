@@ -98,9 +98,11 @@ def is_digest(reference: str) -> bool:
 
 
 def resolve_target(name: str, namespace: str | None, upstreams: list[UpstreamConfig]) -> Target:
-    """Pick the upstream for `name`: containerd's `?ns=`, a leading upstream name, or the
-    default (first) upstream. `ns` is only ever a lookup key, never a host to connect to."""
+    """Pick the upstream for `name`: containerd's `?ns=`, a leading upstream name (as the
+    cache names it: `host_port` for `host:port`), or the default (first) upstream. `ns` is
+    only ever a lookup key, never a host to connect to."""
     by_name = {u.name: u for u in upstreams}
+    by_prefix = {u.cache_prefix: u for u in upstreams}  # a path's first component has no ":"
     if namespace is not None:
         if namespace not in by_name:
             raise RegistryError(
@@ -111,15 +113,15 @@ def resolve_target(name: str, namespace: str | None, upstreams: list[UpstreamCon
         upstream, remote = by_name[namespace], name
     else:
         first, _, rest = name.partition("/")
-        if rest and first in by_name:
-            upstream, remote = by_name[first], rest
+        if rest and first in by_prefix:
+            upstream, remote = by_prefix[first], rest
         else:
             upstream, remote = upstreams[0], name
     if upstream.adds_library_prefix and "/" not in remote:
         remote = f"library/{remote}"
     if upstream is not upstreams[0]:
-        return Target(upstream, remote, f"{upstream.name}/{remote}")
-    if by_name.get(remote.partition("/")[0], upstream) is not upstream:
+        return Target(upstream, remote, f"{upstream.cache_prefix}/{remote}")
+    if by_prefix.get(remote.partition("/")[0], upstream) is not upstream:
         # `?ns=<default>` (or `<default>/` before it) with `<other upstream>/repo`: its cache
         # name would be the other upstream's, whose content and access rules it must not reach.
         raise RegistryError(

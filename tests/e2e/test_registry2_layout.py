@@ -137,3 +137,36 @@ def test_a_manifest_pulled_alone_survives_registry2s_gc(tmp_path: Path) -> None:
             registry2.close()
     finally:
         upstream.close()
+
+
+def test_an_upstream_named_with_a_port_leaves_a_cache_registry2_reads(tmp_path: Path) -> None:
+    """An upstream named `host:port` was cached under a `host:port/` folder; registry:2's
+    storage refuses a ":" in a path, so its catalog and garbage-collect failed on the whole
+    cache. Such an upstream is cached under `host_port/` (the name the catalog lists, and a
+    client may pull by); registry:2 lists it, collects garbage and serves it."""
+    hub, private = start_registry(tmp_path / "hub"), start_registry(tmp_path / "private")
+    try:
+        image = build_image(tmp_path / "image", "v1", [random_layer(2048, seed=620)])
+        push(image, private, "team/tool", "v1")
+        cached = f"{private.host.replace(':', '_')}/team/tool"
+        workdir = tmp_path / "edgeproxy"
+        upstreams = [entry(hub, "docker.io"), entry(private, private.host)]
+        with run_edgeproxy(workdir, upstreams) as mirror:
+            served = pull(mirror.url, "team/tool", "v1", ns=private.host)
+            assert get(f"{mirror.url}/v2/_catalog").json() == {"repositories": [cached]}
+            assert pull(mirror.url, cached, "v1") == {
+                key.replace("team/tool", cached): digest for key, digest in served.items()
+            }
+        private.stop()
+        garbage_collect(workdir / "cache")
+        registry2 = start_registry(tmp_path / "registry2", storage=workdir / "cache")
+        try:
+            assert get(f"{registry2.url}/v2/_catalog").json() == {"repositories": [cached]}
+            assert pull(registry2.url, cached, "v1")[f"{cached}:v1"] == image.manifest_digest
+        finally:
+            registry2.close()
+        with run_edgeproxy(workdir, upstreams) as mirror:
+            assert pull(mirror.url, "team/tool", "v1", ns=private.host) == served
+    finally:
+        hub.close()
+        private.close()

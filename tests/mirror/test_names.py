@@ -93,6 +93,19 @@ def test_the_default_upstream_never_reaches_another_upstreams_cache(
     )
 
 
+def test_an_upstream_with_a_port_is_cached_as_host_port() -> None:
+    """registry:2's storage takes no ":" in a path: `Registry.Local:5000` is cached under
+    `registry.local_5000/`, a name clients may use too, and the default upstream's own."""
+    private = UpstreamConfig(name="Registry.Local:5000", url="https://registry.local:5000")
+    upstreams = [HUB, private]
+    by_ns = resolve_target("team/tool", "Registry.Local:5000", upstreams)
+    assert (by_ns.upstream, by_ns.local_name) == (private, "registry.local_5000/team/tool")
+    assert resolve_target("registry.local_5000/team/tool", None, upstreams) == by_ns
+    with pytest.raises(RegistryError) as caught:
+        resolve_target("registry.local_5000/team/tool", "docker.io", upstreams)
+    assert caught.value.code == "NAME_UNKNOWN"
+
+
 def test_ranges() -> None:
     assert parse_ranges(None, 100) == []
     assert parse_ranges("bytes=10-19", 100) == [(10, 20)]
