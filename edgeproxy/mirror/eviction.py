@@ -32,6 +32,8 @@ from edgeproxy.mirror.storage import Storage, StoredBlob, StoredManifest
 
 log = logging.getLogger("edgeproxy.eviction")
 
+UPLOADS_AGE = 7 * 86400.0  # registry:2's uploadpurging age: its leftovers older than this go
+
 
 def references(data: bytes) -> frozenset[str]:
     """The digests a manifest points at: an index's manifests, an image's config and layers
@@ -255,6 +257,8 @@ class Evictor:
             if dry_run:
                 return planned
             done = execute(self._storage, planned, inventory.taken)
+            if uploads := self._storage.remove_uploads(time.time() - UPLOADS_AGE):
+                log.info("removed %d uploads registry:2 left over a week ago", uploads)
             lock.seek(0)
             lock.truncate()
             lock.write(f"{time.time():.3f}\n")

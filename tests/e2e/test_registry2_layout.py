@@ -5,16 +5,19 @@ catalog and tags, and `registry garbage-collect` keeps what edgeproxy serves."""
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from edgeproxy.cli import main
 from edgeproxy.mirror.manifests import UPSTREAM_ACCEPT
 from tests.support.images import build_image, build_index, push, random_layer
 from tests.support.registry import Registry, garbage_collect, start_registry
-from tests.support.servers import run_edgeproxy
+from tests.support.servers import run_edgeproxy, write_toml
 
 pytestmark = pytest.mark.e2e
 
@@ -170,3 +173,30 @@ def test_an_upstream_named_with_a_port_leaves_a_cache_registry2_reads(tmp_path: 
     finally:
         hub.close()
         private.close()
+
+
+def test_uploads_registry2_left_go_after_a_week(tmp_path: Path) -> None:
+    """A registry:2 mirror leaves `_uploads/<id>` behind when a download to its cache fails
+    (it never cancels them) and purges them after a week; edgeproxy never did, nor counted
+    them: a cache taken over kept partial layers for good. The eviction pass removes those a
+    week old, as registry:2's purge does; newer ones (a registry:2 still running) stay."""
+    registry2 = start_registry(tmp_path / "registry2")
+    try:
+        for name in ("old/upload", "new/upload"):
+            started = httpx.post(f"{registry2.url}/v2/{name}/blobs/uploads/")
+            assert started.status_code == 202, started.text
+            sent = httpx.patch(started.headers["location"], content=b"x" * 1000)
+            assert sent.status_code == 202, sent.text
+    finally:
+        registry2.close()
+    repositories = registry2.root / "docker/registry/v2/repositories"
+    eight_days_ago = time.time() - 8 * 86400
+    for folder, _, files in os.walk(repositories / "old"):
+        for name in [*files, "."]:
+            os.utime(Path(folder) / name, (eight_days_ago, eight_days_ago))
+    upstreams = [{"name": "docker.io", "url": "http://127.0.0.1:1"}]
+    config = {"root": str(registry2.root), "cache": {"max_age": "30d"}, "upstream": upstreams}
+    path = write_toml(tmp_path / "proxy.toml", {"mirror": config})
+    assert main(["cache", "prune", "--config", str(path)]) == 0
+    assert not (repositories / "old").exists()
+    assert len(list((repositories / "new/upload/_uploads").iterdir())) == 1

@@ -169,6 +169,11 @@ class Storage(ABC):
         a repository left without manifests goes too."""
 
     @abstractmethod
+    def remove_uploads(self, before: float) -> int:
+        """Delete the uploads a registry:2 left that began before `before` (edgeproxy makes
+        none); how many."""
+
+    @abstractmethod
     def remove_blobs(self, digests: list[str]) -> None:
         """Delete blobs and every repository's links to them; readers holding one open
         finish. One call for many: the repositories are looked through once."""

@@ -410,6 +410,24 @@ class FilesystemStorage(Storage):
                 shutil.rmtree(repo / own, ignore_errors=True)
             _remove_empty_parents(repo, self._v2 / "repositories")
 
+    def remove_uploads(self, before: float) -> int:
+        # registry:2 leaves `_uploads/<id>` when a download to its cache fails (it never
+        # cancels them) and purges them after a week; a cache taken over must too.
+        count = 0
+        for name, dirs in list(self._repository_dirs()):
+            if "_uploads" not in dirs:
+                continue
+            uploads = self._repo(name) / "_uploads"
+            for upload in _subdirs(uploads):
+                started = _mtime(upload / "startedat") or _mtime(upload)
+                if started is not None and started < before:
+                    shutil.rmtree(upload, ignore_errors=True)
+                    count += 1
+            with contextlib.suppress(OSError):  # not empty: an upload goes on
+                uploads.rmdir()
+            _remove_empty_parents(self._repo(name), self._v2 / "repositories")
+        return count
+
     def remove_blobs(self, digests: list[str]) -> None:
         # The links first: a repository never names a blob that is gone. Each repository's
         # links are listed once (far fewer look-ups than repositories x digests).
