@@ -319,36 +319,50 @@ class UpstreamClient:
         """Send one small request (`what`, for messages); the answer and its body, read whole
         unless over `limit`, within the deadline. Any failure to get them is UpstreamUnavailable."""
         deadline = asyncio.get_running_loop().time() + self._deadline
-        try:
-            async with (
-                asyncio.timeout_at(deadline) as timeout,
-                self._http.stream(
-                    method, url, headers=headers, params=params, auth=auth
-                ) as response,
-            ):
-                body = bytearray()
-                async for chunk in response.aiter_raw():
-                    body += chunk
-                    if len(body) > limit:
-                        reason = f"{what}: answer over {limit >> 20} MiB"
-                        raise UpstreamUnavailable(self.name, reason)
-                    timeout.reschedule(deadline + len(body) / MIN_BODY_RATE)
-                return response, bytes(body)
-        except* TimeoutError:
-            reason = f"{what}: no whole answer in time (a connect, two reads, 16 KiB/s)"
-            log.warning("upstream %s: %s", self.name, reason)
-            raise UpstreamUnavailable(self.name, reason) from None
-        # A URL that parses but that no socket takes (a realm or a redirect to port 99999)
-        # fails below httpx, as an OverflowError or ValueError in anyio's task group.
-        except* (httpx.HTTPError, httpx.InvalidURL, OverflowError, ValueError) as group:
-            exc: BaseException = group
-            while isinstance(exc, BaseExceptionGroup):
-                exc = exc.exceptions[0]
-            log.warning("upstream %s: %s failed: %r", self.name, what, exc)
-            reason = type(exc).__name__
-            if isinstance(exc, httpx.ProxyError):  # a proxy's refusal: its status line says why
-                reason = f"through the proxy: {str(exc)[:120]}"
-            raise UpstreamUnavailable(self.name, f"{what}: {reason}") from exc
+        for attempt in range(2):
+            answered = False
+            try:
+                async with (
+                    asyncio.timeout_at(deadline) as timeout,
+                    self._http.stream(
+                        method, url, headers=headers, params=params, auth=auth
+                    ) as response,
+                ):
+                    answered = True
+                    body = bytearray()
+                    async for chunk in response.aiter_raw():
+                        body += chunk
+                        if len(body) > limit:
+                            reason = f"{what}: answer over {limit >> 20} MiB"
+                            raise UpstreamUnavailable(self.name, reason)
+                        timeout.reschedule(deadline + len(body) / MIN_BODY_RATE)
+                    return response, bytes(body)
+            except* TimeoutError:
+                reason = f"{what}: no whole answer in time (a connect, two reads, 16 KiB/s)"
+                log.warning("upstream %s: %s", self.name, reason)
+                raise UpstreamUnavailable(self.name, reason) from None
+            # A URL that parses but that no socket takes (a realm or a redirect to port 99999)
+            # fails below httpx, as an OverflowError or ValueError in anyio's task group.
+            except* (httpx.HTTPError, httpx.InvalidURL, OverflowError, ValueError) as group:
+                exc: BaseException = group
+                while isinstance(exc, BaseExceptionGroup):
+                    exc = exc.exceptions[0]
+                # A kept-alive connection the server (or a proxy: tinyproxy) closed as the
+                # request went out: nothing came back, and a GET or HEAD may go again, on a
+                # new connection, as Go's client and the blob threads resend it.
+                resend = (
+                    attempt == 0
+                    and not answered
+                    and method in ("GET", "HEAD")
+                    and isinstance(exc, httpx.RemoteProtocolError)
+                )
+                if not resend:
+                    log.warning("upstream %s: %s failed: %r", self.name, what, exc)
+                    reason = type(exc).__name__
+                    if isinstance(exc, httpx.ProxyError):  # its status line says why
+                        reason = f"through the proxy: {str(exc)[:120]}"
+                    raise UpstreamUnavailable(self.name, f"{what}: {reason}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # Blob streams
     async def open_blob(self, name: str, digest: str, block_size: int) -> BlobStream:

@@ -63,6 +63,9 @@ class FakeUpstream:
     issued: int = 0
     token_answer: bytes | None = None  # what /token answers instead, when set
     realm: str | None = None  # the challenges' realm, when not this server's /token
+    # Close each connection when a second request comes on it, unanswered (tinyproxy's way
+    # with an answer that did not say "Connection: close": set that in answer_headers).
+    closes_when_reused: bool = False
 
     @property
     def url(self) -> str:
@@ -118,6 +121,9 @@ class FakeUpstream:
             if self.tokens is not None and not self._authorized(writer, path, authorization):
                 return
             await self._respond(writer, method, path)
+            if self.closes_when_reused:
+                await writer.drain()
+                await reader.readuntil(b"\r\n\r\n")
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:

@@ -970,3 +970,18 @@ def test_a_shared_head_that_fails_serves_every_client_stale(
     [got] = bursts(mirror_of(upstream, tmp_path / "cache"), 8)
     assert {(m.digest, status) for m, status in got} == {(digest, "edgeproxy; hit; detail=stale")}
     assert upstream.requests["HEAD /v2/x/manifests/v1"] == 2
+
+
+def test_a_kept_alive_connection_closed_unanswered_is_asked_again(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """An upstream (or a proxy: tinyproxy) that answers as if it kept the connection, then
+    closes it when the next request comes: the next manifest or tags request failed with
+    "Server disconnected without sending a response" (a 503). A GET or HEAD that got nothing
+    back goes again on a new connection, as Go's client sends it."""
+    upstream.answer_headers[""] = {"Connection": "keep-alive"}
+    upstream.closes_when_reused = True
+    upstream.add_manifest("a", [upstream.add_blob(b"layer")])
+    with serve_app(mirror_of(upstream, tmp_path)) as url, httpx.Client(base_url=url) as client:
+        for path in ("/v2/x/tags/list", "/v2/x/manifests/a", "/v2/x/tags/list"):
+            assert client.get(path).status_code == 200, path
