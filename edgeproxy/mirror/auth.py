@@ -251,15 +251,23 @@ class Authenticator:
         )
 
     def realm(self, request: Request) -> str:
-        """The configured realm, or this mirror's token URL as the client reached it."""
+        """The configured realm, or this mirror's token URL as the client reached it: through
+        a proxy, as its X-Forwarded-Proto and X-Forwarded-Host say. Believed from any address,
+        as registry:2 believes them for its URLs: uvicorn believes 127.0.0.1 only, and a proxy
+        on another host that ends TLS would have its clients send passwords to http. A client
+        that sends them itself misleads no one but itself."""
         if self.config.realm:
             return self.config.realm
-        host = request.headers.get("host", "")
-        if not _HOST.fullmatch(host):  # a quote would end the realm's quoted string
-            host = "localhost"
-        # The scope's scheme, not request.url's: building that URL decodes the query string
-        # as UTF-8, and a client may send any bytes there.
-        return f"{request.scope.get('scheme', 'http')}://{host}{TOKEN_PATH}"
+        headers = request.headers
+        # A quote would end the realm's quoted string: only a host name shapes it.
+        names = (_first(headers.get("x-forwarded-host")), headers.get("host", ""))
+        host = next((name for name in names if _HOST.fullmatch(name)), "localhost")
+        scheme = _first(headers.get("x-forwarded-proto")).lower()
+        if scheme not in ("http", "https"):
+            # The scope's scheme, not request.url's: building that URL decodes the query
+            # string as UTF-8, and a client may send any bytes there.
+            scheme = request.scope.get("scheme", "http")
+        return f"{scheme}://{host}{TOKEN_PATH}"
 
     async def _basic_user(self, credentials: str) -> str | None:
         try:
@@ -341,6 +349,11 @@ async def _form(request: Request) -> dict[str, list[str]]:
         if len(body) > MAX_FORM:
             raise RegistryError("UNSUPPORTED", "token form too large", status=413)
     return parse_qs(body.decode("latin-1"))
+
+
+def _first(value: str | None) -> str:
+    """The first of a forwarded header's comma-separated values (the one its client sent)."""
+    return (value or "").partition(",")[0].strip()
 
 
 def _grant(scope: str) -> dict[str, Any] | None:

@@ -327,6 +327,24 @@ def test_a_strange_host_never_shapes_the_challenge(setup: Setup, host: str) -> N
     assert challenge == 'Bearer realm="http://localhost/token",service="edgeproxy"'
 
 
+def test_the_realm_is_where_a_proxy_on_another_host_was_reached(setup: Setup) -> None:
+    """nginx on another host (the seed's `proxy_pass http://mirror:5000`) terminates TLS and
+    says so in X-Forwarded-Proto: the client must be sent to https for its password, never to
+    plain http. (uvicorn believes forwarded headers from 127.0.0.1 only.)"""
+    transport = httpx.HTTPTransport(local_address="127.0.0.2")
+    with httpx.Client(base_url=setup.client.base_url, transport=transport) as client:
+        forwarded = {"Host": "mirror.example", "X-Forwarded-Proto": "https"}
+        challenge = client.get("/v2/", headers=forwarded).headers["www-authenticate"]
+        assert challenge.startswith('Bearer realm="https://mirror.example/token"')
+        # Behind a proxy that names the host in X-Forwarded-Host (the first one: its client's).
+        renamed = {**forwarded, "X-Forwarded-Host": "public.example:8443, inner"}
+        challenge = client.get("/v2/", headers=renamed).headers["www-authenticate"]
+        assert challenge.startswith('Bearer realm="https://public.example:8443/token"')
+        odd = {"X-Forwarded-Proto": "gopher", "X-Forwarded-Host": 'x"y', "Host": "m.example"}
+        challenge = client.get("/v2/", headers=odd).headers["www-authenticate"]
+        assert challenge.startswith('Bearer realm="http://m.example/token"')
+
+
 def test_exposed_upstream_credentials_are_warned_about() -> None:
     def warnings(auth: dict[str, Any] | None) -> list[str]:
         upstreams = [
