@@ -49,7 +49,7 @@ _ALGORITHM = "HS256"
 # does (no telling users apart by the time an answer takes).
 _DUMMY_HASH = bcrypt.hashpw(b"not a password", bcrypt.gensalt(5))
 MAX_FORM = 64 * 1024
-_HOST = re.compile(r"[A-Za-z0-9.\-]+(:\d+)?|\[[0-9A-Fa-f:.]+\](:\d+)?")
+_HOST = re.compile(r"[A-Za-z0-9._\-]+(:\d+)?|\[[0-9A-Fa-f:.]+\](:\d+)?")
 MAX_REMEMBERED_TOKENS = 4096
 _VERIFIED_TTL = 60.0  # seconds a verified user:password pair skips bcrypt
 

@@ -327,6 +327,13 @@ def test_a_strange_host_never_shapes_the_challenge(setup: Setup, host: str) -> N
     assert challenge == 'Bearer realm="http://localhost/token",service="edgeproxy"'
 
 
+def test_a_host_name_with_an_underscore_is_the_realm(setup: Setup) -> None:
+    """docker compose names services so ("registry_mirror"); nginx takes them as Host too."""
+    response = setup.client.get("/v2/", headers={"Host": "registry_mirror:5000"})
+    challenge = response.headers["www-authenticate"]
+    assert challenge.startswith('Bearer realm="http://registry_mirror:5000/token"')
+
+
 def test_the_realm_is_where_a_proxy_on_another_host_was_reached(setup: Setup) -> None:
     """nginx on another host (the seed's `proxy_pass http://mirror:5000`) terminates TLS and
     says so in X-Forwarded-Proto: the client must be sent to https for its password, never to
