@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import httpx
 import jwt
 import pytest
@@ -317,6 +320,34 @@ def test_a_remembered_token_is_verified_again_once_expired(
     monkeypatch.setattr(time, "time", lambda: later)
     authenticator._token_grants(token, access)
     assert len(decoded) == 2, "an expired remembered token is checked again (and refused)"
+
+
+def test_a_flood_of_wrong_passwords_leaves_the_threads_pulls_need(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bcrypt takes ~0.5 s a check at cost 12: wrong passwords sent faster than that must not
+    take the threads that read cold blobs, commit fills and probe the storage."""
+    (tmp_path / "htpasswd").write_bytes(htpasswd_entry(USER, PASSWORD))
+    authenticator = Authenticator(AuthConfig(htpasswd=tmp_path / "htpasswd"), tmp_path)
+    released = threading.Event()
+
+    def slow_checkpw(password: bytes, hashed: bytes) -> bool:
+        released.wait()
+        return False
+
+    monkeypatch.setattr(bcrypt, "checkpw", slow_checkpw)
+
+    async def flood_then_read() -> list[str | None]:
+        wrong = [base64.b64encode(f"{USER}:wrong{n}".encode()).decode() for n in range(40)]
+        checks = [asyncio.create_task(authenticator._basic_user(pair)) for pair in wrong]
+        await asyncio.sleep(0)  # every check is waiting for bcrypt now
+        try:  # what a cold blob read does
+            assert await asyncio.wait_for(asyncio.to_thread(lambda: b"read"), 20) == b"read"
+        finally:
+            released.set()
+        return await asyncio.gather(*checks)
+
+    assert asyncio.run(flood_then_read()) == [None] * 40
 
 
 @pytest.mark.parametrize("host", ['evil",service="x', "a b", ""])
