@@ -46,8 +46,7 @@ TOKEN_PATH = "/token"
 ISSUER = "edgeproxy"
 KEY_FILE = "edgeproxy/auth.key"
 _ALGORITHM = "HS256"
-# Checked against when the user is unknown, so that a wrong user costs what a wrong password
-# does (no telling users apart by the time an answer takes).
+# Checked against when the user is unknown and the file has no entry to take the cost of.
 _DUMMY_HASH = bcrypt.hashpw(b"not a password", bcrypt.gensalt(5))
 MAX_FORM = 64 * 1024
 _HOST = re.compile(r"[A-Za-z0-9._\-]+(:\d+)?|\[[0-9A-Fa-f:.]+\](:\d+)?")
@@ -70,6 +69,7 @@ class Htpasswd:
         self.path = path
         self._mtime: int | None = None
         self._users: dict[str, bytes] = {}
+        self._unknown_user_hash = _DUMMY_HASH
         self._verified: dict[bytes, float] = {}  # sha256(user, password, hash) -> until
         self._load()
 
@@ -92,6 +92,10 @@ class Htpasswd:
                 continue
             users[user] = hashed.encode()
         self._users, self._mtime = users, stat.st_mtime_ns
+        # An unknown user is checked against the costliest entry (a password right for it
+        # is still refused): a wrong user then costs what a wrong password does, and the
+        # time of an answer does not tell which users exist.
+        self._unknown_user_hash = max(users.values(), key=_cost, default=_DUMMY_HASH)
         self._verified.clear()
 
     def remembered(self, user: str, password: str) -> bool:
@@ -106,7 +110,8 @@ class Htpasswd:
             return True
         hashed = self._users.get(user)
         try:
-            ok = bcrypt.checkpw(password.encode(), hashed or _DUMMY_HASH) and hashed is not None
+            checked = hashed or self._unknown_user_hash
+            ok = bcrypt.checkpw(password.encode(), checked) and hashed is not None
         except ValueError:  # a malformed hash in the file
             ok = False
         if ok:
@@ -116,6 +121,12 @@ class Htpasswd:
     def _pair(self, user: str, password: str) -> bytes:
         hashed = self._users.get(user, b"")
         return hashlib.sha256(b"\0".join([user.encode(), password.encode(), hashed])).digest()
+
+
+def _cost(hashed: bytes) -> int:
+    """The cost of a bcrypt hash ("$2y$10$..." is 10); 0 when malformed."""
+    digits = hashed[4:6]
+    return int(digits) if digits.isdigit() else 0
 
 
 def exposed_credentials(config: MirrorConfig) -> list[str]:

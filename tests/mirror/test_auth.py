@@ -258,6 +258,27 @@ def test_htpasswd_skips_what_is_not_bcrypt(tmp_path: Path) -> None:
     assert not htpasswd.verify("b", "PW")
 
 
+def test_an_unknown_user_costs_what_a_known_one_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hashed at cost 10 (`htpasswd -B -C 10`), a wrong password takes ~0.1 s: an unknown
+    user must too, or the time of an answer tells which users exist."""
+    path = tmp_path / "htpasswd"
+    path.write_bytes(b"alice:" + bcrypt.hashpw(b"pw", bcrypt.gensalt(10)) + b"\n")
+    checked: list[bytes] = []
+    checkpw = bcrypt.checkpw
+
+    def recording_checkpw(password: bytes, hashed: bytes) -> bool:
+        checked.append(hashed)
+        return checkpw(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", recording_checkpw)
+    htpasswd = Htpasswd(path)
+    assert not htpasswd.verify("alice", "wrong")
+    assert not htpasswd.verify("mallory", "pw"), "alice's password is not mallory's"
+    assert [hashed[:7] for hashed in checked] == [b"$2b$10$", b"$2b$10$"]
+
+
 def test_signing_key_is_shared_and_private(tmp_path: Path) -> None:
     first = signing_key(tmp_path)
     assert signing_key(tmp_path) == first, "a second worker reads the same key"
