@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from edgeproxy.cli import main
 from edgeproxy.config import ConfigError, load_config, parse_address, parse_duration, parse_size
@@ -183,6 +184,34 @@ def test_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     bad.write_text("[mirror]\n")
     assert main(["check", "--config", str(bad)]) == 1
     assert "mirror.upstream: Field required" in capsys.readouterr().err
+
+
+def test_check_refuses_an_encrypted_key_without_asking_for_its_passphrase(tmp_path: Path) -> None:
+    """OpenSSL would ask for the passphrase on the terminal (a master reloading in one would
+    wait there) or fail with EINVAL: "cannot read: Invalid argument" named no cause."""
+    _, key = self_signed(["127.0.0.1"], tmp_path)
+    private = serialization.load_pem_private_key(key.read_bytes(), None)
+    key.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    path = tmp_path / "proxy.toml"
+    path.write_text(
+        MIRROR
+        + "[edge]\nhttps = ':8443'\n[edge.tls]\ncertificate = 'server.crt'\nkey = 'server.key'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "edgeproxy.cli", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 1
+    assert f"edge.tls: {key}: the key is encrypted" in done.stderr, done.stderr
+    assert "pass phrase" not in done.stderr
 
 
 def test_check_loads_the_files_the_config_names(

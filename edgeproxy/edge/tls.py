@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 
 from edgeproxy.config import TlsConfig
 
@@ -29,7 +30,7 @@ def server_context(tls: TlsConfig) -> ssl.SSLContext:
         if not path.is_file():
             raise TlsError(f"{path}: no such file (make one: edgeproxy certs self-signed)")
     try:
-        context.load_cert_chain(tls.certificate, tls.key)
+        context.load_cert_chain(tls.certificate, tls.key, password=_no_passphrase(tls))
     except ssl.SSLError as exc:
         raise TlsError(
             f"{tls.certificate}, {tls.key}: not a usable certificate and key: {exc}"
@@ -37,6 +38,20 @@ def server_context(tls: TlsConfig) -> ssl.SSLContext:
     except OSError as exc:  # unreadable: a key only root may read, an I/O error
         raise TlsError(f"{tls.certificate}, {tls.key}: cannot read: {exc.strerror}") from exc
     return context
+
+
+def _no_passphrase(tls: TlsConfig) -> Callable[[], bytes]:
+    """What OpenSSL calls for an encrypted key's passphrase: there is none to give. Without
+    it, OpenSSL asks on the terminal (a master reloading there would wait for an answer), or
+    fails with EINVAL when there is none."""
+
+    def refuse() -> bytes:
+        raise TlsError(
+            f"{tls.key}: the key is encrypted; give edgeproxy one without a passphrase "
+            "(openssl pkey -in KEY -out PLAIN)"
+        )
+
+    return refuse
 
 
 def session(transport: asyncio.Transport) -> tuple[str, str] | None:
