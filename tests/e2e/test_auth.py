@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from tests.support.containerd import run_containerd
-from tests.support.edge import ca_dir, make_certificate
+from tests.support.dockerd import Dockerd
+from tests.support.edge import ca_dir, make_certificate, run_edge
 from tests.support.htpasswd import htpasswd_entry
 from tests.support.images import Pushed
 from tests.support.ports import free_port
@@ -235,6 +236,39 @@ def test_login_through_the_tls_edge_with_two_workers(
     access_log = (tmp_path / "access.log").read_text()
     assert f"grant_type=password&username={USER}&password=***" in access_log
     assert PASSWORD not in access_log
+
+
+def test_docker_login_and_pull_through_the_tls_edge(
+    registry_none: Registry,
+    pushed: dict[str, Pushed],
+    tmp_path: Path,
+    start_dockerd: Callable[..., Dockerd],
+) -> None:
+    """The seed's deployment with [mirror.auth]: `docker login HOST:443` asks the https realm
+    (offline_token=true), `docker pull HOST:443/...` pulls with its tokens; neither the
+    password nor a token reaches the access log or the error log."""
+    small = pushed["small"]
+    with run_edge(
+        tmp_path / "edge", [upstream_entry(registry_none)], auth=auth_section(tmp_path)
+    ) as edge:
+        host = f"127.0.0.1:{edge.https_port}"
+        daemon = start_dockerd()  # a registry on 127.0.0.0/8: https tried first, unverified
+        wrong = daemon.docker("login", "--username", USER, "--password", "nope", host)
+        assert "unauthorized: incorrect username or password" in wrong.stderr, wrong.stderr
+        login = daemon.docker("login", "--username", USER, "--password", PASSWORD, host)
+        assert login.returncode == 0, login.stderr
+        pulled = daemon.docker("pull", f"{host}/{small.repo}:v1")
+        assert pulled.returncode == 0, pulled.stderr + daemon.log()[-3000:]
+        digests = daemon.docker("image", "inspect", "--format", "{{json .RepoDigests}}",
+                                f"{host}/{small.repo}:v1")  # fmt: skip
+        assert small.image.manifest_digest in digests.stdout
+        lines = edge.access_lines()
+        error_log = edge.process.log()
+    token_lines = [line for line in lines if "/token?" in line]
+    assert any("offline_token=true" in line and " 200 " in line for line in token_lines)
+    assert all(" TLSv1.3 " in line for line in lines), lines
+    for log in ("\n".join(lines), error_log):
+        assert PASSWORD not in log and "nope" not in log and "Bearer ey" not in log
 
 
 def test_containerd_pulls_with_credentials(

@@ -105,9 +105,11 @@ def run_edge(
     upstreams: list[dict[str, Any]],
     *,
     tls: bool = True,
+    auth: Any = None,  # a dict, as [mirror.auth] (Any: callers pass **edge of str values)
     **edge: Any,
 ) -> Iterator[Edge]:
-    """Start edgeproxy with `[edge]` (+ TLS with a fresh self-signed certificate if `tls`)."""
+    """Start edgeproxy with `[edge]` (+ TLS with a fresh self-signed certificate if `tls`,
+    `auth` as `[mirror.auth]`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     http_port = free_port()
     https_port = free_port() if tls else None
@@ -123,10 +125,10 @@ def run_edge(
         certificate, key = make_certificate(workdir / "certs", "127.0.0.1", "localhost")
         section["https"] = f"127.0.0.1:{https_port}"
         section["tls"] = {"certificate": str(certificate), "key": str(key)}
-    config = {
-        "mirror": {"root": str(workdir / "cache"), "upstream": upstreams},
-        "edge": section,
-    }
+    mirror: dict[str, Any] = {"root": str(workdir / "cache"), "upstream": upstreams}
+    if auth is not None:
+        mirror["auth"] = auth
+    config = {"mirror": mirror, "edge": section}
     process = EdgeproxyProcess(write_toml(workdir / "proxy.toml", config), https_port or http_port)
     process.start()
     try:
