@@ -158,6 +158,14 @@ UpstreamUrl = Annotated[
 Backend = Annotated[
     str, _matching(r"embedded|https?://[^/\s]+/?", '"embedded" or http(s)://host[:port]')
 ]
+# Quoted in the challenge (`Bearer realm="...",service="..."`): a quote, a backslash or a
+# control character would end or break it; clients need the realm's scheme.
+ChallengeService = Annotated[
+    str, _matching(r"[!#-\[\]-~]+", 'a service name (visible ASCII, no " or \\)')
+]
+ChallengeRealm = Annotated[
+    str, _matching(r'(https?://[^/\s"\\]+(/[^\s"\\]*)?)?', "empty or an http(s):// URL")
+]
 Size = Annotated[int, BeforeValidator(parse_size)]
 Address = Annotated[tuple[str, int], BeforeValidator(parse_address)]
 FilePath = Annotated[Path, BeforeValidator(_no_nul)]
@@ -225,8 +233,8 @@ class AuthConfig(_Model):
     """`[mirror.auth]`: clients must authenticate, as htpasswd users (bcrypt entries)."""
 
     htpasswd: FilePath
-    service: str = "edgeproxy"  # the `service` of the challenge and the tokens' audience
-    realm: str = ""  # the token URL clients are sent to; empty: <scheme>://<Host>/token
+    service: ChallengeService = "edgeproxy"  # the challenge's `service`, the tokens' audience
+    realm: ChallengeRealm = ""  # the token URL clients are sent to; empty: <scheme>://<Host>/token
     token_ttl: Duration = 300.0
     anonymous: list[str] = Field(default_factory=list)  # repository globs anyone may pull
     anonymous_upstreams: list[str] = Field(default_factory=list)  # upstreams anyone may pull

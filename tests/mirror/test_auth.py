@@ -305,6 +305,29 @@ def test_config(tmp_path: Path) -> None:
     assert "secret" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("auth", "key"),
+    [
+        ({"service": 'my"registry'}, "service"),  # would end the challenge's quoted string
+        ({"service": "a\nb"}, "service"),
+        ({"service": ""}, "service"),
+        ({"realm": "mirror.example.com/token"}, "realm"),  # clients need the scheme
+        ({"realm": 'https://x/token",service="other'}, "realm"),
+    ],
+)
+def test_a_service_or_realm_that_breaks_the_challenge_is_refused(
+    tmp_path: Path, auth: dict[str, str], key: str
+) -> None:
+    def config(**auth: str) -> Path:
+        upstream = {"name": "docker.io", "url": "https://r.example"}
+        mirror = {"upstream": [upstream], "auth": {"htpasswd": "h", **auth}}
+        return write_toml(tmp_path / "proxy.toml", {"mirror": mirror})
+
+    with pytest.raises(ConfigError, match=rf"mirror\.auth\.{key}: "):
+        load_config(config(**auth))
+    load_config(config(realm="https://auth.example:8443/v2/token", service="mirror.example"))
+
+
 def test_run_refuses_a_missing_htpasswd(tmp_path: Path) -> None:
     config = config_from_dict(
         {
