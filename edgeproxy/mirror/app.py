@@ -231,7 +231,8 @@ class MirrorApp:
             response.headers["Cache-Status"] = STALE
             return response
         headers = {"Cache-Status": MISS, **_next_page(request, upstream, answer, asked, path)}
-        return Response(answer.body, headers=headers, media_type="application/json")
+        body = _named(answer.body, route.name)
+        return Response(body, headers=headers, media_type="application/json")
 
     async def _referrers(
         self, request: Request, route: Route, target: Target, upstream: UpstreamClient
@@ -387,6 +388,19 @@ def _next_page(
     cursor = [q for q in url.query.split("&") if q and unquote_plus(q.partition("=")[0]) != "ns"]
     query = "&".join(q for q in (*cursor, urlencode(_namespace(request))) if q)
     return {"Link": f"{before}<{path}{'?' if query else ''}{query}>{after}"}
+
+
+def _named(tags: bytes, name: str) -> bytes:
+    """The upstream's tags list under the name the client asked by, as registry:2 and the
+    list from the cache name it (the upstream's is `library/x` for `x`, `owner/repo` for
+    `quay.io/owner/repo`); anything else goes as it came."""
+    try:
+        document = json.loads(tags)
+    except ValueError:
+        return tags
+    if not isinstance(document, dict) or "name" not in document:
+        return tags
+    return json.dumps({**document, "name": name}).encode()
 
 
 def _namespace(request: Request) -> dict[str, str]:

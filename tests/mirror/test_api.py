@@ -149,7 +149,7 @@ def test_tags_catalog_and_referrers(setup: tuple[FakeUpstream, httpx.Client]) ->
     layer = upstream.add_blob(b"layer")
     for tag in ("a", "b", "c"):
         upstream.add_manifest(tag, [layer])
-    assert client.get("/v2/x/tags/list").json() == {"name": "library/x", "tags": ["a", "b", "c"]}
+    assert client.get("/v2/x/tags/list").json() == {"name": "x", "tags": ["a", "b", "c"]}
     for name in ("one/x", "two/x", "three/x"):
         client.get(f"/v2/{name}/manifests/a")
     page = client.get("/v2/_catalog?n=2")
