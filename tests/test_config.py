@@ -253,33 +253,31 @@ def test_check_loads_the_files_the_config_names(
         assert error.startswith(f"edgeproxy: {path}: ") and message in error, error
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        # httpx would not start with a socks proxy (no socksio), and the blob threads speak
+        # to http:// proxies only.
+        ("all_proxy", "socks5://127.0.0.1:1080", "ALL_PROXY: socks5:// proxies are not "
+         "supported (use http://)"),
+        # An address in brackets, as in a URL, stops httpx's client from being made: `run`
+        # started workers that died with its traceback, while `check` said ok.
+        ("no_proxy", "localhost,[::1]", "NO_PROXY: Invalid port: ':1]'"),
+    ],
+)  # fmt: skip
 def test_check_refuses_a_proxy_variable_run_cannot_use(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    value: str,
+    message: str,
 ) -> None:
-    """httpx would not start with a socks proxy (no socksio), and the blob threads speak to
-    http:// proxies only: `check` says so before `run` would fail."""
     mirror = {"listen": "127.0.0.1:5000", "upstream": [{"name": "docker.io", "url": "https://r"}]}
     path = write_toml(tmp_path / "proxy.toml", {"mirror": mirror})
-    monkeypatch.setenv("all_proxy", "socks5://127.0.0.1:1080")
+    monkeypatch.setenv(variable, value)
     assert main(["check", "--config", str(path)]) == 1
-    assert capsys.readouterr().err == (
-        f"edgeproxy: {path}: the environment's ALL_PROXY: socks5:// proxies are not supported "
-        "(use http://)\n"
-    )
-
-
-def test_check_refuses_a_no_proxy_httpx_cannot_read(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """NO_PROXY=[::1] (an address in brackets, as in a URL) stops httpx's client from being
-    made: `run` started workers that died with its traceback, while `check` said ok."""
-    mirror = {"listen": "127.0.0.1:5000", "upstream": [{"name": "docker.io", "url": "https://r"}]}
-    path = write_toml(tmp_path / "proxy.toml", {"mirror": mirror})
-    monkeypatch.setenv("no_proxy", "localhost,[::1]")
-    assert main(["check", "--config", str(path)]) == 1
-    assert capsys.readouterr().err == (
-        f"edgeproxy: {path}: the environment's NO_PROXY: Invalid port: ':1]'\n"
-    )
+    assert capsys.readouterr().err == f"edgeproxy: {path}: the environment's {message}\n"
 
 
 def test_check_as_root_makes_no_access_log_the_service_cannot_open(tmp_path: Path) -> None:
