@@ -452,3 +452,55 @@ def test_a_reload_asked_for_during_a_reload_follows_it(
         assert master.run() == 0
         thread.join()
     assert master.current.config.mirror.headers == {"X-Generation": "third"}
+
+
+def test_a_signal_just_after_a_fork_is_the_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SIGTERM reaching a worker between its fork and its own handlers (under load, the
+    group's and the master's both did) ran the master's handler in the worker: the worker
+    served on, stopped by nothing but SIGKILL, and the master read the signal as its own
+    (its wakeup fd is shared). Held until the worker set its handlers, it ends that worker."""
+    settings = mirror_config(tmp_path, free_port())
+    settings["edge"]["workers"] = 1
+    config = config_from_dict(settings)
+    real_fork = os.fork
+    forks: list[int] = []
+
+    def fork() -> int:
+        forks.append(1)
+        pid = real_fork()
+        if pid == 0 and len(forks) == 1:  # the first worker, before `_child` runs
+            os.kill(os.getpid(), signal.SIGTERM)
+        return pid
+
+    def work(config: Any, listeners: Any, report: int) -> None:
+        (tmp_path / f"served-{os.getpid()}").touch()
+        os.write(report, f"ready {os.getpid()}\n".encode())
+        while True:
+            signal.pause()
+
+    monkeypatch.setattr(os, "fork", fork)
+    master = Master(tmp_path / "proxy.toml", config, work)
+    seen: dict[str, bool] = {}
+
+    def operator() -> None:
+        try:
+            assert wait_until(lambda: master.announced or master.stopping)
+            seen.update(announced=master.announced, stopping=master.stopping)
+        finally:
+            if not master.stopping:  # once it stops, it restores SIGTERM's default: pytest's
+                os.kill(os.getpid(), signal.SIGTERM)
+            if not wait_until(lambda: not master.started, timeout=10):
+                for pid in list(master.started):  # one that lost its SIGTERM: do not hang
+                    os.kill(pid, signal.SIGKILL)
+
+    thread = threading.Thread(target=operator)
+    with caplog.at_level(logging.INFO, logger="edgeproxy"):
+        thread.start()
+        assert master.run() == 0
+        thread.join()
+    assert seen == {"announced": True, "stopping": False}
+    first, replacement = map(int, re.findall(r"worker (\d+) started", caplog.text))
+    assert f"worker {first} exited with -15; starting another" in caplog.text
+    assert [p.name for p in tmp_path.glob("served-*")] == [f"served-{replacement}"]

@@ -33,7 +33,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +48,10 @@ START_GRACE = 2.0  # a worker failing sooner than this after its start is not re
 METRICS_PREFIX = "edgeproxy-metrics-"  # the workers' metric files: $TMPDIR/edgeproxy-metrics-*
 
 Work = Callable[[Config, Listeners, int], None]
+HANDLED = (  # the master's signals; the handler does nothing: the wakeup fd carries them
+    *(signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT),
+    *(signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2),
+)
 
 
 @dataclass
@@ -83,12 +87,8 @@ class Master:
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
-        handled = (
-            *(signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT),
-            *(signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2),
-        )
-        previous = {sig: signal.getsignal(sig) for sig in handled}
-        for sig in handled:  # the handler does nothing: the wakeup fd carries the number
+        previous = {sig: signal.getsignal(sig) for sig in HANDLED}
+        for sig in HANDLED:
             signal.signal(sig, lambda *_: None)
         selector = selectors.DefaultSelector()
         selector.register(wake_r, selectors.EVENT_READ)
@@ -138,19 +138,25 @@ class Master:
     def _spawn(self, generation: Generation) -> bool:
         """Start a worker; False when the system refuses the fork (EAGAIN, ENOMEM): the
         running workers go on, as nginx's master goes on after "fork() failed"."""
+        # Held until the child has handlers of its own: one arriving before would run the
+        # master's there, lost to the worker and written to the master's wakeup fd (under
+        # load, a worker SIGTERMed as it started served on, and its master took the signal).
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         try:
             pid = os.fork()
         except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
             log.error("cannot start a worker: fork failed: %s", exc.strerror or exc)
             return False
         if pid == 0:  # pragma: no cover - the child's life ends in os._exit
-            self._child(generation)
+            self._child(generation, held)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         generation.pids.add(pid)
         self.started[pid] = time.monotonic()
         log.info("worker %d started", pid)
         return True
 
-    def _child(self, generation: Generation) -> None:
+    def _child(self, generation: Generation, held: Iterable[int]) -> None:
         code = 0
         try:
             signal.set_wakeup_fd(-1)
@@ -160,6 +166,7 @@ class Master:
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the master's business
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the worker reopens its log
             signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # sent to the group: the master's
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a SIGTERM held ends us here
             os.close(self._reports)
             mine = {id(sock) for sock in generation.listeners.bound()}
             for sock in self.bound.values():  # another generation's address: not ours to hold
