@@ -212,9 +212,10 @@ class UpstreamConfig(_Model):
         """The first component of its repositories' cache names (all but the first
         upstream's): its name, or `host_port` for `host:port`. registry:2's storage refuses a
         ":" in a path (its catalog and garbage-collect then fail on the whole cache), and
-        reads the folder as a repository name's component: lowercase."""
-        host, colon, port = self.name.partition(":")
-        return f"{host.lower()}_{port}" if colon else self.name
+        reads the folder as a repository name's component: lowercase (else `_catalog` lists a
+        name the mirror refuses)."""
+        host, colon, port = self.name.lower().partition(":")
+        return f"{host}_{port}" if colon else host
 
 
 class CacheConfig(_Model):

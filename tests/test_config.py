@@ -356,14 +356,20 @@ def test_upstream_url_and_name_errors_say_what_is_wanted(tmp_path: Path) -> None
     assert "pattern" not in message
 
 
-def test_upstreams_cached_under_one_name_are_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("names", "repeated"),
+    [
+        (("Registry.Local:5000", "registry.local:5000"), r"registry\.local_5000"),
+        (("Quay.IO", "quay.io"), r"quay\.io"),
+    ],
+)
+def test_upstreams_cached_under_one_name_are_refused(
+    tmp_path: Path, names: tuple[str, str], repeated: str
+) -> None:
     """`host:port` is cached as `host_port` (registry:2 takes no ":" in a path), lowercase."""
-    upstreams = [
-        {"name": name, "url": "https://r.example"}
-        for name in ("docker.io", "Registry.Local:5000", "registry.local:5000")
-    ]
+    upstreams = [{"name": name, "url": "https://r.example"} for name in ("docker.io", *names)]
     path = write_toml(tmp_path / "proxy.toml", {"mirror": {"upstream": upstreams}})
-    with pytest.raises(ConfigError, match=r"repeated: registry\.local_5000"):
+    with pytest.raises(ConfigError, match=f"repeated: {repeated}"):
         load_config(path)
 
 

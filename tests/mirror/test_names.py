@@ -151,3 +151,12 @@ def test_if_range() -> None:
     assert not if_range_holds('W/"sha256:aa"', etag)
     assert not if_range_holds('"sha256:ab"', etag)
     assert not if_range_holds("Wed, 21 Oct 2015 07:28:00 GMT", etag)
+
+
+def test_an_upstream_named_in_capitals_is_cached_lowercase() -> None:
+    """Host names ignore case, repository names do not: `Quay.IO`'s cache folder (listed by
+    `_catalog`) must be a name the mirror serves, as `Registry.Local:5000`'s is."""
+    quay = UpstreamConfig(name="Quay.IO", url="https://quay.io")
+    by_ns = resolve_target("team/tool", "Quay.IO", [HUB, quay])
+    assert by_ns.local_name == "quay.io/team/tool"
+    assert resolve_target("quay.io/team/tool", None, [HUB, quay]) == by_ns

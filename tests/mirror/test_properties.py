@@ -159,6 +159,40 @@ def test_targets(storage: FilesystemStorage, name: str, namespace: str | None) -
     assert inside(storage, storage._repo(target.local_name))
 
 
+UPSTREAMS = [
+    HUB,
+    GHCR,
+    UpstreamConfig(name="Quay.IO", url="https://quay.io"),
+    UpstreamConfig(name="Registry.Local:5000", url="https://registry.local:5000"),
+]
+CACHE_NAME = re.compile(
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+)
+
+
+@given(
+    st.sampled_from(["", *(f"{u.cache_prefix}/" for u in UPSTREAMS)]),
+    NAMES,
+    st.none() | st.sampled_from([u.name for u in UPSTREAMS]),
+)
+def test_cache_names_lead_back_to_their_upstream_alone(
+    prefix: str, name: str, namespace: str | None
+) -> None:
+    """A cache name is a repository name (`_catalog` lists it, clients pull by it) in its
+    upstream's folder alone, and asking by it reaches the same upstream and repository."""
+    if (error := refused(resolve_target, prefix + name, namespace, UPSTREAMS)) is not None:
+        assert error.code == "NAME_UNKNOWN"
+        return
+    target = resolve_target(prefix + name, namespace, UPSTREAMS)
+    assert CACHE_NAME.fullmatch(target.local_name)
+    first = target.local_name.partition("/")[0]
+    assert first not in {u.cache_prefix for u in UPSTREAMS if u is not target.upstream}
+    if target.upstream is not HUB:
+        assert first == target.upstream.cache_prefix
+    if first != HUB.cache_prefix:  # `docker.io/x` asked by that name is Docker Hub's `x`
+        assert resolve_target(target.local_name, None, UPSTREAMS) == target
+
+
 RANGE_NUMBERS = st.integers(0, 10**6).map(str) | st.text("0123456789", max_size=30)
 RANGES = st.builds(
     lambda unit, first, last, tail: f"{unit}={first}-{last}{tail}",
