@@ -205,7 +205,9 @@ class UpstreamConfig(_Model):
 
     @property
     def adds_library_prefix(self) -> bool:
-        return self.name == "docker.io" if self.library_prefix is None else self.library_prefix
+        if self.library_prefix is not None:
+            return self.library_prefix
+        return self.cache_prefix == "docker.io"  # lowercase: host names ignore case
 
     @property
     def cache_prefix(self) -> str:

@@ -160,3 +160,8 @@ def test_an_upstream_named_in_capitals_is_cached_lowercase() -> None:
     by_ns = resolve_target("team/tool", "Quay.IO", [HUB, quay])
     assert by_ns.local_name == "quay.io/team/tool"
     assert resolve_target("quay.io/team/tool", None, [HUB, quay]) == by_ns
+
+
+def test_docker_hub_named_in_capitals_still_adds_library() -> None:
+    hub = UpstreamConfig(name="Docker.IO", url="https://registry-1.docker.io")
+    assert resolve_target("alpine", None, [hub]).remote_name == "library/alpine"
