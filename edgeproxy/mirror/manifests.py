@@ -194,7 +194,7 @@ class ManifestService:
         self, upstream: UpstreamClient, target: Target, reference: str
     ) -> Manifest:
         """GET from the upstream, verify the bytes against the digest, store."""
-        response = await _ask(upstream, "GET", target, reference)
+        response = _ok(upstream, await _ask(upstream, "GET", target, reference))
         digest = sha256_digest(response.body)
         expected = reference if is_digest(reference) else None
         expected = expected or response.headers.get("docker-content-digest")
@@ -234,9 +234,22 @@ def _default_platform(manifest_list: Manifest) -> str | None:
     return None
 
 
+def _get_may_answer(status: int) -> bool:
+    """Whether a manifest HEAD's failure may not be its GET's: a server that does not do HEAD
+    (405, 501, a 400 from a proxy in front of it), a proxy repository that answers a HEAD 404
+    for what its GET would fetch (Artifactory's, Nexus's), a refusal whose reason only a GET's
+    body gives (Harbor's 412). registry:2 asks with a GET on any failed HEAD (distribution's
+    `tags.Get`); a refused login, a rate limit or a failing server gain nothing from one."""
+    return status == 501 or (400 <= status < 500 and status not in (401, 403, 407, 408, 429))
+
+
 async def _tag_digest(upstream: UpstreamClient, target: Target, tag: str) -> str | None:
-    """The digest the upstream's tag points to now (HEAD), if the upstream says."""
+    """The digest the upstream's tag points to now (HEAD), if the upstream says; None when
+    only a GET can tell (no digest, or a HEAD its GET may answer otherwise)."""
     head = await _ask(upstream, "HEAD", target, tag)
+    if head.status != 200 and _get_may_answer(head.status):
+        return None
+    _ok(upstream, head)
     digest: str | None = head.headers.get("docker-content-digest")
     if digest is None:
         return None
@@ -251,13 +264,17 @@ async def _ask(
     upstream: UpstreamClient, method: str, target: Target, reference: str
 ) -> UpstreamResponse:
     """A manifest HEAD or GET upstream, for every type (so that it answers with what it
-    stores, never a conversion); anything but a 200 becomes the client's error."""
-    response = await upstream.request(
+    stores, never a conversion); the answer, whatever its status."""
+    return await upstream.request(
         method,
         f"/v2/{target.remote_name}/manifests/{reference}",
         target.remote_name,
         headers={"Accept": UPSTREAM_ACCEPT},
     )
+
+
+def _ok(upstream: UpstreamClient, response: UpstreamResponse) -> UpstreamResponse:
+    """The answer if a 200; anything else becomes the client's error."""
     if response.status != 200:
         retry_after = response.headers.get("retry-after")
         raise upstream.error(response.status, "MANIFEST_UNKNOWN", retry_after)
