@@ -220,7 +220,7 @@ class MirrorApp:
             answer = await upstream.request("GET", asked, target.remote_name, params=params)
             if answer.status != 200:
                 retry_after = answer.headers.get("retry-after")
-                raise upstream.error(answer.status, "NAME_UNKNOWN", retry_after)
+                raise upstream.error(answer.status, "NAME_UNKNOWN", retry_after, answer.body)
         except RegistryError as exc:  # down or refusing: the tags cached here, as registry:2
             tags = self.storage.list_tags(target.local_name)
             if not tags:
@@ -264,7 +264,8 @@ class MirrorApp:
                 headers["OCI-Filters-Applied"] = "artifactType"
             index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
             return Response(json.dumps(index).encode(), headers=headers, media_type=OCI_INDEX)
-        raise upstream.error(answer.status, "MANIFEST_UNKNOWN", answer.headers.get("retry-after"))
+        retry_after = answer.headers.get("retry-after")
+        raise upstream.error(answer.status, "MANIFEST_UNKNOWN", retry_after, answer.body)
 
     async def _referrers_tag(
         self, route: Route, target: Target, upstream: UpstreamClient

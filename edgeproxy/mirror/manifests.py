@@ -277,7 +277,7 @@ def _ok(upstream: UpstreamClient, response: UpstreamResponse) -> UpstreamRespons
     """The answer if a 200; anything else becomes the client's error."""
     if response.status != 200:
         retry_after = response.headers.get("retry-after")
-        raise upstream.error(response.status, "MANIFEST_UNKNOWN", retry_after)
+        raise upstream.error(response.status, "MANIFEST_UNKNOWN", retry_after, response.body)
     return response
 
 

@@ -32,6 +32,7 @@ log = logging.getLogger("edgeproxy.upstream")
 
 MAX_METADATA_BODY = 4 * 1024 * 1024  # registry:2's manifest size limit
 MAX_TOKEN_BODY = 1024 * 1024  # a token answer (or the probe's): a few KiB in practice
+MAX_ERROR_MESSAGE = 1024  # characters of an upstream's error message passed on
 # A small answer's body must come at least this fast on average (beyond the time its head
 # had): a 4 MiB manifest gets 4 more minutes, a byte now and then gets none.
 MIN_BODY_RATE = 16 * 1024  # bytes per second
@@ -45,6 +46,7 @@ _DOCKER_HUB_REALM = "auth.docker.io"
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
 _TOKEN = re.compile(r"[\x21-\x7e]+")  # visible ASCII
+_ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 
 
 class UpstreamUnavailable(RegistryError):
@@ -95,6 +97,24 @@ def parse_token(body: bytes) -> tuple[str, float] | None:
         return token, float(answer.get("expires_in") or 60)
     except (TypeError, ValueError):
         return None
+
+
+def registry_error(body: bytes) -> tuple[str | None, str | None]:
+    """The code and message of the first error in a registry's `{"errors": [...]}` body, or
+    (None, None): a code must look like one (`DENIED`, `PROJECTPOLICYVIOLATION`), a message
+    is cut at MAX_ERROR_MESSAGE characters."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return None, None
+    errors = document.get("errors") if isinstance(document, dict) else None
+    first = errors[0] if isinstance(errors, list) and errors else None
+    if not isinstance(first, dict):
+        return None, None
+    code, message = first.get("code"), first.get("message")
+    if not isinstance(code, str) or not _ERROR_CODE.fullmatch(code):
+        return None, None
+    return code, message[:MAX_ERROR_MESSAGE] if isinstance(message, str) and message else None
 
 
 def may_send_credentials(upstream: httpx.URL, realm: httpx.URL, allowed: list[str]) -> bool:
@@ -405,8 +425,11 @@ class UpstreamClient:
         log.warning("upstream %s: %s is not printable ASCII; not passed on", self.name, header)
         return None
 
-    def error(self, status: int, not_found: str, retry_after: str | None = None) -> RegistryError:
-        """The registry error a client sees for an upstream's non-success status."""
+    def error(
+        self, status: int, not_found: str, retry_after: str | None = None, body: bytes = b""
+    ) -> RegistryError:
+        """The registry error a client sees for an upstream's non-success status (and `body`,
+        its error when it came with one)."""
         retry_after = self.passable("Retry-After", retry_after)
         cache = {"Cache-Status": forwarded(status)}
         if status == 404:
@@ -421,4 +444,11 @@ class UpstreamClient:
             )
         if status == 407:  # from an HTTP_PROXY of the environment, not from the upstream
             return UpstreamUnavailable(self.name, "its proxy asks for credentials (407)", status)
+        if 400 <= status < 500 and status != 408:
+            # A refusal of the upstream's own (Harbor's 412 for a vulnerable image, a 451, a
+            # 410, a 400): passed on as a 4xx with its code and message, so that the client
+            # learns why and does not retry what a 503 says will pass.
+            code, message = registry_error(body)
+            said = f"upstream {self.name} answered {status}" + (f": {message}" if message else "")
+            return RegistryError(code or "UNKNOWN", said, status=status, headers=cache)
         return UpstreamUnavailable(self.name, f"answered {status}", status)

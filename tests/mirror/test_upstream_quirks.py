@@ -144,3 +144,74 @@ def test_a_head_that_answers_keeps_the_get_for_new_digests_only(w: World) -> Non
     assert w.upstream.count("GET", "/manifests/v1") == 0
     assert w.upstream.count("GET", f"/manifests/{digest}") == 1
     assert w.client.get("/v2/team/app/manifests/v1").headers["cache-status"] == REVALIDATED
+
+
+# Upstream 4xx errors of their own
+
+HARBOR_POLICY = (
+    "current image with 3 vulnerabilities cannot be pulled due to configured policy in "
+    "'Prevent images with vulnerability severity of \"Critical\" or higher from running.'"
+)
+
+
+@pytest.mark.parametrize("status", [400, 405, 410, 412, 451])
+def test_an_upstream_4xx_of_its_own_is_passed_on(w: World, status: int) -> None:
+    """Harbor refuses a vulnerable image with 412 PROJECTPOLICYVIOLATION and says why; a
+    registry refuses a takedown with 451, a deleted repository with 410, a bad query with
+    400. The mirror answered each with 503 UNAVAILABLE: the reason was lost, and clients
+    that retry a 503 (go-containerregistry, buildkit) retried a refusal that will not change.
+    The upstream's status, code and message go on, as a 4xx the client does not retry."""
+    digest = w.upstream.tag("v1", manifest("first"))
+    body = {"errors": [{"code": "PROJECTPOLICYVIOLATION", "message": HARBOR_POLICY}]}
+
+    def refuse(request: Request) -> Response | None:
+        return JSONResponse(body, status_code=status) if request.url.path != "/v2/" else None
+
+    w.upstream.quirk = refuse
+    for path in ("/v2/team/app/manifests/v1", f"/v2/team/app/manifests/{digest}",
+                 "/v2/team/app/tags/list"):  # fmt: skip
+        refused = w.client.get(path)
+        assert refused.status_code == status, (path, refused.text)
+        error = refused.json()["errors"][0]
+        assert error["code"] == "PROJECTPOLICYVIOLATION", path
+        assert HARBOR_POLICY in error["message"], path
+        assert refused.headers["cache-status"] == f"{MISS}; fwd-status={status}", path
+    # A blob's error body is not read (a thread streams it): the status and a code of its own.
+    head = w.client.head(f"/v2/team/app/blobs/{LAYER_DIGEST}")
+    blob = w.client.get(f"/v2/team/app/blobs/{LAYER_DIGEST}")
+    assert (head.status_code, blob.status_code) == (status, status)
+    assert blob.json()["errors"][0]["code"] == "UNKNOWN"
+    assert not list(w.app.config.root.rglob("data"))  # nothing cached
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<html><body>Request blocked</body></html>",
+        b'{"errors": [{"code": "not a code", "message": "Request blocked"}]}',
+        b'{"errors": "Request blocked"}',
+    ],
+)
+def test_an_upstream_4xx_without_a_registry_error_gets_a_code_of_the_mirror(
+    w: World, body: bytes
+) -> None:
+    """A 400 page from a proxy or firewall in front of the registry, or an error whose code is
+    not a registry code: the status goes on, with UNKNOWN and no part of the page."""
+
+    def waf(request: Request) -> Response | None:
+        return Response(body, status_code=400) if "/manifests/" in request.url.path else None
+
+    w.upstream.quirk = waf
+    refused = w.client.get("/v2/team/app/manifests/v1")
+    assert refused.status_code == 400
+    assert refused.json()["errors"][0]["code"] == "UNKNOWN"
+    assert "blocked" not in refused.text
+
+
+def test_a_cached_tag_is_still_served_stale_on_an_upstream_4xx(w: World) -> None:
+    digest = w.upstream.tag("v1", manifest("first"))
+    assert w.client.get("/v2/team/app/manifests/v1").status_code == 200
+    w.upstream.quirk = lambda request: JSONResponse({"errors": []}, status_code=410)
+    stale = w.client.get("/v2/team/app/manifests/v1")
+    assert (stale.status_code, stale.headers["cache-status"]) == (200, STALE)
+    assert stale.headers["docker-content-digest"] == digest
