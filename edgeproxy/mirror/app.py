@@ -43,6 +43,9 @@ API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 ALLOW = {"Allow": "GET, HEAD"}
 CATALOG_PAGES = (100, 1000)  # registry:2's page without `n`, and its catalog.maxentries
 BLOB_CACHE_CONTROL = "max-age=31536000"
+# An upstream without the referrers API answers 404 (as the OCI spec asks), or 405 or 400
+# (a router that knows no such path): the mirror reads the OCI 1.1 tag schema instead.
+NO_REFERRERS_API = (400, 404, 405)
 
 
 class MirrorApp:
@@ -249,16 +252,16 @@ class MirrorApp:
             )
         except UpstreamUnavailable:
             answer = None  # down: the tag schema's index still answers if it is cached
-        if answer is not None and answer.status == 200:
+        if answer is not None and _is_referrers_index(answer):
             path = f"/v2/{route.name}/referrers/{route.reference}"
             headers = {"Cache-Status": MISS, **_next_page(request, upstream, answer, asked, path)}
             filters = answer.headers.get("oci-filters-applied")
             if filters := upstream.passable("OCI-Filters-Applied", filters):
                 headers["OCI-Filters-Applied"] = filters
             return Response(answer.body, headers=headers, media_type=OCI_INDEX)
-        if answer is None or answer.status == 404:  # no referrers API: its tag schema
+        if answer is None or answer.status in (200, *NO_REFERRERS_API):  # its tag schema
             found, status = await self._referrers_tag(route, target, upstream)
-            headers = {"Cache-Status": status if answer is None else forwarded(404)}
+            headers = {"Cache-Status": status if answer is None else forwarded(answer.status)}
             if "artifactType" in params:
                 found = [d for d in found if d.get("artifactType") == params["artifactType"]]
                 headers["OCI-Filters-Applied"] = "artifactType"
@@ -286,6 +289,13 @@ class MirrorApp:
         manifests = document.get("manifests")
         found = [d for d in manifests if isinstance(d, dict)] if isinstance(manifests, list) else []
         return found, status
+
+
+def _is_referrers_index(answer: UpstreamResponse) -> bool:
+    """Whether an upstream's referrers answer is the API's: a 200 that says it is an OCI
+    index, as oras-go takes it (a catch-all web UI answers 200 with its page)."""
+    content_type = answer.headers.get("content-type", "").partition(";")[0].strip().lower()
+    return answer.status == 200 and content_type == OCI_INDEX
 
 
 def _blob_response(

@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 from edgeproxy.config import config_from_dict
 from edgeproxy.mirror.app import MirrorApp
 from edgeproxy.mirror.cache_status import MISS, REVALIDATED, STALE
+from edgeproxy.mirror.manifests import OCI_INDEX
 from tests.mirror.fake_upstream import MANIFEST_TYPE, digest_of
 from tests.support.servers import serve_app
 
@@ -215,3 +216,34 @@ def test_a_cached_tag_is_still_served_stale_on_an_upstream_4xx(w: World) -> None
     stale = w.client.get("/v2/team/app/manifests/v1")
     assert (stale.status_code, stale.headers["cache-status"]) == (200, STALE)
     assert stale.headers["docker-content-digest"] == digest
+
+
+# Referrers: the OCI 1.1 tag schema when the upstream has no referrers API
+
+
+@pytest.mark.parametrize("refusal", ["404", "405", "400", "html"])
+def test_an_upstream_without_the_referrers_api_falls_back_to_its_tag_schema(
+    w: World, refusal: str
+) -> None:
+    """An upstream without the API answers 404 (as the spec says), or 405 or 400 (its router
+    knows no such path), or 200 with a page that is no index (a catch-all web UI): oras-go
+    takes only a 200 labelled as an OCI index for the API. The mirror fell back to the tag
+    schema (`sha256-<hex>`) on a 404 only: a 405 or 400 was a 503, the page went on as an
+    index."""
+    subject = w.upstream.tag("v1", manifest("subject"))
+    referrer = {"mediaType": MANIFEST_TYPE, "digest": subject, "size": 1, "artifactType": "a/b"}
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [referrer]}
+    w.upstream.tag(subject.replace(":", "-"), json.dumps(index).encode())
+
+    def no_api(request: Request) -> Response | None:
+        if "/referrers/" not in request.url.path:
+            return None
+        if refusal == "html":
+            return Response(b"<html>Sign in</html>", media_type="text/html")
+        return JSONResponse({"errors": []}, status_code=int(refusal))
+
+    w.upstream.quirk = no_api
+    answer = w.client.get(f"/v2/team/app/referrers/{subject}")
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == OCI_INDEX
+    assert answer.json()["manifests"] == [referrer]
