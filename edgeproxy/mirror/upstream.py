@@ -277,10 +277,11 @@ class UpstreamClient:
                     realm.scheme,
                     realm.host,
                 )
-        # httpx drops the Authorization of a redirect to another origin.
-        response, body = await self._exchange(
-            "GET", realm, "token server", MAX_TOKEN_BODY, params=query, auth=auth
-        )
+        # Added to the realm's own query (a tenant, an account), as registry:2 does: httpx's
+        # `params` would replace it. httpx drops the Authorization of a redirect to another
+        # origin.
+        url = realm.copy_merge_params(query)
+        response, body = await self._exchange("GET", url, "token server", MAX_TOKEN_BODY, auth=auth)
         if response.status_code in (401, 403):
             raise RegistryError("DENIED", f"upstream {self.name} refused the credentials")
         if response.status_code != 200:

@@ -247,3 +247,42 @@ def test_an_upstream_without_the_referrers_api_falls_back_to_its_tag_schema(
     assert answer.status_code == 200, answer.text
     assert answer.headers["content-type"] == OCI_INDEX
     assert answer.json()["manifests"] == [referrer]
+
+
+# Auth: a token realm with a query string of its own
+
+
+def test_a_token_realm_keeps_its_own_query(tmp_path: Path) -> None:
+    """Some token realms carry a query of their own (a tenant, an account); registry:2 adds
+    service and scope to it. httpx 0.28 replaces a URL's query with `params`: the token
+    server was asked without its tenant and refused, and every pull was a 403."""
+    issued: list[str] = []
+    upstream = Quirky()
+    digest = upstream.tag("v1", manifest("first"))
+
+    def token_auth(request: Request) -> Response | None:
+        if request.url.path == "/token":
+            if request.query_params.get("tenant") != "t1":
+                return JSONResponse({"details": "which tenant?"}, status_code=401)
+            issued.append(str(request.url.query))
+            return JSONResponse({"token": "granted", "expires_in": 300})
+        if request.headers.get("authorization") != "Bearer granted":
+            realm = f"{request.base_url}token?tenant=t1"
+            challenge = f'Bearer realm="{realm}",service="up"'
+            return JSONResponse({}, status_code=401, headers={"WWW-Authenticate": challenge})
+        return None
+
+    upstream.quirk = token_auth
+    with serve_app(upstream) as upstream_url:
+        entry = {"name": "up", "url": upstream_url}
+        config = config_from_dict({"mirror": {"root": str(tmp_path), "upstream": [entry]}})
+        with serve_app(MirrorApp(config.mirror)) as url, httpx.Client(base_url=url) as client:
+            pulled = client.get("/v2/team/app/manifests/v1")
+            assert (pulled.status_code, pulled.headers.get("docker-content-digest")) == (
+                200,
+                digest,
+            ), pulled.text
+    assert issued
+    query = httpx.QueryParams(issued[-1])
+    assert (query["tenant"], query["service"]) == ("t1", "up")
+    assert query.get_list("scope") == ["repository:team/app:pull"]
