@@ -23,6 +23,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.message import Message
 
+from httpx import InvalidURL
+
 from edgeproxy.mirror.proxies import Proxy, ProxyError, environment_proxy
 
 MAX_REDIRECTS = 5
@@ -233,6 +235,15 @@ class BlobStream:
             self._close_connection()
 
     def _open(self) -> None:
+        try:
+            self._follow()
+        # A redirect to a URL no request can go to: it does not parse ("http://[::1"), its
+        # host is no IDNA name, its port is past 65535, its path has bytes http.client
+        # refuses. The upstream's fault, as one that cannot be reached.
+        except (ValueError, OverflowError, InvalidURL) as exc:
+            raise BlobStreamError(f"a redirect to an unusable URL: {type(exc).__name__}") from None
+
+    def _follow(self) -> None:
         request = self._request
         url = request.url
         first = _origin(url)

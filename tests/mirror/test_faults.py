@@ -862,13 +862,17 @@ def test_urls_no_socket_can_reach(
     mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream, where: str, url: str
 ) -> None:
     """A token realm or a redirect to a port past 65535 was a 500 (anyio's OverflowError is
-    no httpx.HTTPError); it is a 503 as any upstream that cannot be reached."""
+    no httpx.HTTPError); it is a 503 as any upstream that cannot be reached. So is a blob
+    sent to a CDN URL that does not parse (http.client's ValueError was a 500 too)."""
     _, client = mirror
+    blob = upstream.add_blob(b"layer")
+    paths = ("/v2/x/manifests/v1", "/v2/x/tags/list", f"/v2/x/blobs/{blob}")
     if where == "realm":
         upstream.tokens, upstream.realm = set(), url
     else:
-        upstream.faults["/manifests/v1"] = upstream.faults["/tags/list"] = f"redirect {url}"
-    for path in ("/v2/x/manifests/v1", "/v2/x/tags/list"):
+        for path in paths:
+            upstream.faults[path] = f"redirect {url}"
+    for path in paths:
         response = client.get(path)
         assert response.status_code == 503, response.text
         assert response.json()["errors"][0]["code"] == "UNAVAILABLE"
