@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import re
 import socket
 import ssl
 import threading
@@ -32,6 +33,7 @@ MAX_IDLE = 8  # idle connections kept per origin
 IDLE_TIMEOUT = 30.0  # seconds; older idle ones are dropped (servers close them too)
 MAX_REDIRECT_BODY = 64 * 1024  # a redirect's body is read (and dropped) to reuse its connection
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_WHOLE_RANGE = re.compile(r"bytes 0-(\d{1,19})/(\d{1,19})", re.ASCII)
 
 Origin = tuple[str, str]  # (scheme, host[:port])
 
@@ -177,6 +179,15 @@ class BlobStream:
         return self._length
 
     @property
+    def whole(self) -> bool:
+        """Whether the answer is the whole blob: a 200, or a 206 whose Content-Range covers
+        it all (a CDN's caching layer may send one unasked; registry:2 takes it too)."""
+        if self.status == 206:
+            span = _WHOLE_RANGE.fullmatch(self.headers.get("Content-Range", "").strip())
+            return span is not None and int(span[1]) + 1 == int(span[2])
+        return self.status == 200
+
+    @property
     def redirected(self) -> bool:
         """Whether the answer came from another origin (a CDN the upstream sent us to)."""
         return self._origin != _origin(self._request.url)
@@ -214,7 +225,7 @@ class BlobStream:
         try:
             self._open()
             self._post(None)  # the head is in
-            if self.status != 200:
+            if not self.whole:
                 return
             while True:
                 self._room.acquire()

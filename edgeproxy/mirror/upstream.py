@@ -404,7 +404,7 @@ class UpstreamClient:
             except BaseException:
                 stream.close()
                 raise
-            if stream.status == 200:
+            if stream.whole:
                 return stream
             stream.close()
             challenge = stream.headers.get("WWW-Authenticate")

@@ -22,6 +22,7 @@ from edgeproxy.mirror.cache_status import MISS, REVALIDATED, STALE
 from edgeproxy.mirror.manifests import OCI_INDEX
 from tests.mirror.fake_upstream import MANIFEST_TYPE, digest_of
 from tests.support.servers import serve_app
+from tests.support.wait import wait_until
 
 LAYER = b"layer bytes " * 1000
 LAYER_DIGEST = digest_of(LAYER)
@@ -286,3 +287,46 @@ def test_a_token_realm_keeps_its_own_query(tmp_path: Path) -> None:
     query = httpx.QueryParams(issued[-1])
     assert (query["tenant"], query["service"]) == ("t1", "up")
     assert query.get_list("scope") == ["repository:team/app:pull"]
+
+
+# Blobs: what a CDN may answer
+
+
+def test_a_whole_blob_in_a_206_nobody_asked_for_is_taken(w: World) -> None:
+    """A CDN (a caching layer in front of the store) may answer a GET without Range with 206
+    and a Content-Range that covers the whole blob; registry:2 reads it as the blob
+    (distribution's HTTPReadSeeker takes any 2xx from offset 0). The mirror answered 503."""
+
+    def partial(request: Request) -> Response | None:
+        if request.method != "GET" or not request.url.path.endswith(LAYER_DIGEST):
+            return None
+        whole = f"bytes 0-{len(LAYER) - 1}/{len(LAYER)}"
+        return Response(LAYER, status_code=206, headers={"Content-Range": whole})
+
+    w.upstream.quirk = partial
+    blob = w.client.get(f"/v2/team/app/blobs/{LAYER_DIGEST}")
+    assert (blob.status_code, blob.content) == (200, LAYER)
+    assert wait_until(lambda: w.app.storage.blob_size(LAYER_DIGEST) == len(LAYER))
+
+
+@pytest.mark.parametrize(
+    "content_range", ["bytes 0-99/{size}", "bytes 100-{last}/{size}", "bytes 0-{last}/*", None]
+)
+def test_a_part_of_a_blob_in_a_206_is_refused(w: World, content_range: str | None) -> None:
+    """Only the whole blob will do: a 206 for part of it (or that does not say which) is the
+    upstream's fault, a 503 before any byte goes out, and nothing is cached."""
+    size, last = len(LAYER), len(LAYER) - 1
+
+    def partial(request: Request) -> Response | None:
+        if request.method != "GET" or not request.url.path.endswith(LAYER_DIGEST):
+            return None
+        headers = {}
+        if content_range is not None:
+            headers["Content-Range"] = content_range.format(size=size, last=last)
+        return Response(LAYER[:100], status_code=206, headers=headers)
+
+    w.upstream.quirk = partial
+    refused = w.client.get(f"/v2/team/app/blobs/{LAYER_DIGEST}")
+    assert refused.status_code == 503
+    assert "206" in refused.json()["errors"][0]["message"]
+    assert w.app.storage.blob_size(LAYER_DIGEST) is None
