@@ -207,8 +207,10 @@ class MirrorApp:
     ) -> Response:
         """Answer from the upstream's HEAD: a HEAD never downloads the blob."""
         length = await self.blobs.confirm(upstream, target, digest)
-        if length is None:
-            return Response(status_code=200, headers=_blob_headers(digest, MISS, None))
+        if length is None:  # the upstream did not say: neither does the mirror
+            response = Response(status_code=200, headers=_blob_headers(digest, MISS, None))
+            del response.headers["content-length"]  # starlette's 0 for the empty body
+            return response
         return _blob_response(request, digest, MISS, length, None)
 
     async def _tags(

@@ -330,3 +330,23 @@ def test_a_part_of_a_blob_in_a_206_is_refused(w: World, content_range: str | Non
     assert refused.status_code == 503
     assert "206" in refused.json()["errors"][0]["message"]
     assert w.app.storage.blob_size(LAYER_DIGEST) is None
+
+
+def test_a_cold_blobs_head_without_a_length_does_not_say_zero(w: World) -> None:
+    """An upstream HEAD that gives no Content-Length: the mirror meant to answer without one,
+    and starlette filled in `Content-Length: 0`, a size a client takes for the blob's."""
+
+    def no_length(request: Request) -> Response | None:
+        if request.method != "HEAD" or "/blobs/" not in request.url.path:
+            return None
+        response = Response(status_code=200, media_type="application/octet-stream")
+        del response.headers["content-length"]
+        return response
+
+    w.upstream.quirk = no_length
+    head = w.client.head(f"/v2/team/app/blobs/{LAYER_DIGEST}")
+    assert head.status_code == 200
+    assert head.headers["docker-content-digest"] == LAYER_DIGEST
+    assert head.headers.get("content-length") != "0"
+    blob = w.client.get(f"/v2/team/app/blobs/{LAYER_DIGEST}")
+    assert (blob.status_code, blob.content) == (200, LAYER)
