@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import http.client
 import re
 import socket
@@ -20,6 +21,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.message import Message
@@ -33,6 +35,7 @@ MAX_IDLE = 8  # idle connections kept per origin
 IDLE_TIMEOUT = 30.0  # seconds; older idle ones are dropped (servers close them too)
 MAX_REDIRECT_BODY = 64 * 1024  # a redirect's body is read (and dropped) to reuse its connection
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+GZIP = ("gzip", "x-gzip")  # the content codings decoded (Go's transport decodes gzip only)
 _WHOLE_RANGE = re.compile(r"bytes 0-(\d{1,19})/(\d{1,19})", re.ASCII)
 
 Origin = tuple[str, str]  # (scheme, host[:port])
@@ -159,6 +162,7 @@ class BlobStream:
         self._connection: http.client.HTTPConnection | None = None
         self._origin: Origin = _origin(request.url)
         self._response: http.client.HTTPResponse | None = None
+        self._body: http.client.HTTPResponse | gzip.GzipFile | None = None  # decoded
         self._length: int | None = None  # the response's, kept: http.client counts it down
         self._arrived: asyncio.Queue[bytearray | BaseException | None] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
@@ -237,7 +241,7 @@ class BlobStream:
                 self._post(block)
                 if not block:
                     return
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, http.client.HTTPException, zlib.error, EOFError) as exc:
             if not self._stop.is_set():
                 self._post(BlobStreamError(_reason(exc)))
         except BaseException as exc:  # pragma: no cover - a bug: let the loop see it
@@ -253,6 +257,13 @@ class BlobStream:
         # refuses. The upstream's fault, as one that cannot be reached.
         except (ValueError, OverflowError, InvalidURL) as exc:
             raise BlobStreamError(f"a redirect to an unusable URL: {type(exc).__name__}") from None
+        assert self._response is not None
+        self._body = self._response
+        # http.client says Accept-Encoding: identity. A CDN or proxy that gzips all the same:
+        # the blob is what that decodes to, as Go's transport (registry:2's) reads it.
+        if self._response.headers.get("Content-Encoding", "").strip().lower() in GZIP:
+            self._body = gzip.GzipFile(fileobj=self._response, mode="rb")
+            self._length = None  # the coded length, not the blob's
 
     def _follow(self) -> None:
         request = self._request
@@ -312,12 +323,12 @@ class BlobStream:
             self._connection = None
 
     def _read_block(self) -> bytearray:
-        assert self._response is not None
+        assert self._body is not None
         block = bytearray(self._block_size)
         with memoryview(block) as view:
             filled = 0
             while filled < len(block):
-                count = self._response.readinto(view[filled:])
+                count = self._body.readinto(view[filled:])
                 if not count:
                     break
                 filled += count

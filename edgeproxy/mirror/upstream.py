@@ -156,8 +156,9 @@ class UpstreamClient:
             http2=True,
             verify=self._ssl,
             follow_redirects=True,
-            # Bodies are passed on as they come (aiter_raw) and manifests must match their
-            # digest byte for byte: no content coding (httpx offers gzip by default).
+            # Manifests must match their digest byte for byte: no content coding (httpx offers
+            # gzip by default); one sent all the same is decoded (aiter_bytes), as Go's
+            # transport decodes it.
             headers={"Accept-Encoding": "identity"},
             timeout=httpx.Timeout(config.read_timeout, connect=config.connect_timeout),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
@@ -351,7 +352,7 @@ class UpstreamClient:
                 ):
                     answered = True
                     body = bytearray()
-                    async for chunk in response.aiter_raw():
+                    async for chunk in response.aiter_bytes():
                         body += chunk
                         if len(body) > limit:
                             reason = f"{what}: answer over {limit >> 20} MiB"

@@ -4,6 +4,7 @@ realm with a query string, odd blob answers."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,12 +44,13 @@ Quirk = Callable[[Request], Response | None]
 class Quirky:
     """A registry holding `team/app` (tags, manifests by digest, the one blob), with a `quirk`
     that may answer a request its own way (None: as a plain registry would). Records every
-    request as (method, path, query)."""
+    request as (method, path, query), and its headers."""
 
     tags: dict[str, str] = field(default_factory=dict)
     manifests: dict[str, bytes] = field(default_factory=dict)
     quirk: Quirk | None = None
     requests: list[tuple[str, str, str]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)  # of each request
 
     def tag(self, tag: str, data: bytes) -> str:
         digest = digest_of(data)
@@ -64,6 +66,7 @@ class Quirky:
             return
         request = Request(scope, receive)
         self.requests.append((request.method, request.url.path, request.url.query))
+        self.headers.append(dict(request.headers))
         response = (self.quirk and self.quirk(request)) or self.answer(request)
         await response(scope, receive, send)
 
@@ -350,3 +353,29 @@ def test_a_cold_blobs_head_without_a_length_does_not_say_zero(w: World) -> None:
     assert head.headers.get("content-length") != "0"
     blob = w.client.get(f"/v2/team/app/blobs/{LAYER_DIGEST}")
     assert (blob.status_code, blob.content) == (200, LAYER)
+
+
+def test_a_content_coding_the_mirror_did_not_ask_for_is_decoded(w: World) -> None:
+    """The mirror asks for `Accept-Encoding: identity`; a compressing proxy or CDN that gzips
+    all the same sent manifests that failed their digest (503), tags lists passed on as gzip
+    bytes labelled JSON, blobs that failed their digest. The content is what the coding
+    decodes to, as Go's transport (registry:2's) and containerd read it."""
+    digest = w.upstream.tag("v1", manifest("first"))
+
+    def gzip_anyway(request: Request) -> Response | None:
+        if request.url.path == "/v2/":
+            return None
+        plain = w.upstream.answer(request)
+        headers = {**plain.headers, "Content-Encoding": "gzip"}
+        del headers["content-length"]
+        return Response(gzip.compress(plain.body), plain.status_code, headers)
+
+    w.upstream.quirk = gzip_anyway
+    tags = w.client.get("/v2/team/app/tags/list")
+    assert (tags.status_code, tags.json()) == (200, {"name": "team/app", "tags": ["v1"]})
+    pulled = w.client.get("/v2/team/app/manifests/v1")
+    assert (pulled.status_code, pulled.content) == (200, w.upstream.manifests[digest])
+    blob = w.client.get(f"/v2/team/app/blobs/{LAYER_DIGEST}")
+    assert (blob.status_code, blob.content) == (200, LAYER)
+    assert wait_until(lambda: w.app.storage.blob_size(LAYER_DIGEST) == len(LAYER))
+    assert {h.get("accept-encoding") for h in w.upstream.headers} == {"identity"}
