@@ -35,7 +35,7 @@ MAX_IDLE = 8  # idle connections kept per origin
 IDLE_TIMEOUT = 30.0  # seconds; older idle ones are dropped (servers close them too)
 MAX_REDIRECT_BODY = 64 * 1024  # a redirect's body is read (and dropped) to reuse its connection
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-GZIP = ("gzip", "x-gzip")  # the content codings decoded (Go's transport decodes gzip only)
+_GZIP = ("gzip", "x-gzip")  # the content codings decoded (Go's transport decodes gzip only)
 _WHOLE_RANGE = re.compile(r"bytes 0-(\d{1,19})/(\d{1,19})", re.ASCII)
 
 Origin = tuple[str, str]  # (scheme, host[:port])
@@ -261,7 +261,7 @@ class BlobStream:
         self._body = self._response
         # http.client says Accept-Encoding: identity. A CDN or proxy that gzips all the same:
         # the blob is what that decodes to, as Go's transport (registry:2's) reads it.
-        if self._response.headers.get("Content-Encoding", "").strip().lower() in GZIP:
+        if self._response.headers.get("Content-Encoding", "").strip().lower() in _GZIP:
             self._body = gzip.GzipFile(fileobj=self._response, mode="rb")
             self._length = None  # the coded length, not the blob's
 

@@ -3,9 +3,8 @@
 A digest reference is immutable: once cached it never needs the upstream. A tag is trusted
 for the upstream's `tag_ttl`, then confirmed with a HEAD (a GET where the HEAD cannot tell);
 when the upstream fails or refuses (down, 5xx, 4xx, or the tag is gone), the cached tag is
-served stale. As in
-registry:2's proxy, the upstream is always asked for every manifest type (it answers with
-what it stores) and each client's Accept is met here.
+served stale. As in registry:2's proxy, the upstream is always asked for every manifest type
+(it answers with what it stores) and each client's Accept is met here.
 """
 
 from __future__ import annotations
