@@ -132,13 +132,35 @@ def test_a_tag_whose_head_fails_is_asked_with_a_get(w: World, status: int) -> No
     moved = w.client.get("/v2/team/app/manifests/v1")
     assert (moved.status_code, moved.headers["docker-content-digest"]) == (200, second)
     assert moved.headers["cache-status"] == MISS
-    assert w.app.storage.read_tag("team/app", "v1")[0] == second  # type: ignore[index]
+    known = w.app.storage.read_tag("team/app", "v1")
+    assert known is not None and known[0] == second
     # Gone upstream (its GET says so too): the cached tag is served stale, as before.
     del w.upstream.tags["v1"]
     stale = w.client.get("/v2/team/app/manifests/v1")
     assert (stale.status_code, stale.headers["cache-status"]) == (200, STALE)
     unknown = w.client.get("/v2/team/app/manifests/v9")
     assert (unknown.status_code, unknown.json()["errors"][0]["code"]) == (404, "MANIFEST_UNKNOWN")
+
+
+@pytest.mark.parametrize("content_type", ["application/json", f"{MANIFEST_TYPE}; charset=utf-8"])
+def test_a_head_without_a_digest_is_asked_with_a_get(w: World, content_type: str) -> None:
+    """Some upstreams send no Docker-Content-Digest with a HEAD (or a Content-Type of their
+    own): the digest comes from a GET by tag, whose bytes the mirror hashes itself."""
+
+    def no_digest(request: Request) -> Response | None:
+        if "/manifests/" not in request.url.path:
+            return None
+        plain = w.upstream.answer(request)
+        headers = {k: v for k, v in plain.headers.items() if k != "docker-content-digest"}
+        return Response(plain.body, plain.status_code, {**headers, "content-type": content_type})
+
+    w.upstream.quirk = no_digest
+    first = w.upstream.tag("v1", manifest("first"))
+    assert w.client.get("/v2/team/app/manifests/v1").headers["docker-content-digest"] == first
+    second = w.upstream.tag("v1", manifest("second"))
+    moved = w.client.get("/v2/team/app/manifests/v1")
+    assert (moved.status_code, moved.headers["docker-content-digest"]) == (200, second)
+    assert moved.headers["content-type"] == MANIFEST_TYPE  # what the manifest says it is
 
 
 def test_a_head_that_answers_keeps_the_get_for_new_digests_only(w: World) -> None:
