@@ -32,6 +32,7 @@ from edgeproxy.mirror.names import (
     parse_ranges,
     parse_route,
     resolve_target,
+    upstream_named,
 )
 from edgeproxy.mirror.pulls import PullRecorder
 from edgeproxy.mirror.storage import FilesystemStorage, Storage
@@ -90,7 +91,8 @@ class MirrorApp:
             response = RegistryError("UNKNOWN", "internal error").response(head)
         for name, value in self._headers:
             response.headers.setdefault(name, value)
-        if (namespace := request.query_params.get("ns")) in self.upstreams:
+        namespace = request.query_params.get("ns")
+        if upstream_named(namespace, self.config.upstream) is not None:
             response.headers["OCI-Namespace"] = str(namespace)  # never echo an unknown one
         started = False
 

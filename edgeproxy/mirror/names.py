@@ -97,20 +97,29 @@ def is_digest(reference: str) -> bool:
     return ":" in reference
 
 
+def upstream_named(namespace: str | None, upstreams: list[UpstreamConfig]) -> UpstreamConfig | None:
+    """The upstream a client's `?ns=` names: a registry's host, in any case, as DNS reads it
+    (config refuses upstream names that differ only in case). ASCII only: str.lower() maps
+    some other letters to ASCII ones (the Kelvin sign to k)."""
+    if not namespace or not namespace.isascii():
+        return None
+    return next((u for u in upstreams if u.name.lower() == namespace.lower()), None)
+
+
 def resolve_target(name: str, namespace: str | None, upstreams: list[UpstreamConfig]) -> Target:
     """Pick the upstream for `name`: containerd's `?ns=`, a leading upstream name (as the
     cache names it: `host_port` for `host:port`), or the default (first) upstream. `ns` is
     only ever a lookup key, never a host to connect to."""
-    by_name = {u.name: u for u in upstreams}
     by_prefix = {u.cache_prefix: u for u in upstreams}  # a path's first component has no ":"
-    if namespace is not None:
-        if namespace not in by_name:
+    if namespace:
+        named = upstream_named(namespace, upstreams)
+        if named is None:
             raise RegistryError(
                 "NAME_UNKNOWN",
                 "no upstream is configured for this registry",
                 {"ns": namespace[:255]},
             )
-        upstream, remote = by_name[namespace], name
+        upstream, remote = named, name
     else:
         first, _, rest = name.partition("/")
         if rest and first in by_prefix:

@@ -117,6 +117,9 @@ def test_upstream_selection_by_ns_and_prefix(setup: tuple[FakeUpstream, httpx.Cl
     by_ns = client.get("/v2/team/app/manifests/v1?ns=other.example")
     assert by_ns.status_code == 200
     assert by_ns.headers["oci-namespace"] == "other.example"
+    in_capitals = client.get("/v2/team/app/manifests/v1?ns=Other.Example")
+    assert in_capitals.headers["oci-namespace"] == "Other.Example"  # as the client sent it
+    assert in_capitals.content == by_ns.content
     by_prefix = client.get("/v2/other.example/team/app/manifests/v1")
     assert by_prefix.status_code == 200
     gets = [r for r in upstream.requests if r.startswith("GET /v2/team/app/manifests/")]

@@ -77,6 +77,21 @@ def test_upstream_selection() -> None:
     assert caught.value.status == 404
 
 
+def test_ns_names_a_host_in_any_case_and_an_empty_one_none() -> None:
+    """containerd passes the image reference's host as written; registry:2 ignores `ns`."""
+    upstreams = [HUB, GHCR]
+    assert resolve_target("owner/app", "GHCR.io", upstreams).upstream == GHCR
+    assert resolve_target("alpine", "Docker.IO", upstreams).remote_name == "library/alpine"
+    assert resolve_target("ghcr.io/owner/app", "", upstreams).upstream == GHCR
+    assert resolve_target("alpine", "", upstreams).local_name == "library/alpine"
+    with pytest.raises(RegistryError):  # the Kelvin sign lowercases to "k"
+        resolve_target(
+            "x",
+            "\u212aey.example",
+            [HUB, UpstreamConfig(name="key.example", url="https://key.example")],
+        )
+
+
 @pytest.mark.parametrize(
     ("name", "namespace"),
     [("ghcr.io/owner/app", "docker.io"), ("docker.io/ghcr.io/owner/app", None)],
