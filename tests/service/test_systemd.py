@@ -32,7 +32,7 @@ pytestmark = [
     pytest.mark.skipif(nspawn_missing() is not None, reason=str(nspawn_missing())),
 ]
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[2]
 UID = 990  # the edgeproxy user of the container's /etc/passwd
 REGISTRY = "127.0.0.1:5001"
 

@@ -13,7 +13,7 @@ import pytest
 from edgeproxy.service.unit import render
 from tests.support.servers import write_toml
 
-CONTRIB = Path(__file__).parent.parent / "contrib/systemd/edgeproxy.service"
+CONTRIB = Path(__file__).parents[2] / "contrib/systemd/edgeproxy.service"
 EDGEPROXY = Path(sys.executable).parent / "edgeproxy"  # the installed console script
 
 needs_systemd_analyze = pytest.mark.skipif(
