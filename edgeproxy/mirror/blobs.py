@@ -3,7 +3,8 @@
 A fill is a task of its own (a client that disconnects never aborts it). It streams the
 upstream body into a `PartialBlob`, hashing as it writes, and commits only when the digest
 matches. Every client of a cold blob, the first included, reads the growing spool file; the
-last byte is held back until the digest matched, so nobody is ever served a wrong blob whole.
+last byte (of the blob, or of the range asked) is held back until the digest matched, so
+nobody is ever served a wrong blob whole, nor a wrong range.
 When another process holds the fill (workers share the root), this process follows that
 fill's spool file instead of fetching again.
 
@@ -285,6 +286,7 @@ class BlobService:
         position = start
         me = object()
         fill.reader_at(me, position)
+        held: bytes | None = None  # a range's last byte, until the digest matched
         try:
             while end is None or position < end:
                 # The final byte waits for the digest check: no client holds a whole wrong blob.
@@ -308,6 +310,10 @@ class BlobService:
                         if not chunk:
                             raise RegistryError("BLOB_UNKNOWN", "the fill was replaced")
                     position += len(chunk)
+                    if position == end and not fill.verified:
+                        # A range's last byte too: no client holds a whole wrong range (a
+                        # client of a 206 cannot check the digest itself).
+                        chunk, held = chunk[:-1], bytes(chunk[-1:])
                     yield chunk
                     fill.reader_at(me, position)
                     yield b""  # as in read_stored: a stalled client holds one piece
@@ -317,6 +323,13 @@ class BlobService:
                     return
                 else:
                     await fill.changed()
+            if held is not None:
+                fill.reader_at(me, None)  # nothing more to read: a fill that paces waits not
+                while not fill.verified:
+                    if fill.error is not None:
+                        raise fill.error
+                    await fill.changed()
+                yield held
         finally:
             fill.reader_at(me, None)
             if reader is not None:

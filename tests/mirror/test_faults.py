@@ -87,6 +87,38 @@ def test_faulty_blob_is_never_cached_or_served_whole(
     assert wait_until(lambda: app.storage.blob_size(digest) == len(BLOB))
 
 
+@pytest.mark.parametrize(
+    "ranges", ["bytes=0-99", f"bytes=100-{len(BLOB) - 2}", "bytes=0-9,20-29", "bytes=-5"]
+)
+def test_a_range_of_a_wrong_cold_blob_is_never_served_whole(
+    mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream, ranges: str
+) -> None:
+    """A range of a blob being filled waits for the digest check too: its last byte goes only
+    once the whole blob matched. A client of a 206 cannot check the digest itself; a complete
+    answer of wrong bytes is a blob served under a digest it does not hash to."""
+    app, client = mirror
+    digest = upstream.add_blob(BLOB)
+    upstream.faults[digest] = "wrong"
+    body = bytearray()
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        client.stream("GET", f"/v2/x/blobs/{digest}", headers={"Range": ranges}) as response,
+    ):
+        assert response.status_code == 206
+        for chunk in response.iter_raw():
+            body += chunk
+    assert len(body) < int(response.headers["content-length"])
+    assert app.storage.blob_size(digest) is None
+    # Healthy, the same range comes whole (cold: the last byte once the digest matched).
+    del upstream.faults[digest]
+    whole = client.get(f"/v2/x/blobs/{digest}", headers={"Range": ranges})
+    assert whole.status_code == 206
+    assert whole.headers["cache-status"].startswith("edgeproxy; fwd=miss")
+    if "," not in ranges:
+        start, _, end = whole.headers["content-range"].removeprefix("bytes ").partition("-")
+        assert whole.content == BLOB[int(start) : int(end.partition("/")[0]) + 1]
+
+
 def test_manifest_with_wrong_digest_is_refused(
     mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
 ) -> None:
