@@ -45,8 +45,23 @@ CHUNK = 1024 * 1024  # 1 MiB: 64 KiB pieces cost 5x the CPU on the blob path
 READ_CHUNK = {"http": CHUNK, "https": 256 * 1024}
 MAX_UNWRITTEN = 8 * CHUNK  # read ahead of the disk by at most this much
 WINDOW = 8 * CHUNK  # the newest received bytes, kept for this process's readers
+# What the windows of every fill of a process keep at most, together: a client asking for
+# many cold blobs at once must not hold 8 MiB in memory for each.
+WINDOWS = 8 * WINDOW
 FOLLOW_POLL = 0.003  # seconds between looks at another process's fill
 UNREAD_TIMEOUT = 60.0  # seconds a fill without its spool waits for a reader before giving up
+
+
+class Windows:
+    """The bytes the fills of one process keep in their windows, and how many they may."""
+
+    def __init__(self, budget: int = WINDOWS) -> None:
+        self.budget = budget
+        self.bytes = 0
+
+    @property
+    def over(self) -> bool:
+        return self.bytes > self.budget
 
 
 class Fill:
@@ -54,12 +69,13 @@ class Fill:
 
     `received` bytes came from the upstream; the newest of them stay in a memory window
     (readers that keep up never touch the disk), the older ones are `written` to the spool
-    file. A fill followed in another process has no window: received = written. Once
-    `spooling` is False nothing more is written: a block leaves the window only when every
-    reader is past it.
+    file. A window is for readers: a fill without any keeps only what is not on disk yet, as
+    does one while the windows of all fills (`windows`) are over their budget. A fill followed
+    in another process has no window: received = written. Once `spooling` is False nothing
+    more is written: a block leaves the window only when every reader is past it.
     """
 
-    def __init__(self, digest: str, name: str) -> None:
+    def __init__(self, digest: str, name: str, windows: Windows | None = None) -> None:
         self.digest = digest
         # The repositories it is for: the one it started for (its GET asks there), and those
         # the upstream confirmed meanwhile. All are linked when it commits.
@@ -76,6 +92,7 @@ class Fill:
         self.started = asyncio.Event()  # the size is known, or the fill failed
         self._window: collections.deque[tuple[int, bytearray]] = collections.deque()
         self._window_bytes = 0
+        self._windows = windows or Windows()
         self._readers: dict[object, int] = {}  # reader -> its position
         self._changed = asyncio.Event()
 
@@ -86,6 +103,7 @@ class Fill:
     def receive(self, block: bytearray) -> None:
         self._window.append((self.received, block))
         self._window_bytes += len(block)
+        self._windows.bytes += len(block)
         self.received += len(block)
         self._trim()
         self._notify()
@@ -106,13 +124,22 @@ class Fill:
 
     def _trim(self) -> None:
         """Forget the oldest blocks once kept elsewhere (on disk, or read by every reader)
-        and beyond the window."""
-        while self._window and self._window_bytes > WINDOW:
+        and beyond the window (all of them when no reader here needs them, or while the
+        windows of all fills are over their budget)."""
+        while self._window and (
+            self._window_bytes > WINDOW or not self._readers or self._windows.over
+        ):
             start, block = self._window[0]
             if start + len(block) > self._kept_up_to():
                 break
             self._window.popleft()
             self._window_bytes -= len(block)
+            self._windows.bytes -= len(block)
+
+    def _forget_window(self) -> None:
+        self._windows.bytes -= self._window_bytes
+        self._window.clear()
+        self._window_bytes = 0
 
     def _kept_up_to(self) -> int:
         if self.spooling or not self._readers:
@@ -134,6 +161,7 @@ class Fill:
         """A reader's progress (None: it is gone); only a fill without its spool waits for it."""
         if position is None:
             self._readers.pop(reader, None)
+            self._trim()  # the window may have been its alone
         else:
             self._readers[reader] = position
         if not self.spooling:
@@ -151,13 +179,13 @@ class Fill:
 
     def commit(self) -> None:
         self.verified = self.committed = True
-        self._window.clear()
+        self._forget_window()
         self.started.set()
         self._notify()
 
     def fail(self, error: RegistryError) -> None:
         self.error = error
-        self._window.clear()
+        self._forget_window()
         self.started.set()
         self._notify()
 
@@ -173,6 +201,7 @@ class BlobService:
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
         self._fills: dict[str, Fill] = {}
+        self._windows = Windows()  # shared by every fill of this process
         self._tasks: set[asyncio.Task[None]] = set()
         self._heads: SharedCalls[tuple[str, str, str], UpstreamResponse] = SharedCalls()
 
@@ -263,7 +292,7 @@ class BlobService:
         for attempt in range(3):  # other repositories' refused fills, then this one's own
             fill = self._fills.get(digest)
             if fill is None:
-                fill = self._fills[digest] = Fill(digest, target.local_name)
+                fill = self._fills[digest] = Fill(digest, target.local_name, self._windows)
                 task = asyncio.create_task(self._run(fill, upstream, target))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)

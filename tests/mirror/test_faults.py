@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from edgeproxy.mirror.app import MirrorApp
-from edgeproxy.mirror.blobs import CHUNK, Fill, _settle
+from edgeproxy.mirror.blobs import CHUNK, WINDOW, WINDOWS, Fill, Windows, _settle
 from edgeproxy.mirror.cache_status import STALE
 from edgeproxy.mirror.errors import RegistryError
 from edgeproxy.mirror.manifests import OCI_MANIFEST, Manifest
@@ -316,6 +316,44 @@ def test_client_disconnect_does_not_abort_the_fill(
         next(response.iter_raw())  # one piece, then hang up
     assert wait_until(lambda: app.storage.blob_size(digest) == len(BLOB))
     assert upstream.requests[f"GET /v2/x/blobs/{digest}"] == 1
+
+
+def test_a_fill_nobody_reads_keeps_no_memory_window() -> None:
+    """The window is for this process's readers: one whose clients left (or that has none)
+    keeps only what is not on disk yet. A client that asks for many cold blobs and hangs up
+    at once left 8 MiB a fill (~10 MiB with its threads' blocks: 100 fills, 1 GB) for as
+    long as each download took."""
+    fill = Fill("sha256:" + "0" * 64, "x")
+    reader = object()
+    fill.reader_at(reader, 0)
+    for _ in range(4):
+        fill.receive(bytearray(CHUNK))
+        fill.advance(fill.received)
+    assert fill.in_memory(0, CHUNK) is not None  # kept for its reader
+    fill.reader_at(reader, None)  # gone
+    assert fill.in_memory(0, CHUNK) is None
+    fill.receive(bytearray(CHUNK))
+    assert fill.in_memory(4 * CHUNK, 5 * CHUNK) is not None  # not on disk yet
+    fill.advance(fill.received)
+    assert fill.in_memory(4 * CHUNK, 5 * CHUNK) is None
+
+
+def test_the_memory_windows_of_all_fills_stay_within_one_budget() -> None:
+    """Many cold blobs at once, each with a client that reads nothing (or slowly): together
+    their windows keep WINDOWS bytes at most; past that, readers take the bytes from the
+    spool (the page cache), as they do once they fall behind a window."""
+    windows = Windows()
+    fills = [Fill(f"sha256:{n:064x}", "x", windows) for n in range(2 * WINDOWS // WINDOW)]
+    for fill in fills:
+        fill.reader_at(object(), 0)
+        for _ in range(WINDOW // CHUNK + 2):
+            fill.receive(bytearray(CHUNK))
+            fill.advance(fill.received)
+    held = sum(len(block) for fill in fills for _, block in fill._window)
+    assert held == windows.bytes <= WINDOWS
+    for fill in fills[: len(fills) // 2]:
+        fill.commit()  # their windows go: the others may keep theirs again
+    assert windows.bytes == sum(len(block) for fill in fills for _, block in fill._window)
 
 
 def test_head_of_a_cold_blob_never_downloads_it(
