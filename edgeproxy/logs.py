@@ -1,4 +1,4 @@
-"""The error log: one line per event (newlines escaped), nginx's levels, no secrets.
+"""The error log: one line per event (what does not print escaped), nginx's levels, no secrets.
 
 `2026/11/27 20:44:50 [warn] 4242#0: edgeproxy.mirror: message`: the time, the level as
 nginx's error_log names it, the process id (nginx's pid#tid), the logger, the message.
@@ -43,8 +43,17 @@ class ErrorLogFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         record.nginx_level = _LEVELS.get(record.levelname, record.levelname.lower())
-        # One event, one line (a traceback too): the journal and grep see it whole.
-        return redact(super().format(record), self.secrets).replace("\n", "\\n")
+        return printable(redact(super().format(record), self.secrets))
+
+
+def printable(text: str) -> str:
+    """One event, one line (a traceback too), as it was: the journal and grep see it whole,
+    and what a client sent (a path is logged decoded: %0d, %1b) neither starts a forged line
+    (a carriage return, U+2028) nor reaches a terminal as an escape sequence. Every character
+    that does not print is written as its escape: \\n, \\r, \\x1b, \\u2028."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:

@@ -101,3 +101,21 @@ def test_a_traceback_stays_on_its_line() -> None:
     line = formatter.format(record)
     assert "\n" not in line
     assert LINE.match(line) and "[error]" in line and "ValueError: two\\nlines" in line
+
+
+def test_what_a_client_sent_never_shapes_the_log() -> None:
+    """A request's path is logged decoded: %0d or %1b in it reach a message as a carriage
+    return (a forged line over the real one, on a terminal or in `less`) or a terminal's escape
+    sequence. Every character that does not print is written as its escape, as nginx writes
+    the request line as it came, percent-encoded."""
+    formatter = ErrorLogFormatter()
+    path = "/v2/a\r2026/01/01 00:00:00 [crit] 1#0: forged\x1b[2K\x85\u2028\x00/manifests/x"
+    record = logging.LogRecord(
+        "edgeproxy.mirror", logging.INFO, __file__, 1, "GET %s", (path,), None
+    )
+    line = formatter.format(record)
+    assert line.isprintable(), line
+    assert LINE.match(line)
+    assert line.endswith(
+        "GET /v2/a\\r2026/01/01 00:00:00 [crit] 1#0: forged\\x1b[2K\\x85\\u2028\\x00/manifests/x"
+    )
