@@ -33,27 +33,32 @@ from edgeproxy.mirror.storage import Storage, StoredBlob, StoredManifest
 log = logging.getLogger("edgeproxy.eviction")
 
 UPLOADS_AGE = 7 * 86400.0  # registry:2's uploadpurging age: its leftovers older than this go
+# A manifest's lists of descriptors, and the field holding each one's digest.
+_DESCRIPTOR_LISTS = {
+    "manifests": "digest",
+    "layers": "digest",
+    "blobs": "digest",
+    "fsLayers": "blobSum",
+}
 
 
 def references(data: bytes) -> frozenset[str]:
     """The digests a manifest points at: an index's manifests, an image's config and layers
-    (schema 1: its fsLayers). Unparsable bytes reference nothing."""
+    (schema 1: its fsLayers). Unparsable bytes, and fields of another type than these have,
+    reference nothing: any JSON object from an upstream is served and cached."""
     try:
         document = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return frozenset()
     if not isinstance(document, dict):
         return frozenset()
-    descriptors = [document.get("config")]
-    for key in ("manifests", "layers", "blobs"):
+    found: list[tuple[object, str]] = [(document.get("config"), "digest")]
+    for key, field in _DESCRIPTOR_LISTS.items():
         items = document.get(key)
         if isinstance(items, list):
-            descriptors.extend(items)
-    found = {d.get("digest") for d in descriptors if isinstance(d, dict)}
-    for layer in document.get("fsLayers") or []:
-        if isinstance(layer, dict):
-            found.add(layer.get("blobSum"))
-    return frozenset(d for d in found if isinstance(d, str))
+            found.extend((item, field) for item in items)
+    digests = (item.get(field) for item, field in found if isinstance(item, dict))
+    return frozenset(digest for digest in digests if isinstance(digest, str))
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,29 @@ def test_references_of_every_manifest_kind() -> None:
     assert references(b"not json") == frozenset()
 
 
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"fsLayers": 1},  # not a list
+        {"layers": [{"digest": []}]},  # a digest that is no string (nor hashable)
+        {"fsLayers": [{"blobSum": {}}]},
+        {"manifests": "sha256:a", "config": ["sha256:b"]},
+    ],
+)
+def test_a_manifest_of_any_shape_never_stops_the_eviction(
+    storage: FilesystemStorage, document: dict[str, object]
+) -> None:
+    """An upstream's manifest needs only be a JSON object to be served and cached: one whose
+    fields had another type failed every eviction pass (TypeError), so the cache outgrew
+    max_size and max_age for as long as that manifest stayed, which was for ever."""
+    assert references(json.dumps(document).encode()) == frozenset()
+    put_manifest(storage, "odd", document, age=10 * DAY)
+    put_image(storage, "old", [os.urandom(100)], age=10 * DAY)
+    evictor = Evictor(CacheConfig(max_age=7 * DAY), storage, storage.root / "edgeproxy")
+    assert evictor.prune() is not None
+    assert storage.repositories() == []
+
+
 def test_past_max_size_the_least_recently_pulled_goes(storage: FilesystemStorage) -> None:
     put_image(storage, "old", [os.urandom(1000)], age=3 * DAY)
     put_image(storage, "mid", [os.urandom(1000)], age=2 * DAY)
