@@ -284,6 +284,8 @@ async def _warm_one(mirror: MirrorApp, progress: Progress, image: str, platform:
     if isinstance(document.get("manifests"), list):  # an index: its platforms' manifests
         images = []
         for child in document["manifests"]:
+            if not isinstance(child, dict):
+                raise RegistryError("MANIFEST_INVALID", "an index entry is not a descriptor")
             name = _platform_of(child)
             if platform is not None and name != platform and not name.startswith(platform + "/"):
                 continue

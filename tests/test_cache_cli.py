@@ -290,3 +290,22 @@ def test_warm_refuses_a_digest_that_is_a_path(
         assert main(["cache", "warm", *config, "test/evil:v1"]) == 1
     assert "invalid digest" in capsys.readouterr().err
     assert not any(path.name.startswith("escaped") for path in tmp_path.rglob("*"))
+
+
+def test_warm_refuses_an_index_entry_that_is_no_descriptor(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A manifest need only be a JSON object to be served; an index whose entries are not
+    objects is a clear error of that image, not a traceback that stops the others."""
+    index = json.dumps({"schemaVersion": 2, "manifests": [1, "x"]}).encode()
+    with fake_upstream() as upstream:
+        upstream.manifests[digest_of(index)] = index
+        upstream.tags["v1"] = digest_of(index)
+        upstream.add_manifest("v2", [upstream.add_blob(b"layer")])
+        entry = {"name": "docker.io", "url": upstream.url}
+        mirror = {"root": str(tmp_path / "cache"), "upstream": [entry]}
+        config = ["--config", str(write_toml(tmp_path / "cli.toml", {"mirror": mirror}))]
+        assert main(["cache", "warm", *config, "test/odd:v1", "test/fine:v2"]) == 1
+    err = capsys.readouterr().err
+    assert "edgeproxy: test/odd:v1: an index entry is not a descriptor" in err
+    assert "test/fine:v2: 1 blobs cached" in err  # the next image is warmed all the same
