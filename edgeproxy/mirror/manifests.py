@@ -90,6 +90,12 @@ class ManifestService:
         manifest = self._memory.get(key)
         if manifest is not None:
             self._memory.move_to_end(key)
+            if self._storage.manifest_last_pull(target.local_name, digest) is None:
+                # Evicted since (or never stored: a full disk): store it again, or the tag
+                # written next would name a manifest the cache no longer holds.
+                _keep(
+                    digest, self._storage.write_manifest, target.local_name, digest, manifest.data
+                )
             return manifest
         data = self._storage.read_manifest(target.local_name, digest)
         if data is None:

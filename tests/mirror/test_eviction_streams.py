@@ -128,3 +128,38 @@ def test_a_fill_in_progress_is_never_evicted(tmp_path: Path) -> None:
 
         done = asyncio.run(fill_and_evict())
     assert done is not None and done.blobs == []
+
+
+@pytest.mark.e2e
+def test_a_tag_pulled_again_after_its_eviction_names_a_stored_manifest(
+    registry_none: Registry, tmp_path: Path
+) -> None:
+    """The worker that served a tag keeps its manifest in memory; an eviction then removes it
+    from the cache. Pulled again, the tag must name a manifest the cache holds: it named one
+    the cache had lost (a tag link no pass ever removed), and another worker, its upstream
+    unreachable, then answered 503 for a tag it had just served."""
+    image = build_image(tmp_path / "image", TEST_TAG, [RandomLayer(4096, seed=7)])
+    push(image, registry_none, "test/evicted-tag", TEST_TAG)
+    root = tmp_path / "cache"
+    app = mirror_app(root, registry_none.url)
+    storage = app.storage
+    evictor = Evictor(CacheConfig(max_size=0), storage, root / "edgeproxy")
+    path = f"/v2/test/evicted-tag/manifests/{TEST_TAG}"
+    accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert client.get(path, headers=accept).status_code == 200
+        done = evictor.prune()
+        assert done is not None and done.manifests
+        assert storage.read_tag("test/evicted-tag", TEST_TAG) is None
+        assert client.get(path, headers=accept).status_code == 200
+    digest = image.manifest_digest
+    tag = storage.read_tag("test/evicted-tag", TEST_TAG)
+    assert tag is not None and tag[0] == digest
+    assert storage.read_manifest("test/evicted-tag", digest) is not None
+    other = mirror_app(root, "http://127.0.0.1:9")  # another worker, the upstream out of reach
+    with serve_app(other) as url, httpx.Client(base_url=url, timeout=30) as client:
+        response = client.get(path, headers=accept)
+        assert (response.status_code, response.headers["cache-status"]) == (
+            200,
+            "edgeproxy; hit; detail=stale",
+        )
