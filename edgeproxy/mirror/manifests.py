@@ -184,7 +184,10 @@ class ManifestService:
                 log.warning("serving %s:%s stale: %s", target.local_name, tag, exc.message)
                 return cached, STALE
             raise
-        _keep(f"tag {tag}", self._storage.write_tag, target.local_name, tag, manifest.digest)
+        # Only a stored manifest (a full disk may have refused it): the tag named one the cache
+        # lacks, and lost the cached one it could have served stale.
+        if self._storage.manifest_last_pull(target.local_name, manifest.digest) is not None:
+            _keep(f"tag {tag}", self._storage.write_tag, target.local_name, tag, manifest.digest)
         return manifest, status
 
     async def _fetch(self, upstream: UpstreamClient, target: Target, reference: str) -> Manifest:

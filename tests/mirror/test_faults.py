@@ -178,6 +178,35 @@ def test_cached_tag_is_served_stale_when_the_upstream_fails(
         assert (tags.json(), tags.headers["cache-status"]) == ({"name": "x", "tags": ["v1"]}, STALE)
 
 
+def test_a_tag_never_names_a_manifest_the_disk_refused(
+    tmp_path: Path, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tag moved upstream; the disk refuses its new manifest (full), not the small tag link
+    after it. The tag must go on naming the manifest the cache holds: it named the one the
+    disk refused, and another worker, the upstream down, answered 503 for a cached tag."""
+    old = upstream.add_manifest("v1", [upstream.add_blob(b"old layer")])
+    app = mirror_of(upstream, tmp_path / "cache")
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert client.get("/v2/x/manifests/v1").headers["docker-content-digest"] == old
+        new = upstream.add_manifest("v1", [upstream.add_blob(b"new layer")])
+
+        def full(name: str, digest: str, data: bytes) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(app.storage, "write_manifest", full)
+            moved = client.get("/v2/x/manifests/v1")  # served, not cached
+        assert (moved.status_code, moved.headers["docker-content-digest"]) == (200, new)
+    tag = app.storage.read_tag("x", "v1")
+    assert tag is not None and tag[0] == old
+    upstream.faults["/manifests/v1"] = 503
+    other = mirror_of(upstream, tmp_path / "cache")  # another worker
+    with serve_app(other) as url, httpx.Client(base_url=url, timeout=30) as client:
+        stale = client.get("/v2/x/manifests/v1")
+        assert (stale.status_code, stale.headers["docker-content-digest"]) == (200, old)
+        assert stale.headers["cache-status"] == STALE
+
+
 def test_a_head_naming_no_digest_is_an_upstream_fault(
     mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
 ) -> None:
