@@ -189,9 +189,30 @@ def execute(storage: Storage, planned: Plan, taken: float) -> Plan:
         last_pull = storage.blob_last_pull(blob.digest)
         if blob.digest not in kept and last_pull is not None and last_pull <= taken:
             blobs.append(blob)
+    removed = {entry.manifest.digest for entry in manifests}
+    saved = {b.digest: _bytes_of(storage, b.digest) for b in blobs if b.digest in removed}
     storage.remove_blobs([blob.digest for blob in blobs])
+    # A worker that stored one of these manifests again since the look above found its bytes
+    # in place and linked them: put them back (one that links later writes them itself).
+    for stored in storage.manifests() if saved else []:
+        data = saved.pop(stored.digest, None)
+        if data is not None and storage.blob_size(stored.digest) is None:
+            storage.write_manifest(stored.name, stored.digest, data)
+            blobs = [blob for blob in blobs if blob.digest != stored.digest]
     freed = sum(blob.size for blob in blobs)
     return Plan(manifests, blobs, planned.size_before, planned.size_before - freed)
+
+
+def _bytes_of(storage: Storage, digest: str) -> bytes | None:
+    """A stored manifest's bytes (at most 4 MiB); None when they are gone."""
+    try:
+        reader = storage.open_blob(digest)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        return reader.read(0, reader.size)
+    finally:
+        reader.close()
 
 
 def _stored_since(storage: Storage, taken: float) -> set[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from edgeproxy.config import CacheConfig
-from edgeproxy.mirror.eviction import Evictor, execute, plan, references, scan
+from edgeproxy.mirror.eviction import Evictor, Plan, execute, plan, references, scan
 from edgeproxy.mirror.pulls import PullRecorder
 from edgeproxy.mirror.storage import FilesystemStorage
 
@@ -263,6 +263,58 @@ def test_a_manifest_stored_while_the_pass_removes_keeps_its_layers(
     execute(storage, planned, inventory.taken)
     assert storage.blob_size(digest_of(layer)) == 100
     assert storage.blob_linked("new", digest_of(layer))
+
+
+def test_a_manifest_stored_again_while_the_pass_removes_it_stays_whole(
+    storage: FilesystemStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker pulls an image the pass is removing, after the pass looked for new pulls but
+    before its blobs go: the worker found the manifest's bytes in place (not written again)
+    and linked them, then the pass removed them. The tag and revision link named bytes the
+    cache had lost (with the upstream down, a 503 for an image just pulled)."""
+    manifest = put_image(storage, "a", [os.urandom(100)], age=10 * DAY)
+    data = storage.read_manifest("a", manifest)
+    assert data is not None
+    inventory = scan(storage)
+    planned = plan(inventory, CacheConfig(max_age=7 * DAY), inventory.taken)
+    remove_blobs = storage.remove_blobs
+
+    def pulled_meanwhile(digests: list[str]) -> None:
+        storage.write_manifest("a", manifest, data)
+        storage.write_tag("a", "v1", manifest)
+        remove_blobs(digests)
+
+    monkeypatch.setattr(storage, "remove_blobs", pulled_meanwhile)
+    done = execute(storage, planned, inventory.taken)
+    assert manifest not in {blob.digest for blob in done.blobs}
+    assert storage.read_tag("a", "v1") is not None
+    assert storage.read_manifest("a", manifest) == data
+
+
+def test_a_manifest_linked_just_after_the_pass_removed_it_stays_whole(
+    storage: FilesystemStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same race, the other way round: the worker found the bytes in place, the pass then
+    removed them (and saw no link to them), and the worker linked them after."""
+    manifest = put_image(storage, "a", [os.urandom(100)], age=10 * DAY)
+    data = storage.read_manifest("a", manifest)
+    assert data is not None
+    inventory = scan(storage)
+    planned = plan(inventory, CacheConfig(max_age=7 * DAY), inventory.taken)
+    blob_size = storage.blob_size
+    passes: list[Plan] = []
+
+    def pass_runs_after_the_look(digest: str) -> int | None:
+        size = blob_size(digest)
+        if digest == manifest and not passes:
+            passes.append(execute(storage, planned, inventory.taken))
+        return size
+
+    monkeypatch.setattr(storage, "blob_size", pass_runs_after_the_look)
+    storage.write_manifest("a", manifest, data)
+    storage.write_tag("a", "v1", manifest)
+    assert manifest in {blob.digest for blob in passes[0].blobs}
+    assert storage.read_manifest("a", manifest) == data
 
 
 def test_one_evictor_at_a_time(storage: FilesystemStorage) -> None:

@@ -312,6 +312,10 @@ class FilesystemStorage(Storage):
         (self._repo(name) / "_layers").mkdir(parents=True, exist_ok=True)
         revisions = self._repo(name) / "_manifests" / "revisions"
         _write_atomic(self._digest_link(revisions, digest), digest.encode())
+        # An eviction may have removed the bytes between the look above and the link (it puts
+        # back those it finds linked once they are gone; a link made after that look, here).
+        if self.blob_size(digest) is None:
+            _write_atomic(self.blob_path(digest), data)
 
     def read_tag(self, name: str, tag: str) -> tuple[str, float] | None:
         link = self._repo(name) / "_manifests" / "tags" / tag / "current" / "link"
