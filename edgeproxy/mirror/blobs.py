@@ -483,6 +483,9 @@ class BlobService:
             )
         fill.verify()  # clients finish now; the fsync and rename below are not theirs to wait for
         if fill.spooling:
+            # Linked first: a process killed just after the rename leaves a blob its
+            # repositories serve (a link whose commit failed only means a fetch again).
+            self._link(fill.names, fill.digest)
             try:
                 await asyncio.to_thread(partial.commit, received)
                 return
