@@ -444,6 +444,22 @@ def test_disk_full_streams_the_blob_without_caching_it(
     assert (report.blobs, report.corrupt, report.leftovers) == (1, [], [])
 
 
+def test_a_manifest_a_full_disk_refused_leaves_no_folder(
+    small_disk: Path, upstream: FakeUpstream
+) -> None:
+    """A manifest served while the disk is full is not cached, and leaves nothing: its blob
+    folder stayed behind empty, one for each manifest refused, that no eviction pass saw."""
+    manifest = upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
+    app = mirror_of(upstream, small_disk)
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        before = sorted(small_disk.rglob("*"))
+        fill_up(small_disk / "filler")
+        response = client.get("/v2/x/manifests/v1")
+        assert (response.status_code, response.headers["docker-content-digest"]) == (200, manifest)
+        (small_disk / "filler").unlink()
+    assert sorted(small_disk.rglob("*")) == before
+
+
 def test_disk_full_mid_fill_lets_the_other_workers_go_on(small_disk: Path) -> None:
     """Two workers on one cache; the disk fills up in the middle of the first one's fill,
     whose client then stops reading. The second worker's client must not wait on that dead

@@ -64,21 +64,47 @@ class FileReader(BlobReader):
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write a whole small file so that readers see the old content or the new, never a part."""
+    """Write a whole small file so that readers see the old content or the new, never a part.
+    A write that fails (a full disk) leaves none of the folders it made: nothing would ever
+    remove an empty blob folder."""
     for attempt in range(2):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        made: list[Path] = []
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
         try:
+            _make_folders(path.parent, made)
             tmp.write_bytes(data)
             os.replace(tmp, path)
             return
         except FileNotFoundError:  # an eviction removed the folder meanwhile: once more
             tmp.unlink(missing_ok=True)
             if attempt:
+                _remove_folders(made)
                 raise
         except BaseException:
             tmp.unlink(missing_ok=True)
+            _remove_folders(made)
             raise
+
+
+def _make_folders(folder: Path, made: list[Path]) -> None:
+    """Create `folder` and its missing parents, adding to `made` each this call created."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for each in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another writer's, just made
+            each.mkdir()
+            made.append(each)
+
+
+def _remove_folders(made: list[Path]) -> None:
+    """Remove the folders `_make_folders` made, deepest first, unless another writer uses them."""
+    for folder in reversed(made):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone)
+            return
 
 
 def _touch(path: Path) -> None:
