@@ -90,12 +90,6 @@ class ManifestService:
         manifest = self._memory.get(key)
         if manifest is not None:
             self._memory.move_to_end(key)
-            if self._storage.manifest_last_pull(target.local_name, digest) is None:
-                # Evicted since (or never stored: a full disk): store it again, or the tag
-                # written next would name a manifest the cache no longer holds.
-                _keep(
-                    digest, self._storage.write_manifest, target.local_name, digest, manifest.data
-                )
             return manifest
         data = self._storage.read_manifest(target.local_name, digest)
         if data is None:
@@ -184,11 +178,21 @@ class ManifestService:
                 log.warning("serving %s:%s stale: %s", target.local_name, tag, exc.message)
                 return cached, STALE
             raise
-        # Only a stored manifest (a full disk may have refused it): the tag named one the cache
-        # lacks, and lost the cached one it could have served stale.
-        if self._storage.manifest_last_pull(target.local_name, manifest.digest) is not None:
+        # The tag names only a stored manifest: one the cache lacks would lose the cached one
+        # it could have served stale.
+        if self._stored(target, manifest):
             _keep(f"tag {tag}", self._storage.write_tag, target.local_name, tag, manifest.digest)
         return manifest, status
+
+    def _stored(self, target: Target, manifest: Manifest) -> bool:
+        """Whether `manifest` is on disk, stored again if not: one from memory may have been
+        evicted since, or refused by a full disk. Asked before a tag is written, not on every
+        hit by digest, which a look at the disk would slow by a sixth."""
+        name, digest = target.local_name, manifest.digest
+        if self._storage.manifest_last_pull(name, digest) is not None:
+            return True
+        _keep(digest, self._storage.write_manifest, name, digest, manifest.data)
+        return self._storage.manifest_last_pull(name, digest) is not None
 
     async def _fetch(self, upstream: UpstreamClient, target: Target, reference: str) -> Manifest:
         """The running fetch of a digest, or a new one; a tag is fetched on its own."""
