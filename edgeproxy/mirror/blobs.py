@@ -287,8 +287,9 @@ class BlobService:
     # Cold
     async def fill(self, upstream: UpstreamClient, target: Target, digest: str) -> Fill:
         """The running fill of `digest`, started if needed; returns once its size is known.
-        A fill the upstream refused in the repository it asked in (404, 401, 403) fails only
-        there: a client of another repository then starts a fill of its own."""
+        A fill the upstream refused in the repository it asked in (a 4xx: 404, 401, 403, a
+        project's policy) fails only there: a client of another repository then starts a fill
+        of its own. A rate limit (429), a timeout or a proxy's 407 fail every client."""
         for attempt in range(3):  # other repositories' refused fills, then this one's own
             fill = self._fills.get(digest)
             if fill is None:
@@ -299,7 +300,8 @@ class BlobService:
             await fill.started.wait()
             if fill.error is None:
                 return fill
-            refusal = fill.error.status in (401, 403, 404)
+            status = fill.error.status
+            refusal = 400 <= status < 500 and status not in (407, 408, 429)
             if not refusal or fill.asked_in == target.local_name or attempt == 2:
                 raise fill.error
         raise AssertionError("unreachable")  # pragma: no cover

@@ -831,14 +831,16 @@ def test_a_redirected_manifests_401_is_not_taken_for_the_upstreams_challenge(
         assert client.get(f"/v2/x/manifests/{other}").status_code == 200
 
 
+@pytest.mark.parametrize("refusal", [404, 412, 451])
 def test_a_refusal_in_one_repository_fails_only_its_clients(
-    mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
+    mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream, refusal: int
 ) -> None:
-    """A fill started through a repository the upstream refuses (a name a client made up)
-    must not fail a repository the upstream confirmed meanwhile: it fetches on its own."""
+    """A fill started through a repository the upstream refuses (a name a client made up, a
+    Harbor project whose policy blocks the image: 412) must not fail a repository the
+    upstream confirmed meanwhile: it fetches on its own."""
     app, client = mirror
     digest = upstream.add_blob(b"a layer of `real`")
-    upstream.faults[f"/bogus/blobs/{digest}"] = 404
+    upstream.faults[f"/bogus/blobs/{digest}"] = refusal
     respond = upstream._respond
 
     async def refuse_once_real_joined(writer: Any, method: str, path: str) -> None:
@@ -853,7 +855,7 @@ def test_a_refusal_in_one_repository_fails_only_its_clients(
         bogus = pool.submit(client.get, f"/v2/bogus/blobs/{digest}")
         assert wait_until(lambda: upstream.requests[f"GET /v2/bogus/blobs/{digest}"] == 1)
         real = pool.submit(client.get, f"/v2/real/blobs/{digest}")
-        assert bogus.result().status_code == 404
+        assert bogus.result().status_code == refusal
         assert (real.result().status_code, real.result().content) == (200, b"a layer of `real`")
 
 
