@@ -247,7 +247,7 @@ async def _warm(config: Config, images: list[str], platform: str | None) -> int:
                     failed += 1
                     say(f"edgeproxy: {image}: {exc.message}")
                 else:
-                    say(f"{image}: {count} blobs cached")
+                    say(f"{image}: {count} blob{'' if count == 1 else 's'} cached")
     finally:
         await mirror.aclose()
     return 1 if failed else 0

@@ -308,4 +308,4 @@ def test_warm_refuses_an_index_entry_that_is_no_descriptor(
         assert main(["cache", "warm", *config, "test/odd:v1", "test/fine:v2"]) == 1
     err = capsys.readouterr().err
     assert "edgeproxy: test/odd:v1: an index entry is not a descriptor" in err
-    assert "test/fine:v2: 1 blobs cached" in err  # the next image is warmed all the same
+    assert "test/fine:v2: 1 blob cached" in err  # the next image is warmed all the same
