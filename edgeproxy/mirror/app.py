@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 from urllib.parse import unquote, unquote_plus, urlencode, urlsplit
@@ -44,6 +45,8 @@ API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 ALLOW = {"Allow": "GET, HEAD"}
 CATALOG_PAGES = (100, 1000)  # registry:2's page without `n`, and its catalog.maxentries
 BLOB_CACHE_CONTROL = "max-age=31536000"
+# RFC 8288: rel="next", or rel=next, or next among several relation types.
+_LINK_REL = re.compile(r';\s*rel\s*=\s*(?:"[^"]*\bnext\b[^"]*"|next\b)', re.IGNORECASE)
 # An upstream without the referrers API answers 404 (as the OCI spec asks), or 405 or 400
 # (a router that knows no such path): the mirror reads the OCI 1.1 tag schema instead.
 NO_REFERRERS_API = (400, 404, 405)
@@ -389,20 +392,22 @@ def _next_page(
 ) -> dict[str, str]:
     """The upstream's Link to the next page of the list at `asked` as a Link to the mirror's
     `path`: relative (Quay's is absolute, to itself), under the name and `ns` the client
-    used. A Link elsewhere (another repository, `//host`) is nothing to page through here."""
+    used, and nothing else. A Link elsewhere (another repository, `//host`), or to another
+    page than the next, is nothing to page through here."""
     link = upstream.passable("Link", answer.headers.get("link")) or ""
-    before, _, rest = link.partition("<")
+    _, _, rest = link.partition("<")
     reference, closed, after = rest.partition(">")
     try:
         url = urlsplit(reference)
     except ValueError:  # not a URL at all ("http://[..."): the page goes without a Link
         return {}
-    if not closed or unquote(url.path) != asked:
+    rel = _LINK_REL.search(after.partition(",")[0])  # this link's own parameters
+    if not closed or unquote(url.path) != asked or rel is None:
         return {}  # none, or nothing a client could follow
     # Only the client's ns: the upstream's would send its next page to another upstream.
     cursor = [q for q in url.query.split("&") if q and unquote_plus(q.partition("=")[0]) != "ns"]
     query = "&".join(q for q in (*cursor, urlencode(_namespace(request))) if q)
-    return {"Link": f"{before}<{path}{'?' if query else ''}{query}>{after}"}
+    return {"Link": f'<{path}{"?" if query else ""}{query}>; rel="next"'}
 
 
 def _named(tags: bytes, name: str) -> bytes:

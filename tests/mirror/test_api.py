@@ -230,6 +230,13 @@ def test_an_absolute_next_page_link_stays_on_the_mirror(
             '</v2/library/x/tags/list?n=1&ns=other.example&last=a>; rel="next"',
             '</v2/x/tags/list?n=1&last=a>; rel="next"',
         ),
+        # Only the next page: no second link after it, to anywhere.
+        (
+            '</v2/library/x/tags/list?last=a>; rel="next", <http://evil.example/>; rel="next"',
+            '</v2/x/tags/list?last=a>; rel="next"',
+        ),
+        # A link to another page than the next is nothing to page on with.
+        ('</v2/library/x/tags/list?last=a>; rel="prev"', None),
     ],
 )
 def test_a_next_page_link_pages_this_list_through_the_mirror_only(
