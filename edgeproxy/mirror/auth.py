@@ -240,10 +240,10 @@ class Authenticator:
         claims = self._claims(token)
         if claims is None:
             return False
+        if access.scope is None:  # `GET /v2/`: any token of ours, as registry:2's token auth
+            return True
         if not claims["sub"]:  # an anonymous token grants only what anonymous rules grant
             return False
-        if access.scope is None:
-            return True
         kind, _, rest = access.scope.partition(":")
         name, _, _ = rest.rpartition(":")
         return any(

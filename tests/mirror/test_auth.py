@@ -160,7 +160,8 @@ def test_anonymous_token_grants_nothing_private(setup: Setup) -> None:
     assert jwt.decode(token, options={"verify_signature": False})["sub"] == ""
     response = setup.client.get("/v2/private/app/manifests/v1", headers=bearer(token))
     assert_challenge(response, "repository:private/app:pull")
-    assert_challenge(setup.client.get("/v2/", headers=bearer(token)), None)
+    # The API base checks only that the token is one of ours, as registry:2's token auth.
+    assert setup.client.get("/v2/", headers=bearer(token)).status_code == 200
 
 
 def test_forged_and_expired_tokens_are_refused(setup: Setup) -> None:
