@@ -11,6 +11,7 @@ runs (after its scan began) is kept, with what it references.
 One process at a time applies them (a `flock`), in a thread, every `interval`. Removing a
 blob never cuts a transfer short: readers hold it open (Linux keeps an unlinked file's data
 until the last fd closes), and fills in progress are outside the blob store until committed.
+Once an hour (with limits or without) a pass also sweeps what killed processes left.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ from edgeproxy.mirror.storage import Storage, StoredBlob, StoredManifest
 log = logging.getLogger("edgeproxy.eviction")
 
 UPLOADS_AGE = 7 * 86400.0  # registry:2's uploadpurging age: its leftovers older than this go
+# What a killed process left (a write's temporary, an empty blob folder) goes at this age, and
+# is looked for this often: their writers finish within a second (a write of at most 4 MiB; a
+# mkdir and a rename), and an hour also covers a clock off by minutes.
+LEFTOVERS_AGE = 3600.0
 # A manifest's lists of descriptors, and the field holding each one's digest.
 _DESCRIPTOR_LISTS = {
     "manifests": "digest",
@@ -233,11 +238,13 @@ class Evictor:
         self.limits = limits
         self._storage = storage
         self._lock_path = state_dir / "evict.lock"  # its content: when the limits last ran
+        self._swept_path = state_dir / "swept"  # its mtime: when leftovers were last swept
         self._known: dict[str, frozenset[str]] = {}
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        if self.limits.limited and self._task is None:
+        # Without limits too: killed workers leave leftovers in any cache.
+        if self._task is None:
             self._task = asyncio.create_task(self._loop())
 
     async def aclose(self) -> None:
@@ -267,8 +274,9 @@ class Evictor:
                 )
 
     def prune(self, *, dry_run: bool = False, wait: bool = True) -> Plan | None:
-        """Apply the limits once. Without `wait`: None when another process is applying them
-        or did so less than half an interval ago (every worker runs the loop; one works)."""
+        """Apply the limits once (if any), and sweep leftovers (without `wait`: if the last
+        sweep is an hour old). Without `wait`: None when another process is at it or was less
+        than half an interval ago (every worker runs the loop; one works)."""
         self._lock_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self._lock_path, "a+") as lock:
             try:
@@ -278,17 +286,36 @@ class Evictor:
             lock.seek(0)
             if not wait and time.time() - _number(lock.read()) < self.limits.interval / 2:
                 return None
-            inventory = scan(self._storage, self._known)
-            planned = plan(inventory, self.limits, inventory.taken)
+            done = Plan([], [], 0, 0)
+            if self.limits.limited:
+                inventory = scan(self._storage, self._known)
+                done = plan(inventory, self.limits, inventory.taken)
+                if not dry_run:
+                    done = execute(self._storage, done, inventory.taken)
             if dry_run:
-                return planned
-            done = execute(self._storage, planned, inventory.taken)
-            if uploads := self._storage.remove_uploads(time.time() - UPLOADS_AGE):
-                log.info("removed %d uploads registry:2 left over a week ago", uploads)
+                return done
+            if wait or (_mtime(self._swept_path) or 0.0) < time.time() - LEFTOVERS_AGE:
+                self._sweep()
             lock.seek(0)
             lock.truncate()
             lock.write(f"{time.time():.3f}\n")
             return done
+
+    def _sweep(self) -> None:
+        """Remove what nobody else removes: registry:2's old uploads, killed processes'
+        leftovers. A walk of the whole cache: hourly, not every pass."""
+        if uploads := self._storage.remove_uploads(time.time() - UPLOADS_AGE):
+            log.info("removed %d uploads registry:2 left over a week ago", uploads)
+        if leftovers := self._storage.remove_leftovers(time.time() - LEFTOVERS_AGE):
+            log.info("removed %d leftovers of killed processes", leftovers)
+        self._swept_path.touch()
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None
 
 
 def _number(text: str) -> float:

@@ -3,6 +3,7 @@ references kept, open readers never cut, one evictor at a time."""
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import json
@@ -18,6 +19,7 @@ from edgeproxy.mirror.eviction import Evictor, Plan, execute, plan, references, 
 from edgeproxy.mirror.pulls import PullRecorder
 from edgeproxy.mirror.storage import FilesystemStorage
 
+HOUR = 3600.0
 DAY = 86400.0
 NOW = time.time()
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -360,3 +362,93 @@ def test_evicting_a_repository_keeps_the_one_nested_in_it(storage: FilesystemSto
     assert storage.read_tag("team/app/sidecar", "v1") is not None
     assert storage.read_manifest("team/app/sidecar", fresh) is not None
     assert storage.repositories() == ["team/app/sidecar"]
+
+
+def aged(path: Path, seconds: float) -> Path:
+    """Date `path` `seconds` back, as a leftover of a process killed that long ago."""
+    stamp = time.time() - seconds
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def sweep(storage: FilesystemStorage) -> Plan | None:
+    """A pass without limits: only the sweeps."""
+    return Evictor(CacheConfig(), storage, storage.root / "edgeproxy").prune()
+
+
+def test_empty_blob_folders_a_kill_left_go_once_old(storage: FilesystemStorage) -> None:
+    """A SIGKILL between a commit's mkdir and its rename (or in an eviction's rmtree) leaves
+    an empty blob folder that no pass or verify ever saw: one over an hour old goes, then its
+    prefix folder (made new by that) on a later pass; a young one may be a commit's."""
+    image = put_image(storage, "a", [b"layer"], age=10 * DAY)
+    blobs = storage.root / "docker/registry/v2/blobs/sha256"
+    dead = blobs / "ab" / ("ab" + "0" * 62)
+    dead.mkdir(parents=True)
+    aged(dead, 2 * HOUR)
+    young = blobs / "cd" / ("cd" + "1" * 62)
+    young.mkdir(parents=True)
+    assert sweep(storage) == Plan([], [], 0, 0)
+    assert not dead.exists() and dead.parent.exists()
+    aged(dead.parent, 2 * HOUR)
+    sweep(storage)
+    assert not dead.parent.exists()
+    assert young.is_dir()
+    assert storage.read_manifest("a", image) is not None  # old folders holding data stay
+    assert storage.blob_size(digest_of(b"layer")) == len(b"layer")
+
+
+def test_temporaries_of_killed_writes_go_once_old(storage: FilesystemStorage) -> None:
+    """A SIGKILL mid atomic write (a manifest's data, a tag's or revision's link, a fill's
+    size) leaves `.<name>.<hex>.tmp`, up to 4 MiB: one over an hour old goes, a young one may
+    be a write going on."""
+    image = put_image(storage, "a", [b"layer"], age=10 * DAY)
+    tag = storage.root / "docker/registry/v2/repositories/a/_manifests/tags/v1/current"
+    dead = [
+        storage.blob_path(image).parent / ".data.0123456789ab.tmp",
+        tag / ".link.0123456789ab.tmp",
+        storage.fill_path("sha256:" + "e" * 64, "size").with_name(
+            f".sha256-{'e' * 64}.size.0123456789ab.tmp"
+        ),
+    ]
+    for path in dead:
+        path.write_bytes(b"{}")
+        aged(path, 2 * HOUR)
+    young = storage.blob_path(image).parent / ".data.ba9876543210.tmp"
+    young.write_bytes(b"{}")
+    sweep(storage)
+    assert [path for path in dead if path.exists()] == []
+    assert young.exists()
+    assert storage.read_tag("a", "v1") is not None
+    assert storage.read_manifest("a", image) is not None
+
+
+def test_without_limits_the_workers_sweep_once_an_hour(storage: FilesystemStorage) -> None:
+    """Caches without `[mirror.cache]` limits get killed workers too: every worker runs the
+    loop, whose pass sweeps when the last sweep is an hour old (a walk of the whole cache)."""
+    fills = storage.root / "edgeproxy" / "fills"
+    first, second = fills / ".x.0123456789ab.tmp", fills / ".y.0123456789ab.tmp"
+    first.write_bytes(b"")
+    aged(first, 2 * HOUR)
+
+    async def start() -> None:
+        evictor = Evictor(CacheConfig(interval=0.01), storage, storage.root / "edgeproxy")
+        evictor.start()
+        try:
+            for _ in range(500):
+                if not first.exists():
+                    break
+                await asyncio.sleep(0.01)
+            second.write_bytes(b"")  # another kill's, swept an hour later
+            aged(second, 2 * HOUR)
+            await asyncio.sleep(0.2)  # passes run, and skip the sweep: it is not an hour old
+            assert second.exists()
+            aged(storage.root / "edgeproxy" / "swept", 2 * HOUR)
+            for _ in range(500):
+                if not second.exists():
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            await evictor.aclose()
+
+    asyncio.run(start())
+    assert not first.exists() and not second.exists()

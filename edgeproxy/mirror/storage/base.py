@@ -174,6 +174,11 @@ class Storage(ABC):
         none); how many."""
 
     @abstractmethod
+    def remove_leftovers(self, before: float) -> int:
+        """Delete what a killed process left: write temporaries and empty blob folders dated
+        before `before`; how many."""
+
+    @abstractmethod
     def remove_blobs(self, digests: list[str]) -> None:
         """Delete blobs and every repository's links to them; readers holding one open
         finish. One call for many: the repositories are looked through once."""

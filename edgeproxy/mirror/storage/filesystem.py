@@ -17,6 +17,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import secrets
 import shutil
 import threading
@@ -30,6 +31,9 @@ from edgeproxy.mirror.storage.base import (
     StoredBlob,
     StoredManifest,
 )
+
+# `_write_atomic`'s temporaries: `.<name>.<12 hex>.tmp` beside the file they become.
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
 
 
 class FileReader(BlobReader):
@@ -118,6 +122,11 @@ def _mtime(path: Path) -> float | None:
         return path.stat().st_mtime
     except (FileNotFoundError, NotADirectoryError):
         return None
+
+
+def _older(path: Path, before: float) -> bool:
+    mtime = _mtime(path)
+    return mtime is not None and mtime < before
 
 
 def _read_link(path: Path) -> str | None:
@@ -456,6 +465,36 @@ class FilesystemStorage(Storage):
             with contextlib.suppress(OSError):  # not empty: an upload goes on
                 uploads.rmdir()
             _remove_empty_parents(self._repo(name), self._v2 / "repositories")
+        return count
+
+    def remove_leftovers(self, before: float) -> int:
+        # What a SIGKILL leaves and nothing else removes: an atomic write's temporary, a blob
+        # folder made for a commit or a write that never came (or half an eviction's rmtree).
+        # `before` is long past any writer still at work; one whose temporary goes anyway
+        # writes again (`_write_atomic`).
+        count = 0
+        blobs = self._v2 / "blobs"
+        for top in (self._v2, self._fills):
+            for folder, dirs, files in os.walk(top, topdown=False):
+                left = []
+                for name in files:
+                    path = Path(folder, name)
+                    try:
+                        if _TEMPORARY.fullmatch(name) and _older(path, before):
+                            path.unlink()
+                            count += 1
+                            continue
+                    except OSError:  # gone meanwhile, or another user's
+                        pass
+                    left.append(name)
+                # <alg>/<xx>/<hex> or <alg>/<xx>, empty (bottom-up: a child just removed is
+                # still listed, and made its parent new) and old: no commit is about to fill it.
+                here = Path(folder)
+                depth = len(here.relative_to(blobs).parts) if here.is_relative_to(blobs) else 0
+                if depth >= 2 and not dirs and not left and _older(here, before):
+                    with contextlib.suppress(OSError):  # filled meanwhile after all
+                        os.rmdir(here)
+                        count += 1
         return count
 
     def remove_blobs(self, digests: list[str]) -> None:
