@@ -422,6 +422,29 @@ def test_temporaries_of_killed_writes_go_once_old(storage: FilesystemStorage) ->
     assert storage.read_manifest("a", image) is not None
 
 
+def test_a_tag_written_just_after_its_manifest_was_evicted_goes(
+    storage: FilesystemStorage,
+) -> None:
+    """The race: a worker saw the revision, a pass removed it with its tags, the worker then
+    wrote the tag. Nothing removed that tag (a pull by it with the upstream down: 503, not
+    404); a sweep does, and its repository when it was the last thing there. A tag whose
+    revision exists stays."""
+    gone = put_image(storage, "a", [b"gone"], age=DAY, tag="old")
+    kept = put_image(storage, "a", [b"kept"], age=DAY, tag="new")
+    storage.remove_manifest("a", gone)
+    storage.write_tag("a", "old", gone)
+    assert storage.list_tags("a") == ["new", "old"]
+    sweep(storage)
+    assert storage.list_tags("a") == ["new"]
+    assert storage.read_tag("a", "new") is not None
+    assert storage.read_manifest("a", kept) is not None
+    storage.remove_manifest("a", kept)
+    storage.write_tag("a", "new", kept)
+    assert storage.repositories() == ["a"]
+    sweep(storage)
+    assert storage.repositories() == []
+
+
 def test_without_limits_the_workers_sweep_once_an_hour(storage: FilesystemStorage) -> None:
     """Caches without `[mirror.cache]` limits get killed workers too: every worker runs the
     loop, whose pass sweeps when the last sweep is an hour old (a walk of the whole cache)."""

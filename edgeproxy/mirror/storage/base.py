@@ -176,7 +176,7 @@ class Storage(ABC):
     @abstractmethod
     def remove_leftovers(self, before: float) -> int:
         """Delete what a killed process left: write temporaries and empty blob folders dated
-        before `before`; how many."""
+        before `before`, and tags whose revision is gone; how many."""
 
     @abstractmethod
     def remove_blobs(self, digests: list[str]) -> None:

@@ -443,7 +443,12 @@ class FilesystemStorage(Storage):
             else:  # the tag moved on: forget that it once pointed here
                 shutil.rmtree(self._digest_link(tag / "index", digest).parent, ignore_errors=True)
         shutil.rmtree(self._revision(name, digest).parent, ignore_errors=True)
-        if not any(True for a in _subdirs(manifests / "revisions") for _ in _subdirs(a)):
+        self._remove_if_empty(name)
+
+    def _remove_if_empty(self, name: str) -> None:
+        """Remove a repository left without manifests."""
+        repo = self._repo(name)
+        if not any(True for a in _subdirs(repo / "_manifests" / "revisions") for _ in _subdirs(a)):
             # Its own folders only: `team/app/sidecar` lives inside `team/app`.
             for own in ("_manifests", "_layers", "_uploads"):
                 shutil.rmtree(repo / own, ignore_errors=True)
@@ -469,9 +474,10 @@ class FilesystemStorage(Storage):
 
     def remove_leftovers(self, before: float) -> int:
         # What a SIGKILL leaves and nothing else removes: an atomic write's temporary, a blob
-        # folder made for a commit or a write that never came (or half an eviction's rmtree).
-        # `before` is long past any writer still at work; one whose temporary goes anyway
-        # writes again (`_write_atomic`).
+        # folder made for a commit or a write that never came (or half an eviction's rmtree),
+        # a tag written just after an eviction removed its manifest (pulls by it would fail
+        # rather than ask the upstream). `before` is long past any writer still at work; one
+        # whose temporary goes anyway writes again (`_write_atomic`).
         count = 0
         blobs = self._v2 / "blobs"
         for top in (self._v2, self._fills):
@@ -495,6 +501,13 @@ class FilesystemStorage(Storage):
                     with contextlib.suppress(OSError):  # filled meanwhile after all
                         os.rmdir(here)
                         count += 1
+        for name in self.repositories():
+            for tag in _subdirs(self._repo(name) / "_manifests" / "tags"):
+                digest = _read_link(tag / "current" / "link")  # read now, right before
+                if digest and ":" in digest and not self._revision(name, digest).exists():
+                    shutil.rmtree(tag, ignore_errors=True)
+                    self._remove_if_empty(name)  # as the eviction that removed the manifest
+                    count += 1
         return count
 
     def remove_blobs(self, digests: list[str]) -> None:
