@@ -24,11 +24,13 @@ import httpx
 from starlette.types import Receive, Scope, Send
 
 from edgeproxy.config import HealthConfig, UpstreamConfig
+from edgeproxy.mirror.eviction import LEFTOVERS_AGE
 from edgeproxy.mirror.upstream import ssl_context
 
 log = logging.getLogger("edgeproxy.health")
 
 PATH = "/debug/health"
+PROBE_PREFIX = ".edgeproxy-health-"  # and the pid: one file per process, removed after each probe
 
 
 @dataclass
@@ -105,7 +107,7 @@ class HealthMonitor:
         return None
 
     def _write_and_read(self) -> None:
-        path = self.root / f".edgeproxy-health-{os.getpid()}"
+        path = self.root / f"{PROBE_PREFIX}{os.getpid()}"
         payload = secrets.token_bytes(16)
         try:
             path.write_bytes(payload)
@@ -114,6 +116,16 @@ class HealthMonitor:
         finally:
             with contextlib.suppress(OSError):
                 path.unlink()
+        self._sweep(time.time() - LEFTOVERS_AGE)
+
+    def _sweep(self, before: float) -> None:
+        """Remove the probe files of processes killed mid-probe (SIGKILL, the OOM killer). By
+        age, not by pid: pids are reused, and in another container name another process."""
+        with contextlib.suppress(OSError):
+            for path in self.root.glob(f"{PROBE_PREFIX}*"):
+                with contextlib.suppress(OSError):
+                    if path.stat().st_mtime < before:
+                        path.unlink()
 
     async def _probe_upstream(self, upstream: UpstreamConfig) -> str | None:
         verify = self._verify[upstream.name]

@@ -4,9 +4,11 @@ when it can; an unreachable upstream is "degraded" with a 200."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import subprocess
 import threading
+import time
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -172,3 +174,20 @@ def test_a_hung_storage_probe_holds_one_thread_not_one_per_check(
     down, threads, error, after = asyncio.run(scenario())
     assert (down, threads, after) == (503, 1, 200)
     assert error == "the last probe has not returned"
+
+
+def test_probe_files_of_killed_processes_go_once_old(tmp_path: Path) -> None:
+    """A worker killed mid-probe leaves `.edgeproxy-health-<pid>` in the root: the next probe
+    of any worker removes one over an hour old (by age: a pid is reused, or is another
+    container's); a young one may be a probe going on."""
+    dead = tmp_path / ".edgeproxy-health-4194304"
+    young = tmp_path / f".edgeproxy-health-{os.getppid()}"
+    for path in (dead, young):
+        path.write_bytes(b"probe")
+    stamp = time.time() - 7200
+    os.utime(dead, (stamp, stamp))
+    monitor = HealthMonitor(tmp_path, [])
+    asyncio.run(monitor.check())
+    assert monitor.storage.error is None
+    assert not dead.exists()
+    assert young.exists()

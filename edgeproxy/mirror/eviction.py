@@ -34,9 +34,10 @@ from edgeproxy.mirror.storage import Storage, StoredBlob, StoredManifest
 log = logging.getLogger("edgeproxy.eviction")
 
 UPLOADS_AGE = 7 * 86400.0  # registry:2's uploadpurging age: its leftovers older than this go
-# What a killed process left (a write's temporary, an empty blob folder) goes at this age, and
-# is looked for this often: their writers finish within a second (a write of at most 4 MiB; a
-# mkdir and a rename), and an hour also covers a clock off by minutes.
+# What a killed process left (a write's temporary, an empty blob folder, a health probe's file)
+# goes at this age, and is looked for this often: their writers finish within a second (a
+# write of at most 4 MiB; a mkdir and a rename; a probe within its timeout), and an hour also
+# covers a clock off by minutes.
 LEFTOVERS_AGE = 3600.0
 # A manifest's lists of descriptors, and the field holding each one's digest.
 _DESCRIPTOR_LISTS = {
