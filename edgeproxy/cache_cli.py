@@ -173,10 +173,13 @@ def prune(config: Config, dry_run: bool) -> int:
     if storage is None:
         return 1
     limits = config.mirror.cache
+    evictor = Evictor(limits, storage, config.mirror.root / "edgeproxy")
     if not limits.limited:
+        if not dry_run:
+            evictor.prune()  # the sweeps only: old uploads, killed processes' leftovers
         print("no limits set: add max_size or max_age to [mirror.cache]")
         return 0
-    done = Evictor(limits, storage, config.mirror.root / "edgeproxy").prune(dry_run=dry_run)
+    done = evictor.prune(dry_run=dry_run)
     assert done is not None  # waited for the lock
     _print_plan(done, dry_run)
     return 0

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -309,3 +310,22 @@ def test_warm_refuses_an_index_entry_that_is_no_descriptor(
     err = capsys.readouterr().err
     assert "edgeproxy: test/odd:v1: an index entry is not a descriptor" in err
     assert "test/fine:v2: 1 blob cached" in err  # the next image is warmed all the same
+
+
+def test_prune_without_limits_sweeps_what_killed_processes_left(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No limits to apply, but leftovers to sweep (an atomic write's temporary over an hour
+    old, here): `cache prune` removes them, as a pass does; `--dry-run` removes nothing."""
+    root = tmp_path / "cache"
+    FilesystemStorage(root)
+    leftover = root / "edgeproxy/fills/.sha256-0.size.0123456789ab.tmp"
+    leftover.write_bytes(b"5")
+    os.utime(leftover, (time.time() - 7200, time.time() - 7200))
+    mirror = {"root": str(root), "upstream": [{"name": "x", "url": "http://x"}]}
+    config = str(write_toml(tmp_path / "proxy.toml", {"mirror": mirror}))
+    assert main(["cache", "prune", "--dry-run", "--config", config]) == 0
+    assert leftover.exists()
+    assert main(["cache", "prune", "--config", config]) == 0
+    assert not leftover.exists()
+    assert "no limits set" in capsys.readouterr().out
