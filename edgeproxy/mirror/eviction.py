@@ -295,12 +295,18 @@ class Evictor:
                     done = execute(self._storage, done, inventory.taken)
             if dry_run:
                 return done
-            if wait or (_mtime(self._swept_path) or 0.0) < time.time() - LEFTOVERS_AGE:
+            if wait or self._sweep_due():
                 self._sweep()
             lock.seek(0)
             lock.truncate()
             lock.write(f"{time.time():.3f}\n")
             return done
+
+    def _sweep_due(self) -> bool:
+        try:
+            return self._swept_path.stat().st_mtime < time.time() - LEFTOVERS_AGE
+        except FileNotFoundError:
+            return True
 
     def _sweep(self) -> None:
         """Remove what nobody else removes: registry:2's old uploads, killed processes'
@@ -310,13 +316,6 @@ class Evictor:
         if leftovers := self._storage.remove_leftovers(time.time() - LEFTOVERS_AGE):
             log.info("removed %d leftovers of killed processes", leftovers)
         self._swept_path.touch()
-
-
-def _mtime(path: Path) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return None
 
 
 def _number(text: str) -> float:

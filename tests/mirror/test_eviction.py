@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from edgeproxy.config import CacheConfig
-from edgeproxy.mirror.eviction import Evictor, Plan, execute, plan, references, scan
+from edgeproxy.mirror.eviction import Evictor, Inventory, Plan, execute, plan, references, scan
 from edgeproxy.mirror.pulls import PullRecorder
 from edgeproxy.mirror.storage import FilesystemStorage
 
@@ -267,6 +267,15 @@ def test_a_manifest_stored_while_the_pass_removes_keeps_its_layers(
     assert storage.blob_linked("new", digest_of(layer))
 
 
+def an_old_image_planned_away(storage: FilesystemStorage) -> tuple[str, bytes, Inventory, Plan]:
+    """An image past max_age: its manifest, bytes, the pass's inventory and its plan."""
+    manifest = put_image(storage, "a", [os.urandom(100)], age=10 * DAY)
+    data = storage.read_manifest("a", manifest)
+    assert data is not None
+    inventory = scan(storage)
+    return manifest, data, inventory, plan(inventory, CacheConfig(max_age=7 * DAY), inventory.taken)
+
+
 def test_a_manifest_stored_again_while_the_pass_removes_it_stays_whole(
     storage: FilesystemStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -274,11 +283,7 @@ def test_a_manifest_stored_again_while_the_pass_removes_it_stays_whole(
     before its blobs go: the worker found the manifest's bytes in place (not written again)
     and linked them, then the pass removed them. The tag and revision link named bytes the
     cache had lost (with the upstream down, a 503 for an image just pulled)."""
-    manifest = put_image(storage, "a", [os.urandom(100)], age=10 * DAY)
-    data = storage.read_manifest("a", manifest)
-    assert data is not None
-    inventory = scan(storage)
-    planned = plan(inventory, CacheConfig(max_age=7 * DAY), inventory.taken)
+    manifest, data, inventory, planned = an_old_image_planned_away(storage)
     remove_blobs = storage.remove_blobs
 
     def pulled_meanwhile(digests: list[str]) -> None:
@@ -298,11 +303,7 @@ def test_a_manifest_linked_just_after_the_pass_removed_it_stays_whole(
 ) -> None:
     """The same race, the other way round: the worker found the bytes in place, the pass then
     removed them (and saw no link to them), and the worker linked them after."""
-    manifest = put_image(storage, "a", [os.urandom(100)], age=10 * DAY)
-    data = storage.read_manifest("a", manifest)
-    assert data is not None
-    inventory = scan(storage)
-    planned = plan(inventory, CacheConfig(max_age=7 * DAY), inventory.taken)
+    manifest, data, inventory, planned = an_old_image_planned_away(storage)
     blob_size = storage.blob_size
     passes: list[Plan] = []
 
