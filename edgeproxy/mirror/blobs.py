@@ -34,7 +34,12 @@ from edgeproxy.mirror.errors import RegistryError
 from edgeproxy.mirror.names import Target
 from edgeproxy.mirror.shared import SharedCalls
 from edgeproxy.mirror.storage import BlobReader, PartialBlob, Storage
-from edgeproxy.mirror.upstream import UpstreamClient, UpstreamResponse, UpstreamUnavailable
+from edgeproxy.mirror.upstream import (
+    UpstreamClient,
+    UpstreamResponse,
+    UpstreamUnavailable,
+    is_refusal,
+)
 
 log = logging.getLogger("edgeproxy.blobs")
 
@@ -300,9 +305,11 @@ class BlobService:
             await fill.started.wait()
             if fill.error is None:
                 return fill
-            status = fill.error.status
-            refusal = 400 <= status < 500 and status not in (407, 408, 429)
-            if not refusal or fill.asked_in == target.local_name or attempt == 2:
+            if (
+                not is_refusal(fill.error.status)
+                or fill.asked_in == target.local_name
+                or attempt == 2
+            ):
                 raise fill.error
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -25,7 +25,12 @@ from edgeproxy.mirror.errors import RegistryError
 from edgeproxy.mirror.names import Target, check_digest, is_digest
 from edgeproxy.mirror.shared import SharedCalls
 from edgeproxy.mirror.storage import Storage
-from edgeproxy.mirror.upstream import UpstreamClient, UpstreamResponse, UpstreamUnavailable
+from edgeproxy.mirror.upstream import (
+    UpstreamClient,
+    UpstreamResponse,
+    UpstreamUnavailable,
+    is_refusal,
+)
 
 log = logging.getLogger("edgeproxy.manifests")
 
@@ -253,7 +258,7 @@ def _get_may_answer(status: int) -> bool:
     for what its GET would fetch (Artifactory's, Nexus's), a refusal whose reason only a GET's
     body gives (Harbor's 412). registry:2 asks with a GET on any failed HEAD (distribution's
     `tags.Get`); a refused login, a rate limit or a failing server gain nothing from one."""
-    return status == 501 or (400 <= status < 500 and status not in (401, 403, 407, 408, 429))
+    return status == 501 or (is_refusal(status) and status not in (401, 403))
 
 
 async def _tag_digest(upstream: UpstreamClient, target: Target, tag: str) -> str | None:

@@ -99,6 +99,12 @@ def parse_token(body: bytes) -> tuple[str, float] | None:
         return None
 
 
+def is_refusal(status: int) -> bool:
+    """Whether a status refuses the request itself (a 4xx of the upstream's own), rather than
+    saying the way there is closed (a proxy's 407), slow (408) or rate limited (429)."""
+    return 400 <= status < 500 and status not in (407, 408, 429)
+
+
 def registry_error(body: bytes) -> tuple[str | None, str | None]:
     """The code and message of the first error in a registry's `{"errors": [...]}` body, or
     (None, None): a code must look like one (`DENIED`, `PROJECTPOLICYVIOLATION`), a message
@@ -446,7 +452,7 @@ class UpstreamClient:
             )
         if status == 407:  # from an HTTP_PROXY of the environment, not from the upstream
             return UpstreamUnavailable(self.name, "its proxy asks for credentials (407)", status)
-        if 400 <= status < 500 and status != 408:
+        if is_refusal(status):
             # A refusal of the upstream's own (Harbor's 412 for a vulnerable image, a 451, a
             # 410, a 400): passed on as a 4xx with its code and message, so that the client
             # learns why and does not retry what a 503 says will pass.
