@@ -22,14 +22,19 @@ def workers_started(process: EdgeproxyProcess) -> list[int]:
     return [int(pid) for pid in re.findall(r"worker (\d+) started", process.log())]
 
 
+def mirror_listening(tmp_path: Path, port: int) -> dict[str, Any]:
+    """A mirror on `port` whose upstream nobody answers (127.0.0.1:1)."""
+    return {
+        "root": str(tmp_path / "cache"),
+        "listen": f"127.0.0.1:{port}",
+        "upstream": [{"name": "docker.io", "url": "http://127.0.0.1:1"}],
+    }
+
+
 def test_workers_share_the_listener_and_are_replaced(tmp_path: Path) -> None:
     port = free_port()
     config = {
-        "mirror": {
-            "root": str(tmp_path / "cache"),
-            "listen": f"127.0.0.1:{port}",
-            "upstream": [{"name": "docker.io", "url": f"http://127.0.0.1:{free_port()}"}],
-        },
+        "mirror": mirror_listening(tmp_path, port),
         "edge": {"http": f"127.0.0.1:{free_port()}", "workers": 3},
     }
     process = EdgeproxyProcess(write_toml(tmp_path / "proxy.toml", config), port)
@@ -65,11 +70,7 @@ def test_the_metrics_folder_of_a_killed_master_goes_at_the_next_start(tmp_path: 
     def start(name: str) -> EdgeproxyProcess:
         port = free_port()
         config = {
-            "mirror": {
-                "root": str(tmp_path / "cache"),
-                "listen": f"127.0.0.1:{port}",
-                "upstream": [{"name": "docker.io", "url": "http://127.0.0.1:1"}],
-            },
+            "mirror": mirror_listening(tmp_path, port),
             "metrics": {"listen": f"127.0.0.1:{free_port()}"},
         }
         path = write_toml(tmp_path / f"{name}.toml", config)
