@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from edgeproxy.config import HealthConfig, UpstreamConfig
 from edgeproxy.mirror.eviction import LEFTOVERS_AGE
+from edgeproxy.mirror.proxies import Proxies, ProxyTransport
 from edgeproxy.mirror.upstream import ssl_context
 
 log = logging.getLogger("edgeproxy.health")
@@ -62,6 +63,7 @@ class HealthMonitor:
         self._stuck: asyncio.Future[None] | None = None  # a storage probe that timed out
         self.reachable = {u.name: Check() for u in self.upstreams}
         self._verify = {u.name: ssl_context(str(u.ca) if u.ca else None) for u in self.upstreams}
+        self._proxies = Proxies.from_environment()  # the way out the mirror takes
 
     @property
     def storage_down(self) -> bool:
@@ -130,7 +132,11 @@ class HealthMonitor:
     async def _probe_upstream(self, upstream: UpstreamConfig) -> str | None:
         verify = self._verify[upstream.name]
         try:
-            async with httpx.AsyncClient(verify=verify, timeout=self.config.timeout) as client:
+            transport = ProxyTransport(self._proxies, verify=verify)
+            client = httpx.AsyncClient(
+                transport=transport, trust_env=False, timeout=self.config.timeout
+            )
+            async with client:
                 response = await client.get(f"{upstream.base_url}/v2/")
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -8,11 +8,10 @@ from __future__ import annotations
 import errno
 import os
 import ssl
-import urllib.request
 
 from edgeproxy.config import Config, ConfigError
 from edgeproxy.edge.tls import TlsError, server_context
-from edgeproxy.mirror.proxies import ProxyError, environment_mounts, parse_proxy
+from edgeproxy.mirror.proxies import Proxies, ProxyError
 from edgeproxy.mirror.upstream import ssl_context
 
 
@@ -84,20 +83,12 @@ def check_files(config: Config) -> None:
 
 
 def check_proxies() -> None:
-    """Raise ConfigError unless every proxy variable of the environment can be used: httpx
-    would not start with a socks:// one or a NO_PROXY name it cannot parse (`[::1]`), and
-    the blob threads take http:// proxies only."""
+    """Raise ConfigError unless every proxy variable of the environment can be used: the
+    blob threads take http:// proxies only (NO_PROXY, read as Go reads it, has no error)."""
     try:
-        environment_mounts()
+        Proxies.from_environment()
     except ProxyError as exc:  # names the variable
         raise ConfigError(f"the environment's {exc}") from None
-    for scheme, url in urllib.request.getproxies_environment().items():
-        if scheme not in ("http", "https", "all"):  # the ones httpx reads
-            continue
-        try:
-            parse_proxy(url)
-        except ProxyError as exc:
-            raise ConfigError(f"the environment's {scheme.upper()}_PROXY: {exc}") from None
 
 
 def _check_appendable(target: str) -> None:

@@ -260,9 +260,8 @@ def test_check_loads_the_files_the_config_names(
         # to http:// proxies only.
         ("all_proxy", "socks5://127.0.0.1:1080", "ALL_PROXY: socks5:// proxies are not "
          "supported (use http://)"),
-        # An address in brackets, as in a URL, stops httpx's client from being made: `run`
-        # started workers that died with its traceback, while `check` said ok.
-        ("no_proxy", "localhost,[::1]", "NO_PROXY: Invalid port: ':1]'"),
+        ("HTTPS_PROXY", "https://127.0.0.1:3128", "HTTPS_PROXY: https:// proxies are not "
+         "supported (use http://)"),
     ],
 )  # fmt: skip
 def test_check_refuses_a_proxy_variable_run_cannot_use(

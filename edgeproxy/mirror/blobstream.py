@@ -28,7 +28,7 @@ from email.message import Message
 
 from httpx import InvalidURL
 
-from edgeproxy.mirror.proxies import Proxy, ProxyError, environment_proxy
+from edgeproxy.mirror.proxies import Proxies, Proxy
 
 MAX_REDIRECTS = 5
 MAX_IDLE = 8  # idle connections kept per origin
@@ -49,9 +49,15 @@ class ConnectionPool:
     """Idle keep-alive connections by origin, shared by one upstream's blob threads."""
 
     def __init__(
-        self, context: ssl.SSLContext, connect_timeout: float, read_timeout: float
+        self,
+        context: ssl.SSLContext,
+        connect_timeout: float,
+        read_timeout: float,
+        proxies: Proxies | None = None,
     ) -> None:
+        """`proxies`: the upstream's (its httpx client's); None connects direct."""
         self._context = context
+        self._proxies = proxies
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._lock = threading.Lock()
@@ -74,10 +80,7 @@ class ConnectionPool:
 
     def _new(self, origin: Origin) -> http.client.HTTPConnection:
         scheme, netloc = origin
-        try:
-            proxy = environment_proxy(scheme, netloc)
-        except ProxyError as exc:
-            raise BlobStreamError(f"proxy: {exc}") from None
+        proxy = self._proxies.choose(scheme, netloc) if self._proxies else None
         connection: http.client.HTTPConnection
         if scheme == "https":
             connection = http.client.HTTPSConnection(

@@ -1,26 +1,36 @@
 """The outbound HTTP proxy an upstream is reached through, from the environment.
 
-`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and `NO_PROXY` (or their lower-case forms), as
-registry:2, dockerd and curl read them. httpx reads them itself for the small requests; this
-module gives the blob threads (http.client, which reads none of them) the same choice, so that
-a manifest and its layers take the same way out.
+`HTTPS_PROXY`, `HTTP_PROXY` and `NO_PROXY` (or their lower-case forms), read as registry:2,
+dockerd and containerd read them (Go's net/http, golang.org/x/net/http/httpproxy), plus
+`ALL_PROXY` for either scheme as curl reads it. One `Proxies` chooses for both ways out: the
+httpx client (`ProxyTransport`) and the blob threads (http.client, which reads none of them),
+so that a manifest and its layers take the same way out.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import ipaddress
+import os
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
-from httpx._utils import URLPattern, get_environment_proxies
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class ProxyError(ValueError):
     """A proxy variable that cannot be used."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one per variable: ProxyTransport keeps a transport by it
 class Proxy:
     """An HTTP proxy: where to connect, and the headers that carry its credentials."""
 
@@ -29,32 +39,99 @@ class Proxy:
     shown: str  # the URL without credentials, for logs
 
 
-def environment_proxy(scheme: str, netloc: str) -> Proxy | None:
-    """The proxy for requests to `scheme://netloc`, or None for a direct connection.
+@dataclass(frozen=True)
+class Direct:
+    """One NO_PROXY entry: a network (an address is a network of one), or a domain."""
 
-    httpx's own rules, not urllib's: they read NO_PROXY differently (`*` among other names,
-    `.domain`, an IPv6 address, `scheme://host`), and the blobs must go where the manifests go.
+    network: IPNetwork | None
+    domain: str  # ".example.com": its subdomains; "" for a network
+    itself: bool  # the domain itself too (written without the leading dot)
+    port: str  # only this port (`host:port`); "" for any
+    scheme: str | None  # only this scheme (`https://host`, as httpx reads it; Go never matches)
+
+    def matches(self, scheme: str, host: str, port: int, ip: IPAddress | None) -> bool:
+        if self.scheme not in (None, scheme) or self.port not in ("", str(port)):
+            return False
+        if self.network is not None:
+            return ip is not None and ip in self.network
+        return host.endswith(self.domain) or (self.itself and host == self.domain[1:])
+
+
+class Proxies:
+    """The proxies of an environment, chosen for each upstream origin as Go chooses them.
+
+    Where Go's rules and httpx's differ, Go's: a CIDR (`10.0.0.0/8`, `fd00::/8`) matches an
+    address; `host:port` that port only; `example.com` the domain and its subdomains,
+    `.example.com` (or `*.example.com`) its subdomains only; `*` every host; `HTTPS_PROXY` wins
+    over `https_proxy`. Beyond Go: an
+    address in brackets (`[::1]`) is read, not ignored.
     """
-    url = httpx.URL(f"{scheme}://{netloc}")
-    for pattern, proxy in environment_mounts():
-        if pattern.matches(url):
-            return parse_proxy(proxy) if proxy else None
-    return None
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        """Raise ProxyError, naming the variable, for a proxy the blob threads cannot use."""
+        fallback = _proxy_variable(environ, "ALL_PROXY")
+        self._by_scheme = {
+            scheme: _proxy_variable(environ, f"{scheme.upper()}_PROXY") or fallback
+            for scheme in DEFAULT_PORTS
+        }
+        entries = [e.strip().lower() for e in _variable(environ, "NO_PROXY").split(",")]
+        self._everything_direct = "*" in entries
+        self._direct = [_direct(entry) for entry in entries if entry]
+
+    @classmethod
+    def from_environment(cls) -> Proxies:
+        return cls(os.environ)
+
+    def choose(self, scheme: str, netloc: str) -> Proxy | None:
+        """The proxy for requests to `scheme://netloc`, or None for a direct connection."""
+        proxy = self._by_scheme.get(scheme)
+        if proxy is None or self._everything_direct:
+            return None
+        parts = urllib.parse.urlsplit(f"//{netloc}")
+        host = parts.hostname or ""  # lower case, without brackets
+        port = parts.port or DEFAULT_PORTS[scheme]
+        ip = _address(host)
+        if any(direct.matches(scheme, host, port, ip) for direct in self._direct):
+            return None
+        return proxy
 
 
-def environment_mounts() -> list[tuple[URLPattern, str | None]]:
-    """httpx's table for the environment, in the order its client tries it (the most
-    specific pattern first): a proxy URL, or None for NO_PROXY."""
-    try:
-        mounts = [(URLPattern(key), url) for key, url in get_environment_proxies().items()]
-    except httpx.InvalidURL as exc:  # only NO_PROXY's names are patterns
-        raise ProxyError(f"NO_PROXY: {exc}") from None
-    return sorted(mounts, key=lambda mount: mount[0])
+class ProxyTransport(httpx.AsyncBaseTransport):
+    """httpx's transport, sending each request direct or through the proxy `proxies` choose
+    for its URL (redirects and token realms on other hosts included): httpx's own choice, by
+    URL patterns, cannot read a CIDR."""
+
+    def __init__(self, proxies: Proxies, **options: Any) -> None:
+        """`options`: httpx.AsyncHTTPTransport's, for every connection made."""
+        self._proxies = proxies
+        self._options = options
+        self._direct = httpx.AsyncHTTPTransport(**options)
+        self._through: dict[Proxy, httpx.AsyncHTTPTransport] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self._transport_for(request.url).handle_async_request(request)
+
+    def _transport_for(self, url: httpx.URL) -> httpx.AsyncHTTPTransport:
+        proxy = self._proxies.choose(url.scheme, url.netloc.decode("ascii"))
+        if proxy is None:
+            return self._direct
+        transport = self._through.get(proxy)
+        if transport is None:
+            through = httpx.Proxy(proxy.shown, headers=proxy.headers)
+            transport = self._through[proxy] = httpx.AsyncHTTPTransport(
+                proxy=through, **self._options
+            )
+        return transport
+
+    async def aclose(self) -> None:
+        await self._direct.aclose()
+        for transport in self._through.values():
+            await transport.aclose()
 
 
 def parse_proxy(url: str) -> Proxy:
     """A proxy URL (`http://user:password@host:port`; a bare `host:port` is taken as
-    http, as httpx takes it). Only http proxies: http.client cannot speak TLS inside TLS."""
+    http, as Go and httpx take it). Only http proxies: http.client cannot speak TLS inside TLS."""
     if "://" not in url:
         url = f"http://{url}"
     parts = urllib.parse.urlsplit(url)
@@ -74,3 +151,55 @@ def parse_proxy(url: str) -> Proxy:
         token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
         headers["Proxy-Authorization"] = f"Basic {token}"
     return Proxy(f"{host}:{port}", headers, f"http://{host}:{port}")
+
+
+def _variable(environ: Mapping[str, str], name: str) -> str:
+    """`name`'s value, else its lower-case form's (Go's order: an empty one is unset)."""
+    return environ.get(name) or environ.get(name.lower()) or ""
+
+
+def _proxy_variable(environ: Mapping[str, str], name: str) -> Proxy | None:
+    value = _variable(environ, name)
+    try:
+        return parse_proxy(value) if value else None
+    except ProxyError as exc:
+        raise ProxyError(f"{name}: {exc}") from None
+
+
+def _direct(entry: str) -> Direct:
+    """A NO_PROXY entry, lower case: as Go reads it, a malformed one matches nothing."""
+    scheme = None
+    if "://" in entry:
+        scheme, _, entry = entry.partition("://")
+    if "/" in entry:
+        try:
+            return Direct(ipaddress.ip_network(entry, strict=False), "", False, "", scheme)
+        except ValueError:
+            pass
+    host, port = entry, ""
+    if entry.startswith("["):  # [IPv6] or [IPv6]:port
+        host, _, rest = entry[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif entry.count(":") == 1:  # host:port (more colons: an IPv6 address)
+        host, port = entry.split(":")
+    ip = _address(host)
+    if ip is not None:
+        return Direct(ipaddress.ip_network(ip), "", False, port, scheme)
+    if host.startswith("*."):
+        host = host[1:]
+    itself = not host.startswith(".")
+    domain = host.removeprefix(".")
+    with contextlib.suppress(UnicodeError):
+        domain = domain.encode("idna").decode("ascii")  # as the URL's host is
+    return Direct(None, f".{domain}", itself, port, scheme)
+
+
+def _address(host: str) -> IPAddress | None:
+    """`host` as an IP address, an IPv4-mapped IPv6 one as IPv4 (as Go compares them)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip

@@ -25,7 +25,7 @@ from edgeproxy.config import UpstreamConfig
 from edgeproxy.mirror.blobstream import BlobRequest, BlobStream, BlobStreamError, ConnectionPool
 from edgeproxy.mirror.cache_status import forwarded
 from edgeproxy.mirror.errors import RegistryError
-from edgeproxy.mirror.proxies import environment_proxy
+from edgeproxy.mirror.proxies import Proxies, ProxyTransport
 from edgeproxy.mirror.shared import SharedCalls
 
 log = logging.getLogger("edgeproxy.upstream")
@@ -157,27 +157,33 @@ class UpstreamClient:
         self.name = config.name
         ca = str(config.ca) if config.ca else None
         self._ssl = ssl_context(ca)
+        proxies = Proxies.from_environment()
         self._http = httpx.AsyncClient(
             base_url=config.base_url,
-            http2=True,
-            verify=self._ssl,
+            # The proxies are chosen by `proxies`, the blob threads' rule, not httpx's own.
+            trust_env=False,
+            transport=ProxyTransport(
+                proxies,
+                http2=True,
+                verify=self._ssl,
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+            ),
             follow_redirects=True,
             # Manifests must match their digest byte for byte: no content coding (httpx offers
             # gzip by default); one sent all the same is decoded (aiter_bytes), as Go's
             # transport decodes it.
             headers={"Accept-Encoding": "identity"},
             timeout=httpx.Timeout(config.read_timeout, connect=config.connect_timeout),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
         )
         # A context of its own: httpx offers h2 by ALPN on the one it is given, and http.client
         # speaks HTTP/1.1 only (a server that picked h2 would answer in frames).
         blob_tls = ssl_context(ca)
         blob_tls.set_alpn_protocols(["http/1.1"])
         self._blob_connections = ConnectionPool(
-            blob_tls, config.connect_timeout, config.read_timeout
+            blob_tls, config.connect_timeout, config.read_timeout, proxies
         )
         base = httpx.URL(config.base_url)
-        proxy = environment_proxy(base.scheme, base.netloc.decode("ascii"))
+        proxy = proxies.choose(base.scheme, base.netloc.decode("ascii"))
         if proxy:
             log.info("upstream %s: through the proxy %s", self.name, proxy.shown)
         # httpx's timeouts bound each read, not an answer that comes a byte now and then:

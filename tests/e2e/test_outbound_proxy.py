@@ -4,6 +4,8 @@ pulled with skopeo. Manifests (httpx) and blobs (http.client threads) must take 
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from pathlib import Path
 
 import httpx
@@ -24,6 +26,30 @@ NO_ENV = {"NO_PROXY": "", "no_proxy": "", "ALL_PROXY": "", "all_proxy": ""}
 
 def proxy_env(scheme: str, url: str) -> dict[str, str]:
     return {**NO_ENV, f"{scheme.upper()}_PROXY": url, f"{scheme}_proxy": url}
+
+
+def outside_address() -> str:
+    """An IPv4 address of this machine's that is no loopback one (those Go never proxies)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:  # TEST-NET-2: nothing is sent, the route only picks the address
+            probe.connect(("198.51.100.1", 9))
+        except OSError:
+            pytest.skip("no route off loopback: no address but loopback ones")
+        address: str = probe.getsockname()[0]
+    if ipaddress.ip_address(address).is_loopback:
+        pytest.skip("no address but loopback ones")
+    return address
+
+
+def own_name() -> tuple[str, str]:
+    """This machine's name and its IPv4 address: a name is proxied, even one of this machine
+    (Go spares `localhost` only), and the proxy reaches it."""
+    name = socket.gethostname()
+    try:
+        address = socket.getaddrinfo(name, None, socket.AF_INET)[0][4][0]
+    except OSError:
+        pytest.skip(f"this machine's name {name} has no address")
+    return name, str(address)
 
 
 def image_of(tmp_path: Path, seed: int) -> Image:
@@ -118,3 +144,40 @@ def test_no_proxy_names_the_upstream(registry_none: Registry, tmp_path: Path) ->
         assert proxy.requests() == []
     assert pulled_digest(tmp_path / "cold") == image.manifest_digest
     assert remotes(registry_none, pushed) == {"127.0.0.1"}
+
+
+def test_a_cidr_in_no_proxy_sends_its_upstream_direct(tmp_path: Path) -> None:
+    """NO_PROXY with a network (`192.0.2.0/24`, as registry:2 and dockerd read it): manifests
+    and blobs of the upstream at an address in it go direct (the proxy logs none of them),
+    while another upstream, named, still goes through the proxy."""
+    address = outside_address()
+    name, named_address = own_name()
+    inside = start_registry(tmp_path / "inside", address=address)
+    named = start_registry(tmp_path / "named", address=named_address)
+    try:
+        image, other = image_of(tmp_path / "a", seed=78), image_of(tmp_path / "b", seed=80)
+        push(image, inside, "test/inside", "v1")
+        push(other, named, "test/named", "v1")  # other blobs: none is cached by the first pull
+        pushed = len(inside.access_log())
+        network = str(ipaddress.ip_network(f"{address}/24", strict=False))
+        entries = [
+            upstream_entry(inside, "inside.example"),
+            {"name": "named.example", "url": f"http://{name}:{named.port}"},
+        ]
+        with run_tinyproxy(tmp_path / "proxy") as proxy:
+            env = {**proxy_env("http", proxy.url()), "NO_PROXY": network, "no_proxy": network}
+            with run_edgeproxy(tmp_path / "mirror", entries, env) as mirror:
+                pull(mirror, "inside.example/test/inside:v1", tmp_path / "inside-pull")
+                pull(mirror, "named.example/test/named:v1", tmp_path / "named-pull")
+            requests = proxy.requests()
+        assert pulled_digest(tmp_path / "inside-pull") == image.manifest_digest
+        assert pulled_digest(tmp_path / "named-pull") == other.manifest_digest
+        assert not [r for r in requests if inside.host in r], requests  # health checks too
+        assert remotes(inside, pushed) == {address}
+        base = f"GET http://{name}:{named.port}/v2/test/named"
+        assert any(r.startswith(f"{base}/manifests/") for r in requests), requests
+        for digest in other.layer_digests:
+            assert any(r.startswith(f"{base}/blobs/{digest} ") for r in requests), requests
+    finally:
+        inside.close()
+        named.close()

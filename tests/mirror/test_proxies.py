@@ -1,4 +1,6 @@
-"""Which proxy of the environment a blob thread takes: the same one httpx takes."""
+"""Which proxy of the environment an upstream request takes, as Go's net/http takes it
+(golang.org/x/net/http/httpproxy: registry:2, dockerd, containerd): the httpx client and the
+blob threads share the choice."""
 
 from __future__ import annotations
 
@@ -7,22 +9,13 @@ import base64
 import httpx
 import pytest
 
-from edgeproxy.mirror.proxies import ProxyError, environment_proxy, parse_proxy
-
-PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+from edgeproxy.mirror.proxies import Proxies, ProxyError, ProxyTransport, parse_proxy
 
 
-@pytest.fixture(autouse=True)
-def no_proxy_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
-
-
-def proxy_of(url: str) -> str | None:
-    """The proxy a blob thread takes to `url`: its host:port, or None (direct)."""
+def proxy_of(url: str, **environ: str) -> str | None:
+    """The proxy a request to `url` takes in `environ`: its host:port, or None (direct)."""
     parsed = httpx.URL(url)
-    proxy = environment_proxy(parsed.scheme, parsed.netloc.decode())
+    proxy = Proxies(environ).choose(parsed.scheme, parsed.netloc.decode())
     return proxy.netloc if proxy else None
 
 
@@ -54,39 +47,98 @@ def test_proxies_a_blob_thread_cannot_use(url: str, message: str) -> None:
         parse_proxy(url)
 
 
-def test_the_proxy_by_scheme_all_and_no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HTTPS_PROXY", "http://secure:1")
-    monkeypatch.setenv("ALL_PROXY", "http://every:2")
-    monkeypatch.setenv("NO_PROXY", "internal.example,10.0.0.7")
-    assert proxy_of("https://registry-1.docker.io") == "secure:1"
-    assert proxy_of("http://cdn.example:8080") == "every:2"
-    assert proxy_of("https://mirror.internal.example") is None
-    assert proxy_of("http://10.0.0.7:5000") is None
-    monkeypatch.delenv("ALL_PROXY")
-    assert proxy_of("http://cdn.example") is None
+def test_the_proxy_by_scheme_all_and_no_proxy() -> None:
+    env = {"HTTPS_PROXY": "http://secure:1", "ALL_PROXY": "http://every:2"}
+    env["NO_PROXY"] = "internal.example,10.0.0.7"
+    assert proxy_of("https://registry-1.docker.io", **env) == "secure:1"
+    assert proxy_of("http://cdn.example:8080", **env) == "every:2"
+    assert proxy_of("https://mirror.internal.example", **env) is None
+    assert proxy_of("http://10.0.0.7:5000", **env) is None
+    del env["ALL_PROXY"]
+    assert proxy_of("http://cdn.example", **env) is None  # HTTPS_PROXY is for https only
+
+
+def test_upper_case_first_and_an_empty_variable_is_unset() -> None:
+    """Go's order; urllib (httpx) takes the lower-case one, and an empty one as "none"."""
+    assert proxy_of("http://a.example", HTTP_PROXY="upper:1", http_proxy="lower:2") == "upper:1"
+    assert proxy_of("http://a.example", HTTP_PROXY="", http_proxy="lower:2") == "lower:2"
+    env = {"HTTP_PROXY": "upper:1", "NO_PROXY": "", "no_proxy": "a.example"}
+    assert proxy_of("http://a.example", **env) is None
 
 
 @pytest.mark.parametrize(
-    ("no_proxy", "url"),
+    ("no_proxy", "url", "direct"),
     [
-        ("internal.example,10.0.0.7", "https://registry-1.docker.io"),
-        ("internal.example,10.0.0.7", "https://mirror.internal.example"),
-        ("internal.example,10.0.0.7", "http://10.0.0.7"),
-        ("localhost, *", "https://registry-1.docker.io"),  # "*" among others: nothing
-        (".example.com", "https://example.com"),  # a leading dot: subdomains only
-        (".example.com", "https://cdn.example.com"),
-        ("::1", "http://[::1]:5000"),  # an IPv6 address, without brackets
-        ("https://registry.example", "https://registry.example"),  # with its scheme
-        ("https://registry.example", "http://registry.example"),
-        ("registry.example:5000", "https://registry.example:5000"),
-        ("registry.example:5000", "https://registry.example:6000"),
+        # An address, a CIDR: an address of the URL, IPv4 or IPv6.
+        ("10.0.0.7", "https://10.0.0.7:5000", True),
+        ("10.0.0.7", "https://10.0.0.8", False),
+        ("10.0.0.0/8", "https://10.1.2.3", True),
+        ("10.0.0.0/8", "https://11.1.2.3", False),
+        ("10.1.2.3/8", "https://10.200.0.1", True),  # host bits set: Go takes the network
+        ("192.168.0.0/16", "http://192.168.4.5:8080", True),
+        ("fd00::/8", "https://[fd12:3456::1]:5000", True),
+        ("fd00::/8", "https://[fe80::1]", False),
+        ("::1", "https://[::1]", True),
+        ("2001:db8::1", "https://[2001:db8::1]:5000", True),
+        ("[2001:db8::1]", "https://[2001:db8::1]", True),  # in brackets: Go ignores it
+        ("10.0.0.0/8", "https://[::ffff:10.1.2.3]", True),  # IPv4-mapped: the IPv4 address
+        ("10.0.0.0/8", "https://ten.example", False),  # a CIDR matches no name
+        # host:port, [IPv6]:port: that port only, the scheme's default when none is written.
+        ("registry.example:5000", "https://registry.example:5000", True),
+        ("registry.example:5000", "https://registry.example:6000", False),
+        ("registry.example:5000", "https://registry.example", False),
+        ("registry.example:443", "https://registry.example", True),
+        ("10.0.0.7:5000", "https://10.0.0.7:5000", True),
+        ("10.0.0.7:5000", "https://10.0.0.7:6000", False),
+        ("[2001:db8::1]:5000", "https://[2001:db8::1]:5000", True),
+        ("[2001:db8::1]:5000", "https://[2001:db8::1]:6000", False),
+        # A domain: itself and its subdomains; with a leading dot or `*.`: subdomains only.
+        ("example.com", "https://example.com", True),
+        ("example.com", "https://cdn.example.com", True),
+        ("example.com", "https://notexample.com", False),
+        (".example.com", "https://example.com", False),
+        (".example.com", "https://cdn.example.com", True),
+        ("*.example.com", "https://example.com", False),
+        ("*.example.com", "https://a.b.example.com", True),
+        ("Example.COM ", "https://CDN.example.com", True),  # case and spaces do not matter
+        ("bücher.example", "https://xn--bcher-kva.example", True),  # IDNA, as the URL's
+        # `*` among the others: every host.
+        ("localhost, *", "https://registry-1.docker.io", True),
+        ("*", "http://10.0.0.7", True),
+        # Malformed entries match nothing (Go: best effort); the others still apply.
+        ("10.0.0.0/33,:5000,example.com", "https://example.com", True),
+        ("10.0.0.0/33", "https://10.0.0.1", False),
+        # With a scheme (httpx reads it; Go matches nothing): that scheme only.
+        ("https://registry.example", "https://registry.example", True),
+        ("https://registry.example", "http://registry.example", False),
+        ("", "https://registry.example", False),
     ],
 )
-def test_the_same_choice_as_httpx(monkeypatch: pytest.MonkeyPatch, no_proxy: str, url: str) -> None:
-    """Manifests (httpx) and their blobs (the threads) must leave the same way."""
-    monkeypatch.setenv("HTTPS_PROXY", "http://secure:1")
-    monkeypatch.setenv("HTTP_PROXY", "http://plain:2")
-    monkeypatch.setenv("NO_PROXY", no_proxy)
-    transport = httpx.Client()._transport_for_url(httpx.URL(url))  # httpx's own choice
-    theirs = getattr(getattr(transport, "_pool", None), "_proxy_url", None)
-    assert proxy_of(url) == (theirs and f"{theirs.host.decode()}:{theirs.port}")
+def test_no_proxy_as_go_reads_it(no_proxy: str, url: str, direct: bool) -> None:
+    env = {"HTTPS_PROXY": "http://secure:1", "HTTP_PROXY": "http://plain:2", "NO_PROXY": no_proxy}
+    assert (proxy_of(url, **env) is None) == direct
+
+
+def test_a_bad_proxy_names_its_variable() -> None:
+    with pytest.raises(ProxyError, match=r"^HTTPS_PROXY: socks5:// proxies are not supported"):
+        Proxies({"https_proxy": "socks5://proxy:1080"})
+    with pytest.raises(ProxyError, match=r"^ALL_PROXY: the proxy URL has no host"):
+        Proxies({"ALL_PROXY": "http://:3128"})
+
+
+def test_the_httpx_transport_takes_the_same_way() -> None:
+    """Each request of the httpx client (redirects and token realms included) goes where
+    `choose` says, with the proxy's credentials; one pool per proxy."""
+    proxies = Proxies({"HTTPS_PROXY": "http://us:pw@secure:1", "NO_PROXY": "10.0.0.0/8"})
+    transport = ProxyTransport(proxies)
+
+    def pool_of(url: str) -> object:
+        return transport._transport_for(httpx.URL(url))._pool
+
+    proxied = pool_of("https://registry.example")
+    assert proxied._proxy_url.host == b"secure"  # type: ignore[attr-defined]
+    authorization = base64.b64encode(b"us:pw")
+    assert (b"Proxy-Authorization", b"Basic " + authorization) in proxied._proxy_headers  # type: ignore[attr-defined]
+    assert pool_of("https://cdn.example:8443") is proxied
+    for direct in ("https://10.1.2.3:5000", "http://registry.example"):
+        assert not hasattr(pool_of(direct), "_proxy_url"), direct
