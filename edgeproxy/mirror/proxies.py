@@ -62,9 +62,9 @@ class Proxies:
 
     Where Go's rules and httpx's differ, Go's: a CIDR (`10.0.0.0/8`, `fd00::/8`) matches an
     address; `host:port` that port only; `example.com` the domain and its subdomains,
-    `.example.com` (or `*.example.com`) its subdomains only; `*` every host; `HTTPS_PROXY` wins
-    over `https_proxy`. Beyond Go: an
-    address in brackets (`[::1]`) is read, not ignored.
+    `.example.com` (or `*.example.com`) its subdomains only; `*` every host; `localhost` and
+    loopback addresses are never proxied; `HTTPS_PROXY` wins over `https_proxy`. Beyond Go:
+    an address in brackets (`[::1]`) is read, not ignored.
     """
 
     def __init__(self, environ: Mapping[str, str]) -> None:
@@ -91,6 +91,8 @@ class Proxies:
         host = parts.hostname or ""  # lower case, without brackets
         port = parts.port or DEFAULT_PORTS[scheme]
         ip = _address(host)
+        if host == "localhost" or (ip is not None and ip.is_loopback):
+            return None  # as Go: the proxy could not reach this host's own services
         if any(direct.matches(scheme, host, port, ip) for direct in self._direct):
             return None
         return proxy
@@ -99,7 +101,7 @@ class Proxies:
 class ProxyTransport(httpx.AsyncBaseTransport):
     """httpx's transport, sending each request direct or through the proxy `proxies` choose
     for its URL (redirects and token realms on other hosts included): httpx's own choice, by
-    URL patterns, cannot read a CIDR."""
+    URL patterns, cannot read a CIDR nor spare loopback hosts."""
 
     def __init__(self, proxies: Proxies, **options: Any) -> None:
         """`options`: httpx.AsyncHTTPTransport's, for every connection made."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -62,35 +64,44 @@ def remotes(upstream: Registry, since: int) -> set[str]:
     return {e.remote.rsplit(":", 1)[0] for e in upstream.access_log()[since:]}
 
 
-def test_plain_upstream_through_a_proxy_with_credentials(
-    registry_none: Registry, tmp_path: Path
-) -> None:
+@contextmanager
+def registry_outside(workdir: Path, *, tls: bool = False) -> Iterator[tuple[Registry, Path | None]]:
+    """A registry on this machine's address off loopback, where the proxy is taken (Go never
+    proxies a loopback one), and its certificate with `tls`."""
+    address = outside_address()
+    certificate = make_certificate(workdir / "tls", address) if tls else None
+    upstream = start_registry(workdir, tls=certificate, address=address)
+    try:
+        yield upstream, certificate[0] if certificate else None
+    finally:
+        upstream.close()
+
+
+def test_plain_upstream_through_a_proxy_with_credentials(tmp_path: Path) -> None:
     """HTTP_PROXY with a user: every manifest and blob request goes to the proxy in absolute
     form with Proxy-Authorization; the upstream sees the proxy only; each layer once."""
-    image = image_of(tmp_path, seed=70)
-    push(image, registry_none, "test/proxied", "v1")
-    pushed = len(registry_none.access_log())
-    with run_tinyproxy(tmp_path / "proxy", CREDENTIALS) as proxy:
-        env = proxy_env("http", proxy.url(CREDENTIALS))
-        entry = upstream_entry(registry_none)
-        with run_edgeproxy(tmp_path / "mirror", [entry], env) as mirror:
-            pull(mirror, "test/proxied:v1", tmp_path / "cold")
-            assert "through the proxy http://127.0.0.1:" in mirror.log()
-        requests = proxy.requests()
-    assert pulled_digest(tmp_path / "cold") == image.manifest_digest
-    base = f"GET {registry_none.url}/v2/test/proxied"
-    for digest in image.layer_digests:
-        assert sum(r.startswith(f"{base}/blobs/{digest} ") for r in requests) == 1, requests
-    assert any(r.startswith(f"{base}/manifests/") for r in requests), requests
-    assert remotes(registry_none, pushed) == {OUTGOING}
+    with registry_outside(tmp_path / "upstream") as (upstream, _):
+        image = image_of(tmp_path, seed=70)
+        push(image, upstream, "test/proxied", "v1")
+        pushed = len(upstream.access_log())
+        with run_tinyproxy(tmp_path / "proxy", CREDENTIALS) as proxy:
+            env = proxy_env("http", proxy.url(CREDENTIALS))
+            with run_edgeproxy(tmp_path / "mirror", [upstream_entry(upstream)], env) as mirror:
+                pull(mirror, "test/proxied:v1", tmp_path / "cold")
+                assert "through the proxy http://127.0.0.1:" in mirror.log()
+            requests = proxy.requests()
+        assert pulled_digest(tmp_path / "cold") == image.manifest_digest
+        base = f"GET {upstream.url}/v2/test/proxied"
+        for digest in image.layer_digests:
+            assert sum(r.startswith(f"{base}/blobs/{digest} ") for r in requests) == 1, requests
+        assert any(r.startswith(f"{base}/manifests/") for r in requests), requests
+        assert remotes(upstream, pushed) == {OUTGOING}
 
 
 def test_https_upstream_through_a_proxy_tunnel(tmp_path: Path) -> None:
     """HTTPS_PROXY: CONNECT, then TLS with the upstream itself (its `ca` still decides the
     trust); nothing reaches the upstream but through the proxy."""
-    certificate, key = make_certificate(tmp_path / "tls", "127.0.0.1")
-    upstream = start_registry(tmp_path / "upstream", tls=(certificate, key))
-    try:
+    with registry_outside(tmp_path / "upstream", tls=True) as (upstream, certificate):
         image = image_of(tmp_path, seed=72)
         push(image, upstream, "test/tunnel", "v1")
         pushed = len(upstream.access_log())
@@ -103,20 +114,17 @@ def test_https_upstream_through_a_proxy_tunnel(tmp_path: Path) -> None:
         assert pulled_digest(tmp_path / "cold") == image.manifest_digest
         assert any(r.startswith(f"CONNECT {upstream.host} ") for r in requests), requests
         assert remotes(upstream, pushed) == {OUTGOING}
-    finally:
-        upstream.close()
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
 def test_a_proxy_asking_for_credentials_is_a_clear_503(tmp_path: Path, scheme: str) -> None:
     """A proxy that wants credentials the environment does not give (407), on both ways out:
     manifests and blobs get 503 UNAVAILABLE naming the 407, never a 500 or a 407 itself."""
-    tls = make_certificate(tmp_path / "tls", "127.0.0.1") if scheme == "https" else None
-    upstream = start_registry(tmp_path / "upstream", tls=tls)
-    try:
+    tls = scheme == "https"
+    with registry_outside(tmp_path / "upstream", tls=tls) as (upstream, certificate):
         image = image_of(tmp_path, seed=74)
         push(image, upstream, "test/refused", "v1")
-        entry = upstream_entry(upstream) | ({"ca": str(tls[0])} if tls else {})
+        entry = upstream_entry(upstream) | ({"ca": str(certificate)} if certificate else {})
         with run_tinyproxy(tmp_path / "proxy", CREDENTIALS) as proxy:
             env = proxy_env(scheme, proxy.url())
             with run_edgeproxy(tmp_path / "mirror", [entry], env) as mirror:
@@ -127,23 +135,43 @@ def test_a_proxy_asking_for_credentials_is_a_clear_503(tmp_path: Path, scheme: s
                     assert error["code"] == "UNAVAILABLE", error
                     assert "407" in error["message"], error
         assert upstream.count("GET", "/blobs/" + image.layer_digests[0]) == 0
+
+
+def test_no_proxy_names_the_upstream(tmp_path: Path) -> None:
+    """NO_PROXY with the upstream's host: both ways out go direct, the proxy sees nothing."""
+    with registry_outside(tmp_path / "upstream") as (upstream, _):
+        image = image_of(tmp_path, seed=76)
+        push(image, upstream, "test/direct", "v1")
+        pushed = len(upstream.access_log())
+        with run_tinyproxy(tmp_path / "proxy") as proxy:
+            hosts = f"localhost,{upstream.address}"
+            env = {**proxy_env("http", proxy.url()), "NO_PROXY": hosts, "no_proxy": hosts}
+            with run_edgeproxy(tmp_path / "mirror", [upstream_entry(upstream)], env) as m:
+                pull(m, "test/direct:v1", tmp_path / "cold")
+            assert proxy.requests() == []
+        assert pulled_digest(tmp_path / "cold") == image.manifest_digest
+        assert remotes(upstream, pushed) == {upstream.address}
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_loopback_upstream_is_never_proxied(tmp_path: Path, scheme: str) -> None:
+    """An upstream on 127.0.0.1 goes direct with a proxy and no NO_PROXY, as registry:2 and
+    dockerd take it (Go's rule): the proxy would reach its own host's port, not this one's."""
+    tls = make_certificate(tmp_path / "tls", "127.0.0.1") if scheme == "https" else None
+    upstream = start_registry(tmp_path / "upstream", tls=tls)
+    try:
+        image = image_of(tmp_path, seed=82)
+        push(image, upstream, "test/local", "v1")
+        pushed = len(upstream.access_log())
+        entry = upstream_entry(upstream) | ({"ca": str(tls[0])} if tls else {})
+        with run_tinyproxy(tmp_path / "proxy") as proxy:
+            with run_edgeproxy(tmp_path / "mirror", [entry], proxy_env(scheme, proxy.url())) as m:
+                pull(m, "test/local:v1", tmp_path / "cold")
+            assert proxy.requests() == []
+        assert pulled_digest(tmp_path / "cold") == image.manifest_digest
+        assert remotes(upstream, pushed) == {"127.0.0.1"}
     finally:
         upstream.close()
-
-
-def test_no_proxy_names_the_upstream(registry_none: Registry, tmp_path: Path) -> None:
-    """NO_PROXY with the upstream's host: both ways out go direct, the proxy sees nothing."""
-    image = image_of(tmp_path, seed=76)
-    push(image, registry_none, "test/direct", "v1")
-    pushed = len(registry_none.access_log())
-    with run_tinyproxy(tmp_path / "proxy") as proxy:
-        hosts = "localhost,127.0.0.1"
-        env = {**proxy_env("http", proxy.url()), "NO_PROXY": hosts, "no_proxy": hosts}
-        with run_edgeproxy(tmp_path / "mirror", [upstream_entry(registry_none)], env) as m:
-            pull(m, "test/direct:v1", tmp_path / "cold")
-        assert proxy.requests() == []
-    assert pulled_digest(tmp_path / "cold") == image.manifest_digest
-    assert remotes(registry_none, pushed) == {"127.0.0.1"}
 
 
 def test_a_cidr_in_no_proxy_sends_its_upstream_direct(tmp_path: Path) -> None:

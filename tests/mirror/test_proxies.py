@@ -119,6 +119,20 @@ def test_no_proxy_as_go_reads_it(no_proxy: str, url: str, direct: bool) -> None:
     assert (proxy_of(url, **env) is None) == direct
 
 
+@pytest.mark.parametrize(
+    "url", ["http://localhost:5000", "https://LOCALHOST", "http://127.0.0.1", "http://127.9.8.7:5000",
+            "https://[::1]:5000", "https://[::ffff:127.0.0.1]"],
+)  # fmt: skip
+def test_loopback_hosts_are_never_proxied(url: str) -> None:
+    """As Go: the proxy cannot reach this host's own services (it would reach its own)."""
+    assert proxy_of(url, HTTPS_PROXY="secure:1", HTTP_PROXY="plain:2") is None
+
+
+def test_a_name_of_this_host_is_proxied() -> None:
+    """Only `localhost` and loopback addresses: any other name may be anywhere (as Go)."""
+    assert proxy_of("http://localhost.example", HTTP_PROXY="plain:2") == "plain:2"
+
+
 def test_a_bad_proxy_names_its_variable() -> None:
     with pytest.raises(ProxyError, match=r"^HTTPS_PROXY: socks5:// proxies are not supported"):
         Proxies({"https_proxy": "socks5://proxy:1080"})
@@ -140,5 +154,5 @@ def test_the_httpx_transport_takes_the_same_way() -> None:
     authorization = base64.b64encode(b"us:pw")
     assert (b"Proxy-Authorization", b"Basic " + authorization) in proxied._proxy_headers  # type: ignore[attr-defined]
     assert pool_of("https://cdn.example:8443") is proxied
-    for direct in ("https://10.1.2.3:5000", "http://registry.example"):
+    for direct in ("https://10.1.2.3:5000", "https://127.0.0.1", "http://registry.example"):
         assert not hasattr(pool_of(direct), "_proxy_url"), direct
