@@ -5,7 +5,6 @@ pulled with skopeo. Manifests (httpx) and blobs (http.client threads) must take 
 from __future__ import annotations
 
 import ipaddress
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +13,7 @@ import httpx
 import pytest
 
 from tests.e2e.test_mirror_pull import pull, pulled_digest, upstream_entry
+from tests.support.addresses import link_local_addresses
 from tests.support.edge import make_certificate
 from tests.support.images import Image, build_image, push, random_layer
 from tests.support.registry import Registry, start_registry
@@ -30,30 +30,6 @@ def proxy_env(scheme: str, url: str) -> dict[str, str]:
     return {**NO_ENV, f"{scheme.upper()}_PROXY": url, f"{scheme}_proxy": url}
 
 
-def outside_address() -> str:
-    """An IPv4 address of this machine's that is no loopback one (those Go never proxies)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:  # TEST-NET-2: nothing is sent, the route only picks the address
-            probe.connect(("198.51.100.1", 9))
-        except OSError:
-            pytest.skip("no route off loopback: no address but loopback ones")
-        address: str = probe.getsockname()[0]
-    if ipaddress.ip_address(address).is_loopback:
-        pytest.skip("no address but loopback ones")
-    return address
-
-
-def own_name() -> tuple[str, str]:
-    """This machine's name and its IPv4 address: a name is proxied, even one of this machine
-    (Go spares `localhost` only), and the proxy reaches it."""
-    name = socket.gethostname()
-    try:
-        address = socket.getaddrinfo(name, None, socket.AF_INET)[0][4][0]
-    except OSError:
-        pytest.skip(f"this machine's name {name} has no address")
-    return name, str(address)
-
-
 def image_of(tmp_path: Path, seed: int) -> Image:
     layers = [random_layer(2_500_000, seed=seed), random_layer(150_000, seed=seed + 1)]
     return build_image(tmp_path / "image", "v1", layers)
@@ -66,15 +42,15 @@ def remotes(upstream: Registry, since: int) -> set[str]:
 
 @contextmanager
 def registry_outside(workdir: Path, *, tls: bool = False) -> Iterator[tuple[Registry, Path | None]]:
-    """A registry on this machine's address off loopback, where the proxy is taken (Go never
-    proxies a loopback one), and its certificate with `tls`."""
-    address = outside_address()
-    certificate = make_certificate(workdir / "tls", address) if tls else None
-    upstream = start_registry(workdir, tls=certificate, address=address)
-    try:
-        yield upstream, certificate[0] if certificate else None
-    finally:
-        upstream.close()
+    """A registry at an address off 127.0.0.0/8, where the proxy is taken (Go never proxies a
+    loopback one), and its certificate with `tls`."""
+    with link_local_addresses(1) as (address,):
+        certificate = make_certificate(workdir / "tls", address) if tls else None
+        upstream = start_registry(workdir, tls=certificate, address=address)
+        try:
+            yield upstream, certificate[0] if certificate else None
+        finally:
+            upstream.close()
 
 
 def test_plain_upstream_through_a_proxy_with_credentials(tmp_path: Path) -> None:
@@ -175,37 +151,37 @@ def test_a_loopback_upstream_is_never_proxied(tmp_path: Path, scheme: str) -> No
 
 
 def test_a_cidr_in_no_proxy_sends_its_upstream_direct(tmp_path: Path) -> None:
-    """NO_PROXY with a network (`192.0.2.0/24`, as registry:2 and dockerd read it): manifests
-    and blobs of the upstream at an address in it go direct (the proxy logs none of them),
-    while another upstream, named, still goes through the proxy."""
-    address = outside_address()
-    name, named_address = own_name()
-    inside = start_registry(tmp_path / "inside", address=address)
-    named = start_registry(tmp_path / "named", address=named_address)
-    try:
-        image, other = image_of(tmp_path / "a", seed=78), image_of(tmp_path / "b", seed=80)
-        push(image, inside, "test/inside", "v1")
-        push(other, named, "test/named", "v1")  # other blobs: none is cached by the first pull
-        pushed = len(inside.access_log())
-        network = str(ipaddress.ip_network(f"{address}/24", strict=False))
-        entries = [
-            upstream_entry(inside, "inside.example"),
-            {"name": "named.example", "url": f"http://{name}:{named.port}"},
-        ]
-        with run_tinyproxy(tmp_path / "proxy") as proxy:
-            env = {**proxy_env("http", proxy.url()), "NO_PROXY": network, "no_proxy": network}
-            with run_edgeproxy(tmp_path / "mirror", entries, env) as mirror:
-                pull(mirror, "inside.example/test/inside:v1", tmp_path / "inside-pull")
-                pull(mirror, "named.example/test/named:v1", tmp_path / "named-pull")
-            requests = proxy.requests()
-        assert pulled_digest(tmp_path / "inside-pull") == image.manifest_digest
-        assert pulled_digest(tmp_path / "named-pull") == other.manifest_digest
-        assert not [r for r in requests if inside.host in r], requests  # health checks too
-        assert remotes(inside, pushed) == {address}
-        base = f"GET http://{name}:{named.port}/v2/test/named"
-        assert any(r.startswith(f"{base}/manifests/") for r in requests), requests
-        for digest in other.layer_digests:
-            assert any(r.startswith(f"{base}/blobs/{digest} ") for r in requests), requests
-    finally:
-        inside.close()
-        named.close()
+    """NO_PROXY with a network (`169.254.253.0/31`, as registry:2 and dockerd read it):
+    manifests and blobs of the upstream at an address in it go direct (the proxy logs none of
+    them), while another upstream, at an address outside it, still goes through the proxy."""
+    with link_local_addresses(2) as (address, other_address):
+        inside = start_registry(tmp_path / "inside", address=address)
+        outside = start_registry(tmp_path / "outside", address=other_address)
+        try:
+            image, other = image_of(tmp_path / "a", seed=78), image_of(tmp_path / "b", seed=80)
+            push(image, inside, "test/inside", "v1")
+            push(other, outside, "test/outside", "v1")  # other blobs: none cached by the first
+            pushed = len(inside.access_log())
+            network = str(ipaddress.ip_network(f"{address}/31", strict=False))
+            assert ipaddress.ip_address(other_address) not in ipaddress.ip_network(network)
+            entries = [
+                upstream_entry(inside, "inside.example"),
+                upstream_entry(outside, "outside.example"),
+            ]
+            with run_tinyproxy(tmp_path / "proxy") as proxy:
+                env = {**proxy_env("http", proxy.url()), "NO_PROXY": network, "no_proxy": network}
+                with run_edgeproxy(tmp_path / "mirror", entries, env) as mirror:
+                    pull(mirror, "inside.example/test/inside:v1", tmp_path / "inside-pull")
+                    pull(mirror, "outside.example/test/outside:v1", tmp_path / "outside-pull")
+                requests = proxy.requests()
+            assert pulled_digest(tmp_path / "inside-pull") == image.manifest_digest
+            assert pulled_digest(tmp_path / "outside-pull") == other.manifest_digest
+            assert not [r for r in requests if inside.host in r], requests  # health checks too
+            assert remotes(inside, pushed) == {address}
+            base = f"GET {outside.url}/v2/test/outside"
+            assert any(r.startswith(f"{base}/manifests/") for r in requests), requests
+            for digest in other.layer_digests:
+                assert any(r.startswith(f"{base}/blobs/{digest} ") for r in requests), requests
+        finally:
+            inside.close()
+            outside.close()
