@@ -53,6 +53,9 @@ WINDOW = 8 * CHUNK  # the newest received bytes, kept for this process's readers
 # What the windows of every fill of a process keep at most, together: a client asking for
 # many cold blobs at once must not hold 8 MiB in memory for each.
 WINDOWS = 8 * WINDOW
+# (repository, digest) pairs whose layer link the disk refused, remembered at most: past it,
+# they are forgotten (those repositories ask the upstream to confirm the blob again).
+MAX_UNLINKED = 100_000
 FOLLOW_POLL = 0.003  # seconds between looks at another process's fill
 UNREAD_TIMEOUT = 60.0  # seconds a fill without its spool waits for a reader before giving up
 
@@ -209,6 +212,9 @@ class BlobService:
         self._windows = Windows()  # shared by every fill of this process
         self._tasks: set[asyncio.Task[None]] = set()
         self._heads: SharedCalls[tuple[str, str, str], UpstreamResponse] = SharedCalls()
+        # Blobs the upstream gave in a repository whose link the disk refused (it was full):
+        # linked when next asked for there, never confirmed again.
+        self._unlinked: set[tuple[str, str]] = set()
 
     async def aclose(self) -> None:
         for task in self._tasks:
@@ -222,9 +228,12 @@ class BlobService:
         fill = self._fills.get(digest)
         if fill is not None and not fill.committed:
             return name not in fill.names
-        if self._storage.blob_size(digest) is None:
+        if self._storage.blob_size(digest) is None or self._storage.blob_linked(name, digest):
             return False
-        return not self._storage.blob_linked(name, digest)
+        if (name, digest) in self._unlinked:  # given there: the link is all that is missing
+            self._link([name], digest)
+            return False
+        return True
 
     async def confirm(self, upstream: UpstreamClient, target: Target, digest: str) -> int | None:
         """The upstream's HEAD of the blob in `target`'s repository (one for concurrent
@@ -250,8 +259,13 @@ class BlobService:
         for name in names:
             try:
                 self._storage.link_blob(name, digest)
-            except OSError as exc:  # the blob is safe; the next request asks the upstream again
+            except OSError as exc:  # the blob is safe; the next request here links it again
                 log.warning("no layer link for %s in %s: %s", digest, name, exc)
+                if len(self._unlinked) >= MAX_UNLINKED:
+                    self._unlinked.clear()
+                self._unlinked.add((name, digest))
+            else:
+                self._unlinked.discard((name, digest))
 
     # Warm
     def size(self, digest: str) -> int | None:

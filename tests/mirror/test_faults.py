@@ -207,6 +207,33 @@ def test_a_tag_never_names_a_manifest_the_disk_refused(
         assert stale.headers["cache-status"] == STALE
 
 
+def test_a_layer_link_the_disk_refused_is_written_at_the_next_pull(
+    tmp_path: Path, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold blob is committed, but the full disk refuses its repository's layer link. The
+    upstream gave the blob in that repository: a pull there, the upstream down, must be
+    served from the cache (it asked the upstream to confirm it first, and answered 503)."""
+    digest = upstream.add_blob(b"layer")
+    app = mirror_of(upstream, tmp_path / "cache")
+
+    def full(name: str, digest: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        with monkeypatch.context() as patch:  # full while the fill runs, its commit included
+            patch.setattr(app.storage, "link_blob", full)
+            assert fetch(client, f"/v2/x/blobs/{digest}") == (200, b"layer", True)
+            assert wait_until(lambda: digest not in app.blobs._fills)  # committed, linked
+            assert app.storage.blob_size(digest) == len(b"layer")
+        assert not app.storage.blob_linked("x", digest)
+        upstream.faults[f"/blobs/{digest}"] = 503
+        again = client.get(f"/v2/x/blobs/{digest}")
+        assert (again.status_code, again.content) == (200, b"layer")
+        assert again.headers["cache-status"] == "edgeproxy; hit"
+    assert app.storage.blob_linked("x", digest)
+    assert upstream.requests[f"HEAD /v2/x/blobs/{digest}"] == 0
+
+
 def test_a_head_naming_no_digest_is_an_upstream_fault(
     mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
 ) -> None:
