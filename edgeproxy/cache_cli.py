@@ -177,7 +177,7 @@ def prune(config: Config, dry_run: bool) -> int:
     if not limits.limited:
         if not dry_run:
             evictor.prune()  # the sweeps only: old uploads, killed processes' leftovers
-        print("no limits set: add max_size or max_age to [mirror.cache]")
+        print("no limits set: add max_size, min_free or max_age to [mirror.cache]")
         return 0
     done = evictor.prune(dry_run=dry_run)
     assert done is not None  # waited for the lock

@@ -224,12 +224,15 @@ class CacheConfig(_Model):
     """`[mirror.cache]`: the limits the cache keeps itself within (none by default)."""
 
     max_size: Size | None = None  # past this, the least recently pulled content goes
+    # Less free than this on the cache's file system: the least recently pulled content goes
+    # (nginx's proxy_cache_path min_free).
+    min_free: Size | None = None
     max_age: Duration | None = None  # content not pulled for this long goes
     interval: Annotated[Duration, Field(gt=0)] = 60.0  # how often the limits are applied
 
     @property
     def limited(self) -> bool:
-        return self.max_size is not None or self.max_age is not None
+        return any(limit is not None for limit in (self.max_size, self.min_free, self.max_age))
 
 
 class AuthConfig(_Model):

@@ -55,6 +55,9 @@ MIRROR += 'url = "https://r.example"\n'
         ("[edge]\nhttp = ':8080'\nshutdown_timeout = inf\n", "edge.shutdown_timeout: not a"),
         ("[mirror.cache]\nmax_age = nan\n", "mirror.cache.max_age: not a duration"),
         (f"[mirror.cache]\nmax_size = '{'9' * 400}m'\n", "mirror.cache.max_size: not a size"),
+        (f"[mirror.cache]\nmin_free = '{'9' * 400}m'\n", "mirror.cache.min_free: not a size"),
+        ("[mirror.cache]\nmin_free = '-1g'\n", "mirror.cache.min_free: not a size"),
+        ("[mirror.cache]\nmin_free = '10GiB'\n", ""),
         ("[mirror.cache]\n", ""),  # the baseline: ok
     ],
 )

@@ -1,10 +1,11 @@
-"""`[mirror.cache]`: the cache keeps itself within `max_size` and `max_age`.
+"""`[mirror.cache]`: the cache keeps itself within `max_size`, `min_free` and `max_age`.
 
 The unit of eviction is a manifest of a repository (the tags pointing at it go with it); its
 age is that of its last pull, or of its index's when an index references it. A blob is
 removed only when no kept manifest references it (an index its child manifests, an image its
 config and layers); a blob no manifest references goes by its own last pull. Past `max_age`
-everything goes; past `max_size` the least recently pulled goes first until the cache fits.
+everything goes; past `max_size`, or with less than `min_free` free on the cache's file
+system, the least recently pulled goes first until the cache fits and that much is free.
 The limits apply to whatever is stored, whenever it came. Whatever is pulled while a pass
 runs (after its scan began) is kept, with what it references.
 
@@ -77,11 +78,13 @@ class Entry:
 
 @dataclass(frozen=True)
 class Inventory:
-    """What the cache held when it was looked at (`taken`, before any listing began)."""
+    """What the cache held when it was looked at (`taken`, before any listing began), and
+    the bytes then free on its file system."""
 
     entries: list[Entry]
     blobs: dict[str, StoredBlob]
     taken: float
+    free: int
 
     @property
     def size(self) -> int:
@@ -102,6 +105,7 @@ def scan(storage: Storage, known: dict[str, frozenset[str]] | None = None) -> In
     """List the cache. `known` remembers manifests' references between scans (immutable)."""
     known = {} if known is None else known
     taken = time.time()
+    free = storage.free_space()
     blobs = {blob.digest: blob for blob in storage.blobs()}
     entries = []
     for manifest in storage.manifests():
@@ -114,7 +118,7 @@ def scan(storage: Storage, known: dict[str, frozenset[str]] | None = None) -> In
         entries.append(Entry(manifest, refs))
     for gone in set(known) - {e.manifest.digest for e in entries}:
         del known[gone]
-    return Inventory(entries, blobs, taken)
+    return Inventory(entries, blobs, taken, free)
 
 
 def plan(inventory: Inventory, limits: CacheConfig, now: float) -> Plan:
@@ -149,13 +153,17 @@ def plan(inventory: Inventory, limits: CacheConfig, now: float) -> Plan:
     heapq.heapify(heap)
     size = inventory.size
     cutoff = None if limits.max_age is None else now - limits.max_age
+    # What must go for min_free: a removed blob's bytes are free again (once no reader holds
+    # it open); the cache may hold less than that, when other files fill the disk.
+    short = 0 if limits.min_free is None else max(0, limits.min_free - inventory.free)
     removed_manifests: list[Entry] = []
     removed_blobs: list[StoredBlob] = []
     while heap:
         last_pull, _, _, item = heap[0]
         too_old = cutoff is not None and last_pull < cutoff
         too_big = limits.max_size is not None and size > limits.max_size
-        if not (too_old or too_big):
+        too_full = inventory.size - size < short
+        if not (too_old or too_big or too_full):
             break
         heapq.heappop(heap)
         if isinstance(item, str):

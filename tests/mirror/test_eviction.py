@@ -18,6 +18,7 @@ from edgeproxy.config import CacheConfig
 from edgeproxy.mirror.eviction import Evictor, Inventory, Plan, execute, plan, references, scan
 from edgeproxy.mirror.pulls import PullRecorder
 from edgeproxy.mirror.storage import FilesystemStorage
+from tests.support.disk import fill_up, small_tmpfs
 
 HOUR = 3600.0
 DAY = 86400.0
@@ -127,6 +128,39 @@ def test_past_max_size_the_least_recently_pulled_goes(storage: FilesystemStorage
     names, _ = removed(storage, CacheConfig(max_size=total // 2))
     assert names == {"old", "mid"}
     assert removed(storage, CacheConfig(max_size=total)) == (set(), set())
+
+
+def test_with_less_than_min_free_free_the_least_recently_pulled_goes(
+    storage: FilesystemStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    put_image(storage, "old", [os.urandom(1000)], age=3 * DAY)
+    put_image(storage, "mid", [os.urandom(1000)], age=2 * DAY)
+    put_image(storage, "new", [os.urandom(1000)], age=1 * DAY)
+    monkeypatch.setattr(storage, "free_space", lambda: 10_000)
+    assert removed(storage, CacheConfig(min_free=10_000)) == (set(), set())
+    names, _ = removed(storage, CacheConfig(min_free=10_001))
+    assert names == {"old"}
+    names, _ = removed(storage, CacheConfig(min_free=11_500))
+    assert names == {"old", "mid"}
+    # The limits add up: what either asks for goes.
+    names, _ = removed(storage, CacheConfig(min_free=10_001, max_size=scan(storage).size // 2))
+    assert names == {"old", "mid"}
+
+
+def test_prune_keeps_min_free_on_a_full_file_system(tmp_path: Path) -> None:
+    """The file system really full (statvfs), other files than the cache's filling it:
+    removing the least recently pulled content frees `min_free`."""
+    with small_tmpfs(tmp_path / "small") as root:
+        storage = FilesystemStorage(root)
+        put_image(storage, "old", [os.urandom(3 << 20)], age=3 * DAY)
+        put_image(storage, "mid", [os.urandom(3 << 20)], age=2 * DAY)
+        put_image(storage, "new", [os.urandom(3 << 20)], age=1 * DAY)
+        fill_up(root / "filler")
+        assert storage.free_space() < 1 << 20
+        limits = CacheConfig(min_free="4m")
+        assert Evictor(limits, storage, root / "edgeproxy").prune() is not None
+        assert storage.repositories() == ["new"]
+        assert storage.free_space() >= 4 << 20
 
 
 def test_a_shared_layer_stays_while_a_kept_image_uses_it(storage: FilesystemStorage) -> None:

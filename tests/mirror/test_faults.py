@@ -27,6 +27,7 @@ from edgeproxy.mirror.manifests import OCI_MANIFEST, Manifest
 from edgeproxy.mirror.names import resolve_target
 from edgeproxy.mirror.storage.filesystem import FilePartialBlob, FilesystemStorage
 from tests.mirror.fake_upstream import FakeUpstream, fake_upstream, mirror_of
+from tests.support.disk import fill_up, small_tmpfs
 from tests.support.ports import free_port
 from tests.support.servers import serve_app
 from tests.support.verify import verify_cache
@@ -427,17 +428,8 @@ def test_head_of_a_cold_blob_never_downloads_it(
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 20 MiB tmpfs as the cache root: it fills up in the middle of a bigger blob."""
-    root = tmp_path / "small"
-    root.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(root)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small") as root:
         yield root
-    finally:
-        subprocess.run(["umount", "-l", str(root)], check=True)
 
 
 def test_disk_full_streams_the_blob_without_caching_it(
@@ -884,21 +876,6 @@ def test_a_refusal_in_one_repository_fails_only_its_clients(
         real = pool.submit(client.get, f"/v2/real/blobs/{digest}")
         assert bogus.result().status_code == refusal
         assert (real.result().status_code, real.result().content) == (200, b"a layer of `real`")
-
-
-def fill_up(path: Path) -> None:
-    """Write `path` until the file system is full."""
-    with path.open("wb", buffering=0) as file:
-        try:
-            while True:
-                file.write(b"\0" * 1024 * 1024)
-        except OSError:
-            pass
-        try:  # the last few blocks
-            while True:
-                file.write(b"\0" * 4096)
-        except OSError:
-            pass
 
 
 LOOP_PATHS = ["/v2/x/manifests/v1", "/v2/x/tags/list", "/v2/x/blobs/{digest}"]

@@ -150,6 +150,10 @@ class Storage(ABC):
         """Mark a blob pulled now through repository `name`; nothing if it is not stored."""
 
     @abstractmethod
+    def free_space(self) -> int:
+        """Bytes the cache may still write on the file system that holds it."""
+
+    @abstractmethod
     def blobs(self) -> Iterator[StoredBlob]:
         """Every committed blob, manifests included."""
 

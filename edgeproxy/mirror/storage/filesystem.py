@@ -406,6 +406,12 @@ class FilesystemStorage(Storage):
     def blob_last_pull(self, digest: str) -> float | None:
         return _mtime(self.blob_path(digest))
 
+    def free_space(self) -> int:
+        # f_bavail: what an unprivileged writer may use (the service's user), as nginx's
+        # min_free counts it.
+        stat = os.statvfs(self.root)
+        return stat.f_bavail * stat.f_frsize
+
     def blobs(self) -> Iterator[StoredBlob]:
         for algorithm in _subdirs(self._v2 / "blobs"):
             for prefix in _subdirs(algorithm):
