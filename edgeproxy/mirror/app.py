@@ -59,9 +59,9 @@ class MirrorApp:
         self.config = config
         self.storage = storage or FilesystemStorage(config.root)
         self.manifests = ManifestService(self.storage)
-        self.blobs = BlobService(self.storage)
-        self.pulls = PullRecorder(self.storage)
         self.evictor = Evictor(config.cache, self.storage, config.root / "edgeproxy")
+        self.blobs = BlobService(self.storage, self.evictor)
+        self.pulls = PullRecorder(self.storage)
         self.upstreams = {u.name: UpstreamClient(u) for u in config.upstream}
         self.auth = Authenticator(config.auth, config.root) if config.auth else None
         self._headers = [API_VERSION, *config.headers.items()]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -31,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from edgeproxy import metrics
 from edgeproxy.mirror.blobstream import BlobStreamError
 from edgeproxy.mirror.errors import RegistryError
+from edgeproxy.mirror.eviction import Evictor
 from edgeproxy.mirror.names import Target
 from edgeproxy.mirror.shared import SharedCalls
 from edgeproxy.mirror.storage import BlobReader, PartialBlob, Storage
@@ -95,6 +97,7 @@ class Fill:
         self.verified = False  # the digest matched: every byte may go out
         self.committed = False
         self.spooling = True
+        self.spool_error: OSError | None = None  # why it stopped spooling
         self.spool_dropped = False  # its path is no longer this fill's: never open it again
         self.error: RegistryError | None = None
         self.started = asyncio.Event()  # the size is known, or the fill failed
@@ -162,8 +165,9 @@ class Fill:
     def has_readers(self) -> bool:
         return bool(self._readers)
 
-    def stop_spooling(self) -> None:
+    def stop_spooling(self, error: OSError) -> None:
         self.spooling = False
+        self.spool_error = error
 
     def reader_at(self, reader: object, position: int | None) -> None:
         """A reader's progress (None: it is gone); only a fill without its spool waits for it."""
@@ -206,8 +210,9 @@ class Fill:
 
 
 class BlobService:
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, evictor: Evictor | None = None) -> None:
         self._storage = storage
+        self._evictor = evictor  # told of commits and of a full disk: it may pass early
         self._fills: dict[str, Fill] = {}
         self._windows = Windows()  # shared by every fill of this process
         self._tasks: set[asyncio.Task[None]] = set()
@@ -261,11 +266,17 @@ class BlobService:
                 self._storage.link_blob(name, digest)
             except OSError as exc:  # the blob is safe; the next request here links it again
                 log.warning("no layer link for %s in %s: %s", digest, name, exc)
+                self._disk_full(exc)
                 if len(self._unlinked) >= MAX_UNLINKED:
                     self._unlinked.clear()
                 self._unlinked.add((name, digest))
             else:
                 self._unlinked.discard((name, digest))
+
+    def _disk_full(self, error: OSError) -> None:
+        """A write failed: when the disk is full, the eviction need not wait for its interval."""
+        if self._evictor is not None and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            self._evictor.disk_full()
 
     # Warm
     def size(self, digest: str) -> int | None:
@@ -428,6 +439,7 @@ class BlobService:
             partial = self._storage.try_begin_blob(fill.digest)
         except OSError as exc:  # a read-only or full cache, out of descriptors
             log.error("cannot fill %s: %s", fill.digest, exc)
+            self._disk_full(exc)
             reason = f"the cache cannot be written: {exc.strerror or exc}"
             raise RegistryError("UNAVAILABLE", reason, status=503) from exc
         if partial is None:
@@ -460,6 +472,8 @@ class BlobService:
         metrics.fetch_ended(pulled=fill.written)
         self._link(fill.names, fill.digest)
         fill.commit()
+        if self._evictor is not None:
+            self._evictor.committed(fill.written)
         log.info("cached %s (%s bytes) from %s", fill.digest, fill.written, upstream.name)
         return True
 
@@ -535,6 +549,8 @@ class BlobService:
         self._forget(fill)
         fill.spool_dropped = True
         await asyncio.to_thread(partial.abort)
+        if fill.spool_error is not None:
+            self._disk_full(fill.spool_error)
 
     async def _follow(self, fill: Fill) -> None:
         """Track another process's fill of the same blob until it ends. Once readers have
@@ -590,7 +606,7 @@ async def _settle(fill: Fill, future: asyncio.Future[None]) -> None:
 def _spool_failed(fill: Fill, error: OSError) -> None:
     """ENOSPC, EDQUOT, EIO...: go on without the spool."""
     log.warning("cannot spool %s (%s): streaming it without caching", fill.digest, error)
-    fill.stop_spooling()
+    fill.stop_spooling(error)
 
 
 def _advance_when_written(fill: Fill, written: int) -> Callable[[asyncio.Future[None]], None]:

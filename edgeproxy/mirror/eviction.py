@@ -9,10 +9,12 @@ system, the least recently pulled goes first until the cache fits and that much 
 The limits apply to whatever is stored, whenever it came. Whatever is pulled while a pass
 runs (after its scan began) is kept, with what it references.
 
-One process at a time applies them (a `flock`), in a thread, every `interval`. Removing a
-blob never cuts a transfer short: readers hold it open (Linux keeps an unlinked file's data
-until the last fd closes), and fills in progress are outside the blob store until committed.
-Once an hour (with limits or without) a pass also sweeps what killed processes left.
+One process at a time applies them (a `flock`), in a thread, every `interval`, and early
+when a worker's fills may have crossed `max_size` or `min_free` since the last pass, or found
+the disk full. Removing a blob never cuts a transfer short: readers hold it open (Linux keeps
+an unlinked file's data until the last fd closes), and fills in progress are outside the blob
+store until committed. Once an hour (with limits or without) a pass also sweeps what killed
+processes left.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ UPLOADS_AGE = 7 * 86400.0  # registry:2's uploadpurging age: its leftovers older
 # write of at most 4 MiB; a mkdir and a rename; a probe within its timeout), and an hour also
 # covers a clock off by minutes.
 LEFTOVERS_AGE = 3600.0
+# An early pass waits this long after the last pass ended, or ten times what that pass took
+# (a walk of the whole cache): passes take a tenth of a CPU at most, and one that freed
+# nothing is not run again at once.
+EARLY_GAP = 1.0
+EARLY_GAP_FACTOR = 10.0
 # A manifest's lists of descriptors, and the field holding each one's digest.
 _DESCRIPTOR_LISTS = {
     "manifests": "digest",
@@ -181,6 +188,36 @@ def plan(inventory: Inventory, limits: CacheConfig, now: float) -> Plan:
     return Plan(removed_manifests, removed_blobs, inventory.size, size)
 
 
+@dataclass(frozen=True)
+class LastPass:
+    """What the last pass wrote in the lock file: when it ended, when its scan began, how
+    long it took, and the cache's size it left (None: it did not scan)."""
+
+    ended: float = 0.0
+    taken: float = 0.0
+    took: float = 0.0
+    size: int | None = None
+
+    @property
+    def gap(self) -> float:
+        """How long an early pass waits after this one."""
+        return max(EARLY_GAP, EARLY_GAP_FACTOR * self.took)
+
+    @classmethod
+    def parse(cls, text: str) -> LastPass:
+        try:
+            fields = json.loads(text)
+            size = fields["size"]
+            return cls(
+                float(fields["ended"]),
+                float(fields["taken"]),
+                float(fields["took"]),
+                None if size is None else int(size),
+            )
+        except (ValueError, KeyError, TypeError):  # none yet, or being written
+            return cls()
+
+
 def execute(storage: Storage, planned: Plan, taken: float) -> Plan:
     """Remove what was planned, except what was pulled since the scan began and what such a
     manifest references (an index's children: the plan puts an index before them), or a
@@ -241,15 +278,20 @@ def _stored_since(storage: Storage, taken: float) -> set[str]:
 
 
 class Evictor:
-    """Applies the limits: once (`prune`), or every `interval` in the background."""
+    """Applies the limits: once (`prune`), or every `interval` in the background, and early
+    when this process's fills may have crossed a limit (`committed`, `disk_full`)."""
 
     def __init__(self, limits: CacheConfig, storage: Storage, state_dir: Path) -> None:
         self.limits = limits
         self._storage = storage
-        self._lock_path = state_dir / "evict.lock"  # its content: when the limits last ran
+        self._lock_path = state_dir / "evict.lock"  # its content: the LastPass
         self._swept_path = state_dir / "swept"  # its mtime: when leftovers were last swept
         self._known: dict[str, frozenset[str]] = {}
         self._task: asyncio.Task[None] | None = None
+        # (when, bytes) of the blobs this process committed that no pass has seen yet.
+        self._commits: list[tuple[float, int]] = []
+        self._early = asyncio.Event()  # a pass is wanted before the interval is up
+        self._asked = 0.0  # when it was first wanted
 
     def start(self) -> None:
         # Without limits too: killed workers leave leftovers in any cache.
@@ -263,13 +305,70 @@ class Evictor:
                 await self._task
             self._task = None
 
+    def committed(self, size: int) -> None:
+        """This process committed a blob of `size` bytes: a pass starts early when the cache
+        may have crossed `max_size` since the last pass (these commits past the room it
+        left), or the file system holds less than `min_free`. Each process counts its own
+        commits: with N workers the cache may pass `max_size` by N times that room at most."""
+        if self.limits.max_size is None and self.limits.min_free is None:
+            return
+        self._commits.append((time.time(), size))
+        last = self._last_pass()
+        self._commits = [commit for commit in self._commits if commit[0] >= last.taken]
+        if self._crossed(last):
+            self._ask()
+
+    def disk_full(self) -> None:
+        """A fill found the disk full (ENOSPC): a pass starts early, if any limit may free."""
+        if self.limits.limited:
+            self._ask()
+
+    def _crossed(self, last: LastPass) -> bool:
+        min_free, max_size = self.limits.min_free, self.limits.max_size
+        try:
+            if min_free is not None and self._storage.free_space() < min_free:
+                return True
+        except OSError:  # the pass will say what is wrong; never the fill that committed
+            return True
+        if max_size is None:
+            return False
+        if last.size is None:  # no pass has measured the cache yet
+            return True
+        return last.size + sum(size for _, size in self._commits) > max_size
+
+    def _ask(self, at: float | None = None) -> None:
+        """Want a pass early, for what happened at `at` (now): a pass whose scan began
+        after that has seen it."""
+        at = time.time() if at is None else at
+        self._asked = min(self._asked, at) if self._early.is_set() else at
+        self._early.set()
+
+    def _last_pass(self) -> LastPass:
+        try:
+            return LastPass.parse(self._lock_path.read_text())
+        except OSError:
+            return LastPass()
+
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(self.limits.interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._early.wait(), self.limits.interval)
+            early = None
+            if self._early.is_set():
+                early = self._asked
+                last = await asyncio.to_thread(self._last_pass)
+                await asyncio.sleep(max(0.0, last.ended + last.gap - time.time()))
+                self._early.clear()
             try:
-                done = await asyncio.to_thread(self.prune, wait=False)
+                done = await asyncio.to_thread(self.prune, wait=False, early=early)
             except Exception:
                 log.exception("eviction failed")
+                continue
+            if done is None and early is not None and self._last_pass().taken <= early:
+                # Another process was at it (its scan began before this was asked), or the
+                # gap was not over: once more in a moment.
+                await asyncio.sleep(EARLY_GAP)
+                self._ask(early)
                 continue
             if done is not None and (done.manifests or done.blobs):
                 metrics.evicted("manifest", len(done.manifests))
@@ -282,10 +381,13 @@ class Evictor:
                     done.size_after,
                 )
 
-    def prune(self, *, dry_run: bool = False, wait: bool = True) -> Plan | None:
+    def prune(
+        self, *, dry_run: bool = False, wait: bool = True, early: float | None = None
+    ) -> Plan | None:
         """Apply the limits once (if any), and sweep leftovers (without `wait`: if the last
         sweep is an hour old). Without `wait`: None when another process is at it or was less
-        than half an interval ago (every worker runs the loop; one works)."""
+        than half an interval ago (every worker runs the loop; one works); for a pass asked
+        for early (at `early`), when a pass began since or ended less than its gap ago."""
         self._lock_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self._lock_path, "a+") as lock:
             try:
@@ -293,21 +395,28 @@ class Evictor:
             except BlockingIOError:
                 return None
             lock.seek(0)
-            if not wait and time.time() - _number(lock.read()) < self.limits.interval / 2:
+            last, started = LastPass.parse(lock.read()), time.time()
+            if early is not None:
+                if last.taken > early or started - last.ended < last.gap:
+                    return None
+            elif not wait and started - last.ended < self.limits.interval / 2:
                 return None
-            done = Plan([], [], 0, 0)
+            done, taken, size = Plan([], [], 0, 0), started, None
             if self.limits.limited:
                 inventory = scan(self._storage, self._known)
                 done = plan(inventory, self.limits, inventory.taken)
                 if not dry_run:
                     done = execute(self._storage, done, inventory.taken)
+                taken, size = inventory.taken, done.size_after
             if dry_run:
                 return done
             if wait or self._sweep_due():
                 self._sweep()
+            ended = time.time()
+            record = {"ended": ended, "taken": taken, "took": ended - started, "size": size}
             lock.seek(0)
             lock.truncate()
-            lock.write(f"{time.time():.3f}\n")
+            lock.write(json.dumps(record) + "\n")
             return done
 
     def _sweep_due(self) -> bool:
@@ -324,10 +433,3 @@ class Evictor:
         if leftovers := self._storage.remove_leftovers(time.time() - LEFTOVERS_AGE):
             log.info("removed %d leftovers of killed processes", leftovers)
         self._swept_path.touch()
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        return 0.0
