@@ -10,10 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from edgeproxy.cli import main
-from edgeproxy.mirror.eviction import scan
+from edgeproxy.config import CacheConfig
+from edgeproxy.mirror.eviction import Evictor, scan
 from edgeproxy.mirror.storage import FilesystemStorage
 from tests.conftest import TEST_TAG
 from tests.e2e.test_mirror_pull import pulled_digest, upstream_entry
@@ -137,12 +139,15 @@ def test_a_lowered_limit_applies_to_content_cached_before(
         assert pulls_whole(mirror.host, pushed[2], tmp_path / "warm")
 
 
-def backdate(root: Path, seconds: float) -> None:
-    """Make everything in the cache look written (and last pulled) `seconds` ago."""
+def backdate(root: Path, seconds: float, folders: bool = False) -> None:
+    """Make everything in the cache look written (and last pulled) `seconds` ago; its
+    folders too, with `folders` (last changed then)."""
     stamp = os.path.getmtime(root) - seconds
-    for folder, _, files in os.walk(root):
+    for folder, _, files in os.walk(root, topdown=False):
         for name in files:
             os.utime(Path(folder) / name, (stamp, stamp))
+        if folders:
+            os.utime(folder, (stamp, stamp))
 
 
 def test_max_age_counts_from_the_last_pull(
@@ -176,3 +181,45 @@ def test_max_age_counts_from_the_last_pull(
         upstream.stop()
         assert pulls_whole(mirror.host, a, tmp_path / "a-warm")
         assert not pulls_whole(mirror.host, b, tmp_path / "b-gone")
+
+
+def test_the_sweep_removes_folders_no_reader_can_use(upstream: Registry, tmp_path: Path) -> None:
+    """What a kill, a full disk or an eviction of blob links leaves: a tag folder without its
+    current link (registry:2 lists such a tag, then answers 404 for it), a repository whose
+    folders hold no file (an empty `_manifests` was in edgeproxy's catalog, an empty
+    `_layers` in registry:2's). Once an hour old, the sweep removes them. A repository with
+    manifests keeps its empty folders: registry:2 finds repositories by `_layers`, and
+    answers the list of an empty `tags` folder (a 404 without one)."""
+    (a,) = push_images(upstream, tmp_path, {"a": [random_layer(1000, seed=410)]})
+    workdir = tmp_path / "mirror"
+    with run_edgeproxy(workdir, [upstream_entry(upstream)]) as mirror:
+        assert pulls_whole(mirror.host, a, tmp_path / "a")
+    storage = storage_of(workdir)
+    repositories = storage.root / "docker/registry/v2/repositories"
+    manifest = a.image.manifest_digest
+    for name in ("test/a", "test/ghost-only"):
+        index = repositories / name / "_manifests/tags/ghost/index/sha256" / manifest[7:]
+        index.mkdir(parents=True)
+        (index / "link").write_text(manifest)
+    (repositories / "test/a/_manifests/tags/bare/current").mkdir(parents=True)
+    (repositories / "test/ghost-only/_layers").mkdir(parents=True)
+    (repositories / "test/links-evicted/_layers/sha256").mkdir(parents=True)
+    (repositories / "test/killed/_manifests/revisions/sha256" / manifest[7:]).mkdir(parents=True)
+    (repositories / "test/tag-only/_manifests/tags/v1/current").mkdir(parents=True)
+    (repositories / "test/tag-only/_layers").mkdir(parents=True)
+    storage.write_manifest("test/no-tag", manifest, storage.open_blob(manifest).read(0, 1 << 20))
+    (repositories / "test/no-tag/_manifests/tags").mkdir()
+    backdate(storage.root, 2 * 3600, folders=True)
+    assert Evictor(CacheConfig(), storage, storage.root / "edgeproxy").prune() is not None
+    assert storage.repositories() == ["test/a", "test/no-tag"]
+    registry = start_registry(tmp_path / "registry2", storage=storage.root)
+    try:
+        with httpx.Client(base_url=registry.url) as client:
+            catalog = client.get("/v2/_catalog").json()["repositories"]
+            assert catalog == ["test/a", "test/no-tag"]
+            assert client.get("/v2/test/a/tags/list").json()["tags"] == ["v1"]
+            accept = {"Accept": a.image.media_type}
+            assert client.get("/v2/test/a/manifests/v1", headers=accept).status_code == 200
+            assert client.get("/v2/test/no-tag/tags/list").status_code == 200
+    finally:
+        registry.close()

@@ -432,6 +432,17 @@ def test_empty_blob_folders_a_kill_left_go_once_old(storage: FilesystemStorage) 
     assert storage.blob_size(digest_of(b"layer")) == len(b"layer")
 
 
+def test_young_folders_of_a_repository_stay(storage: FilesystemStorage) -> None:
+    """A tag folder whose current link is about to be written, a `_layers` made for a
+    manifest about to be linked: the sweep never removes what a writer is at."""
+    repositories = storage.root / "docker/registry/v2/repositories"
+    made = [repositories / "a/_manifests/tags/v1/index/sha256", repositories / "b/_layers"]
+    for folder in made:
+        folder.mkdir(parents=True)
+    sweep(storage)
+    assert all(folder.is_dir() for folder in made)
+
+
 def test_temporaries_of_killed_writes_go_once_old(storage: FilesystemStorage) -> None:
     """A SIGKILL mid atomic write (a manifest's data, a tag's or revision's link, a fill's
     size) leaves `.<name>.<hex>.tmp`, up to 4 MiB: one over an hour old goes, a young one may

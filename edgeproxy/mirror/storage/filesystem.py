@@ -351,6 +351,9 @@ class FilesystemStorage(Storage):
         # back those it finds linked once they are gone; a link made after that look, here).
         if self.blob_size(digest) is None:
             _write_atomic(self.blob_path(digest), data)
+        # The sweep may have removed an old empty `_layers` before the link (it makes it
+        # again when it finds the link; made after that look, here).
+        (self._repo(name) / "_layers").mkdir(exist_ok=True)
 
     def read_tag(self, name: str, tag: str) -> tuple[str, float] | None:
         link = self._repo(name) / "_manifests" / "tags" / tag / "current" / "link"
@@ -514,6 +517,43 @@ class FilesystemStorage(Storage):
                     shutil.rmtree(tag, ignore_errors=True)
                     self._remove_if_empty(name)  # as the eviction that removed the manifest
                     count += 1
+        for name, _ in list(self._repository_dirs()):
+            count += self._remove_unreadable(name, before)
+        return count
+
+    def _remove_unreadable(self, name: str, before: float) -> int:
+        """Remove what of a repository no reader can use, last changed before `before` (a
+        kill's, a full disk's, an eviction's): a tag folder without its current link
+        (registry:2 listed the tag, then answered 404 for it), and the repository when its
+        folders hold no file at all (an empty `_manifests` was in our catalog, an empty
+        `_layers` in registry:2's). A repository with a file keeps its other folders, empty
+        or not: registry:2 finds repositories by `_layers`, and answers an empty `tags`
+        folder's list, not a 404."""
+        repo = self._repo(name)
+        # As they were before anything here changed them: a folder emptied now was old too.
+        old, holding = set(), set()  # folders last changed before `before`, holding a file
+        for top in (repo / "_manifests", repo / "_layers"):
+            for folder, _, names in os.walk(top):
+                if names:
+                    holding.add(folder)
+                if _older(Path(folder), before):
+                    old.add(folder)
+        count = 0
+        for tag in _subdirs(repo / "_manifests" / "tags"):
+            if str(tag) in old and not (tag / "current" / "link").exists():
+                shutil.rmtree(tag, ignore_errors=True)
+                holding = {f for f in holding if not Path(f).is_relative_to(tag)}
+                count += 1
+        if holding:
+            return count
+        for folder in sorted(old, key=len, reverse=True):  # the deepest first
+            with contextlib.suppress(OSError):  # not empty (written meanwhile, young), or gone
+                os.rmdir(folder)
+                count += 1
+        # A manifest written meanwhile makes its `_layers` after its revision link too.
+        if (repo / "_manifests").exists():
+            (repo / "_layers").mkdir(exist_ok=True)
+        _remove_empty_parents(repo, self._v2 / "repositories")
         return count
 
     def remove_blobs(self, digests: list[str]) -> None:
