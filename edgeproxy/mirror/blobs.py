@@ -218,7 +218,8 @@ class BlobService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._heads: SharedCalls[tuple[str, str, str], UpstreamResponse] = SharedCalls()
         # Blobs the upstream gave in a repository whose link the disk refused (it was full):
-        # linked when next asked for there, never confirmed again.
+        # linked when next asked for there (never confirmed again), or once the disk took
+        # another blob (the other workers know nothing of them).
         self._unlinked: set[tuple[str, str]] = set()
 
     async def aclose(self) -> None:
@@ -272,6 +273,16 @@ class BlobService:
                 self._unlinked.add((name, digest))
             else:
                 self._unlinked.discard((name, digest))
+
+    def _relink(self) -> None:
+        """The disk took a blob: it has room again for the links it refused."""
+        for name, digest in list(self._unlinked):
+            if self._storage.blob_size(digest) is None:  # evicted since: nothing to link
+                self._unlinked.discard((name, digest))
+                continue
+            self._link([name], digest)
+            if (name, digest) in self._unlinked:  # refused again
+                return
 
     def _disk_full(self, error: OSError) -> None:
         """A write failed: when the disk is full, the eviction need not wait for its interval."""
@@ -472,6 +483,7 @@ class BlobService:
         metrics.fetch_ended(pulled=fill.written)
         self._link(fill.names, fill.digest)
         fill.commit()
+        self._relink()
         if self._evictor is not None:
             self._evictor.committed(fill.written)
         log.info("cached %s (%s bytes) from %s", fill.digest, fill.written, upstream.name)

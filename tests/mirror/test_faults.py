@@ -235,6 +235,31 @@ def test_a_layer_link_the_disk_refused_is_written_at_the_next_pull(
     assert upstream.requests[f"HEAD /v2/x/blobs/{digest}"] == 0
 
 
+def test_a_layer_link_the_disk_refused_is_written_at_the_next_commit(
+    tmp_path: Path, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk has room again (it took the next blob): the link it refused is written then,
+    so that the other workers, which never knew of it, serve the blob in that repository."""
+    first, second = upstream.add_blob(b"first layer"), upstream.add_blob(b"second layer")
+    app = mirror_of(upstream, tmp_path / "cache")
+
+    def full(name: str, digest: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        with monkeypatch.context() as patch:
+            patch.setattr(app.storage, "link_blob", full)
+            assert fetch(client, f"/v2/x/blobs/{first}") == (200, b"first layer", True)
+            assert wait_until(lambda: first not in app.blobs._fills)  # committed, linked
+            assert not app.storage.blob_linked("x", first)
+        assert fetch(client, f"/v2/y/blobs/{second}") == (200, b"second layer", True)
+        assert wait_until(lambda: app.storage.blob_linked("x", first))
+    upstream.faults[f"/blobs/{first}"] = 503
+    other = mirror_of(upstream, tmp_path / "cache")  # another worker
+    with serve_app(other) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert fetch(client, f"/v2/x/blobs/{first}") == (200, b"first layer", True)
+
+
 def test_a_head_naming_no_digest_is_an_upstream_fault(
     mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
 ) -> None:
