@@ -27,6 +27,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import resource
 import selectors
 import shutil
 import signal
@@ -382,8 +383,20 @@ def _sweep_metrics_folders() -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _raise_open_files_limit() -> None:
+    """The soft limit on open files up to the hard one, as Go's runtime does for registry:2:
+    a cold blob holds about 5 descriptors (client, upstream, the spool written and read, its
+    lock): a shell's 1024 was some 200 cold blobs a worker. Past it, libuv closes each new
+    connection as it accepts it, without a word."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):  # refused (a sandbox): the soft one stays
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run(path: Path, config: Config, work: Work) -> int:
     """`edgeproxy run`: the master's life; its exit code."""
+    _raise_open_files_limit()  # before the workers fork: they inherit it
     _make_root(config)
     folder, lock = _metrics_folder()
     os.environ[metrics.MULTIPROC_ENV] = folder  # before any worker creates a metric

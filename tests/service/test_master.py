@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import re
+import resource
 import signal
 import socket
 import ssl
@@ -504,3 +505,38 @@ def test_a_signal_just_after_a_fork_is_the_workers(
     first, replacement = map(int, re.findall(r"worker (\d+) started", caplog.text))
     assert f"worker {first} exited with -15; starting another" in caplog.text
     assert [p.name for p in tmp_path.glob("served-*")] == [f"served-{replacement}"]
+
+
+def test_the_soft_open_files_limit_is_raised_to_the_hard_one(
+    tmp_path: Path, notify_socket: NotifySocket
+) -> None:
+    """Every client, upstream connection, spool and reader of a cold blob is a descriptor: a
+    shell's soft limit (1024) was ~150 cold blobs a worker, and past it libuv accepted and
+    closed each new connection at once, logging nothing. registry:2 (Go's runtime) raises
+    the soft limit to the hard one at start; so does edgeproxy now."""
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 1000:
+        pytest.skip("the hard limit on open files is too low to show it")
+    port = free_port()
+    settings = mirror_config(tmp_path, port)
+    settings["edge"]["workers"] = 1
+    path = write_toml(tmp_path / "proxy.toml", settings)
+    process = EdgeproxyProcess(
+        path,
+        port,
+        env={"NOTIFY_SOCKET": str(notify_socket.path)},
+        prefix=["prlimit", "--nofile=64:", "--"],  # the soft limit only; the hard one stays
+    )
+    process.start()
+    clients: list[socket.socket] = []
+    try:
+        assert notify_socket.next()["READY"] == "1"
+        for _ in range(100):  # all open at once: more than 64 descriptors in the worker
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        for client in clients:
+            client.sendall(b"GET /v2/ HTTP/1.1\r\nHost: mirror\r\nConnection: close\r\n\r\n")
+        for client in clients:
+            assert client.makefile("rb").readline().startswith(b"HTTP/1.1 200 ")
+    finally:
+        for client in clients:
+            client.close()
+        process.stop()
