@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import errno
+import functools
 import hashlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -60,6 +63,9 @@ WINDOWS = 8 * WINDOW
 MAX_UNLINKED = 100_000
 FOLLOW_POLL = 0.003  # seconds between looks at another process's fill
 UNREAD_TIMEOUT = 60.0  # seconds a fill without its spool waits for a reader before giving up
+# The threads that hash and write the blocks of every fill of a process: a fill needs two
+# (its hashing and its writing overlap); more than the cores is for writes that wait on disk.
+FILL_THREADS = 8
 
 
 class Windows:
@@ -72,6 +78,53 @@ class Windows:
     @property
     def over(self) -> bool:
         return self.bytes > self.budget
+
+
+class InOrder:
+    """Calls run one after another, in the order given, on threads shared with other
+    `InOrder`s: a fill's hash updates and writes keep their order without threads of their
+    own. Those were started and joined on the event loop, which waited for each: with many
+    cold blobs at once, over a quarter of its time (bench/README.md)."""
+
+    def __init__(self, pool: concurrent.futures.Executor) -> None:
+        self._pool = pool
+        self._lock = threading.Lock()
+        self._calls: collections.deque[tuple[concurrent.futures.Future[None], Callable[[], None]]]
+        self._calls = collections.deque()
+        self._running = False
+
+    def submit(self, call: Callable[[], None]) -> asyncio.Future[None]:
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        with self._lock:
+            self._calls.append((future, call))
+            idle, self._running = not self._running, True
+        if idle:
+            self._pool.submit(self._run)
+        return asyncio.wrap_future(future)
+
+    async def finished(self) -> None:
+        """Once every call given so far has run, or was cancelled before it ran (a call
+        whose waiter was cancelled may still be running)."""
+        await asyncio.shield(self.submit(_nothing))
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._calls:
+                    self._running = False
+                    return
+                future, call = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    call()
+                except BaseException as exc:  # the waiter's, as concurrent.futures does
+                    future.set_exception(exc)
+                else:
+                    future.set_result(None)
+
+
+def _nothing() -> None:
+    pass
 
 
 class Fill:
@@ -215,6 +268,7 @@ class BlobService:
         self._evictor = evictor  # told of commits and of a full disk: it may pass early
         self._fills: dict[str, Fill] = {}
         self._windows = Windows()  # shared by every fill of this process
+        self._threads = ThreadPoolExecutor(FILL_THREADS, "edgeproxy-fill")
         self._tasks: set[asyncio.Task[None]] = set()
         self._heads: SharedCalls[tuple[str, str, str], UpstreamResponse] = SharedCalls()
         # Blobs the upstream gave in a repository whose link the disk refused (it was full):
@@ -226,6 +280,7 @@ class BlobService:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._threads.shutdown(wait=False)
 
     # Which repository may have a blob
     def needs_confirming(self, name: str, digest: str) -> bool:
@@ -492,34 +547,35 @@ class BlobService:
     async def _stream(
         self, fill: Fill, body: AsyncIterator[bytearray], partial: PartialBlob
     ) -> None:
-        """Write and hash in two threads of their own, so that reading, writing and hashing
-        overlap; verify the digest, then commit."""
-        loop = asyncio.get_running_loop()
+        """Write and hash in order, each in a thread (`InOrder`), so that reading, writing
+        and hashing overlap; verify the digest, then commit."""
         hasher = hashlib.sha256()
         pending: collections.deque[asyncio.Future[None]] = collections.deque()
-        with ThreadPoolExecutor(1) as writer, ThreadPoolExecutor(1) as hashing:
-            try:
-                received = 0
-                async for block in body:
-                    received += len(block)
-                    fill.receive(block)
-                    pending.append(loop.run_in_executor(hashing, hasher.update, block))
-                    if fill.spooling:
-                        written = loop.run_in_executor(writer, partial.write, block)
-                        written.add_done_callback(_advance_when_written(fill, received))
-                        pending.append(written)
-                    while len(pending) > 2 * MAX_UNWRITTEN // CHUNK:
-                        await _settle(fill, pending.popleft())
-                    if not fill.spooling:
-                        await self._drop_spool(fill, partial, pending)
-                        await _keep_pace(fill)
-                for future in pending:
-                    await _settle(fill, future)
-                pending.clear()
-                await self._drop_spool(fill, partial, pending)  # if it failed on the last writes
-            finally:
-                if pending:  # let the threads finish before the spool is removed
-                    await asyncio.gather(*pending, return_exceptions=True)
+        hashing, writing = InOrder(self._threads), InOrder(self._threads)
+        try:
+            received = 0
+            async for block in body:
+                received += len(block)
+                fill.receive(block)
+                pending.append(hashing.submit(functools.partial(hasher.update, block)))
+                if fill.spooling:
+                    written = writing.submit(functools.partial(partial.write, block))
+                    written.add_done_callback(_advance_when_written(fill, received))
+                    pending.append(written)
+                while len(pending) > 2 * MAX_UNWRITTEN // CHUNK:
+                    await _settle(fill, pending.popleft())
+                if not fill.spooling:
+                    await self._drop_spool(fill, partial, pending)
+                    await _keep_pace(fill)
+            for future in pending:
+                await _settle(fill, future)
+            pending.clear()
+            await self._drop_spool(fill, partial, pending)  # if it failed on the last writes
+        finally:
+            # Let the writes finish before the spool is removed: a write still running
+            # would go to a closed descriptor, or to the file that reused its number.
+            await asyncio.gather(*pending, return_exceptions=True)
+            await writing.finished()
         if fill.size is not None and received != fill.size:
             raise RegistryError(
                 "UNAVAILABLE", f"upstream blob ended at {received} of {fill.size} bytes", status=502

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -20,7 +21,16 @@ import httpx
 import pytest
 
 from edgeproxy.mirror.app import MirrorApp
-from edgeproxy.mirror.blobs import CHUNK, WINDOW, WINDOWS, Fill, Windows, _settle
+from edgeproxy.mirror.blobs import (
+    CHUNK,
+    FILL_THREADS,
+    WINDOW,
+    WINDOWS,
+    BlobService,
+    Fill,
+    Windows,
+    _settle,
+)
 from edgeproxy.mirror.cache_status import STALE
 from edgeproxy.mirror.errors import RegistryError
 from edgeproxy.mirror.manifests import OCI_MANIFEST, Manifest
@@ -436,6 +446,47 @@ def test_the_memory_windows_of_all_fills_stay_within_one_budget() -> None:
     for fill in fills[: len(fills) // 2]:
         fill.commit()  # their windows go: the others may keep theirs again
     assert windows.bytes == sum(len(block) for fill in fills for _, block in fill._window)
+
+
+def test_many_fills_at_once_share_the_threads_that_hash_and_write(tmp_path: Path) -> None:
+    """Each fill hashed and wrote its blocks in two threads of its own, started and joined
+    on the event loop, which waited for each: with hundreds of cold blobs at once, a quarter of
+    its time went there (bench/README.md). The fills share FILL_THREADS now, and each one's
+    blocks are still hashed and written in order."""
+    storage = FilesystemStorage(tmp_path)
+    service = BlobService(storage)
+    go_on = asyncio.Event()
+
+    async def body(blocks: list[bytearray]) -> AsyncIterator[bytearray]:
+        yield blocks[0]
+        await go_on.wait()  # every fill is under way at once
+        for block in blocks[1:]:
+            yield block
+
+    async def many_at_once() -> tuple[int, list[str]]:
+        before = threading.active_count()
+        fills, tasks, digests = [], [], []
+        for index in range(24):
+            blocks = [bytearray(index.to_bytes(8, "big") + os.urandom(CHUNK - 8)) for _ in "ab"]
+            blocks.append(bytearray(b"the end"))
+            digest = "sha256:" + hashlib.sha256(b"".join(blocks)).hexdigest()
+            partial = storage.try_begin_blob(digest)
+            assert partial is not None
+            fill = Fill(digest, "x")
+            fills.append(fill)
+            digests.append(digest)
+            tasks.append(asyncio.create_task(service._stream(fill, body(blocks), partial)))
+        while not all(fill.written == CHUNK for fill in fills):
+            await asyncio.sleep(0.01)
+        threads = threading.active_count() - before
+        go_on.set()
+        await asyncio.gather(*tasks)
+        await service.aclose()
+        return threads, digests
+
+    threads, digests = asyncio.run(many_at_once())
+    assert threads <= FILL_THREADS
+    assert [storage.blob_size(digest) for digest in digests] == [2 * CHUNK + 7] * 24
 
 
 def test_head_of_a_cold_blob_never_downloads_it(
