@@ -4,6 +4,7 @@ connections kept alive."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import ssl
@@ -16,7 +17,14 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from edgeproxy.mirror.blobstream import BlobRequest, BlobStream, BlobStreamError, ConnectionPool
+from edgeproxy.mirror import blobstream
+from edgeproxy.mirror.blobstream import (
+    MIN_BLOCK,
+    BlobRequest,
+    BlobStream,
+    BlobStreamError,
+    ConnectionPool,
+)
 from tests.support.ports import free_port
 from tests.support.servers import serve_app
 from tests.support.wait import wait_until
@@ -98,6 +106,24 @@ def test_the_body_comes_in_blocks_of_the_asked_size(upstream: str, path: str) ->
     assert stream.content_length == (len(BODY) if path == "/whole" else None)
     assert [len(block) for block in blocks] == [BLOCK, BLOCK, BLOCK, 5]
     assert b"".join(blocks) == BODY
+
+
+def test_many_streams_at_once_read_into_smaller_blocks(upstream: str) -> None:
+    """Each stream's block is its share of BLOCKS (32 MiB) past 32 streams, MIN_BLOCK at least:
+    300 cold blobs at once behind a slow link held 1 MiB blocks each, 620-1140 MiB RSS."""
+    with contextlib.ExitStack() as others:
+        for _ in range(63):  # this one is the 64th: 512 KiB each
+            others.enter_context(blobstream._reading.one())
+        _, blocks = asyncio.run(read(upstream + "/whole"))
+        assert [len(block) for block in blocks[:6]] == [512 * 1024] * 6
+        assert b"".join(blocks) == BODY
+        for _ in range(1000 - 63):
+            others.enter_context(blobstream._reading.one())
+        _, blocks = asyncio.run(read(upstream + "/chunked"))
+        assert {len(block) for block in blocks[:-1]} == {MIN_BLOCK}
+        assert b"".join(blocks) == BODY
+    _, blocks = asyncio.run(read(upstream + "/whole"))  # alone again: the asked size
+    assert [len(block) for block in blocks] == [BLOCK, BLOCK, BLOCK, 5]
 
 
 def test_a_redirect_loop_ends(upstream: str) -> None:
