@@ -58,8 +58,8 @@ class MirrorApp:
     def __init__(self, config: MirrorConfig, storage: Storage | None = None) -> None:
         self.config = config
         self.storage = storage or FilesystemStorage(config.root)
-        self.manifests = ManifestService(self.storage)
         self.evictor = Evictor(config.cache, self.storage, config.root / "edgeproxy")
+        self.manifests = ManifestService(self.storage, self.evictor)
         self.blobs = BlobService(self.storage, self.evictor)
         self.pulls = PullRecorder(self.storage)
         self.upstreams = {u.name: UpstreamClient(u) for u in config.upstream}

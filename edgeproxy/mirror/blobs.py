@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import errno
 import functools
 import hashlib
 import logging
@@ -322,7 +321,7 @@ class BlobService:
                 self._storage.link_blob(name, digest)
             except OSError as exc:  # the blob is safe; the next request here links it again
                 log.warning("no layer link for %s in %s: %s", digest, name, exc)
-                self._disk_full(exc)
+                self._write_failed(exc)
                 if len(self._unlinked) >= MAX_UNLINKED:
                     self._unlinked.clear()
                 self._unlinked.add((name, digest))
@@ -339,10 +338,9 @@ class BlobService:
             if (name, digest) in self._unlinked:  # refused again
                 return
 
-    def _disk_full(self, error: OSError) -> None:
-        """A write failed: when the disk is full, the eviction need not wait for its interval."""
-        if self._evictor is not None and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            self._evictor.disk_full()
+    def _write_failed(self, error: OSError) -> None:
+        if self._evictor is not None:  # a full disk need not wait for the next pass
+            self._evictor.write_failed(error)
 
     # Warm
     def size(self, digest: str) -> int | None:
@@ -505,7 +503,7 @@ class BlobService:
             partial = self._storage.try_begin_blob(fill.digest)
         except OSError as exc:  # a read-only or full cache, out of descriptors
             log.error("cannot fill %s: %s", fill.digest, exc)
-            self._disk_full(exc)
+            self._write_failed(exc)
             reason = f"the cache cannot be written: {exc.strerror or exc}"
             raise RegistryError("UNAVAILABLE", reason, status=503) from exc
         if partial is None:
@@ -618,7 +616,7 @@ class BlobService:
         fill.spool_dropped = True
         await asyncio.to_thread(partial.abort)
         if fill.spool_error is not None:
-            self._disk_full(fill.spool_error)
+            self._write_failed(fill.spool_error)
 
     async def _follow(self, fill: Fill) -> None:
         """Track another process's fill of the same blob until it ends. Once readers have

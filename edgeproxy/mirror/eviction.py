@@ -10,8 +10,8 @@ The limits apply to whatever is stored, whenever it came. Whatever is pulled whi
 runs (after its scan began) is kept, with what it references.
 
 One process at a time applies them (a `flock`), in a thread, every `interval`, and early
-when a worker's fills may have crossed `max_size` or `min_free` since the last pass, or found
-the disk full. Removing a blob never cuts a transfer short: readers hold it open (Linux keeps
+when a worker's fills may have crossed `max_size` or `min_free` since the last pass, or a
+write found the disk full. Removing a blob never cuts a transfer short: readers hold it open (Linux keeps
 an unlinked file's data until the last fd closes), and fills in progress are outside the blob
 store until committed. Once an hour (with limits or without) a pass also sweeps what killed
 processes left.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import heapq
 import json
@@ -279,7 +280,7 @@ def _stored_since(storage: Storage, taken: float) -> set[str]:
 
 class Evictor:
     """Applies the limits: once (`prune`), or every `interval` in the background, and early
-    when this process's fills may have crossed a limit (`committed`, `disk_full`)."""
+    when this process's fills may have crossed a limit (`committed`, `write_failed`)."""
 
     def __init__(self, limits: CacheConfig, storage: Storage, state_dir: Path) -> None:
         self.limits = limits
@@ -318,9 +319,10 @@ class Evictor:
         if self._crossed(last):
             self._ask()
 
-    def disk_full(self) -> None:
-        """A fill found the disk full (ENOSPC): a pass starts early, if any limit may free."""
-        if self.limits.limited:
+    def write_failed(self, error: OSError) -> None:
+        """A write to the cache failed: when the disk is full (ENOSPC, EDQUOT), a pass starts
+        early, if any limit may free."""
+        if error.errno in (errno.ENOSPC, errno.EDQUOT) and self.limits.limited:
             self._ask()
 
     def _crossed(self, last: LastPass) -> bool:

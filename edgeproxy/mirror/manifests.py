@@ -22,6 +22,7 @@ from typing import Any
 from edgeproxy import metrics
 from edgeproxy.mirror.cache_status import HIT, MISS, REVALIDATED, STALE
 from edgeproxy.mirror.errors import RegistryError
+from edgeproxy.mirror.eviction import Evictor
 from edgeproxy.mirror.names import Target, check_digest, is_digest
 from edgeproxy.mirror.shared import SharedCalls
 from edgeproxy.mirror.storage import Storage
@@ -78,8 +79,9 @@ def media_type_of(data: bytes) -> str:
 
 
 class ManifestService:
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, evictor: Evictor | None = None) -> None:
         self._storage = storage
+        self._evictor = evictor  # told of a full disk: it may pass early
         # Manifests are immutable by digest: keep the hot ones parsed, in memory.
         self._memory: OrderedDict[tuple[str, str], Manifest] = OrderedDict()
         # One upstream GET per digest at a time: a cold image's clients share it (Docker Hub
@@ -186,8 +188,19 @@ class ManifestService:
         # The tag names only a stored manifest: one the cache lacks would lose the cached one
         # it could have served stale.
         if self._stored(target, manifest):
-            _keep(f"tag {tag}", self._storage.write_tag, target.local_name, tag, manifest.digest)
+            self._keep(
+                f"tag {tag}", self._storage.write_tag, target.local_name, tag, manifest.digest
+            )
         return manifest, status
+
+    def _keep(self, what: str, write: Callable[[str, str, Any], None], *args: Any) -> None:
+        """Cache a manifest or a tag if the disk lets us (it may be full); serve it either way."""
+        try:
+            write(*args)
+        except OSError as exc:
+            log.warning("not cached: %s: %s", what, exc)
+            if self._evictor is not None:  # a full disk need not wait for the next pass
+                self._evictor.write_failed(exc)
 
     def _stored(self, target: Target, manifest: Manifest) -> bool:
         """Whether `manifest` is on disk, stored again if not: one from memory may have been
@@ -196,7 +209,7 @@ class ManifestService:
         name, digest = target.local_name, manifest.digest
         if self._storage.manifest_last_pull(name, digest) is not None:
             return True
-        _keep(digest, self._storage.write_manifest, name, digest, manifest.data)
+        self._keep(digest, self._storage.write_manifest, name, digest, manifest.data)
         return self._storage.manifest_last_pull(name, digest) is not None
 
     async def _fetch(self, upstream: UpstreamClient, target: Target, reference: str) -> Manifest:
@@ -226,7 +239,7 @@ class ManifestService:
             )
             raise UpstreamUnavailable(upstream.name, f"manifest bytes do not match {expected}")
         media_type = media_type_of(response.body)
-        _keep(digest, self._storage.write_manifest, target.local_name, digest, response.body)
+        self._keep(digest, self._storage.write_manifest, target.local_name, digest, response.body)
         metrics.pulled("manifest", len(response.body))
         manifest = Manifest(response.body, digest, media_type)
         self._remember((target.local_name, digest), manifest)
@@ -297,11 +310,3 @@ def _ok(upstream: UpstreamClient, response: UpstreamResponse) -> UpstreamRespons
         retry_after = response.headers.get("retry-after")
         raise upstream.error(response.status, "MANIFEST_UNKNOWN", retry_after, response.body)
     return response
-
-
-def _keep(what: str, write: Callable[[str, str, Any], None], *args: Any) -> None:
-    """Cache a manifest or a tag if the disk lets us (it may be full); serve it either way."""
-    try:
-        write(*args)
-    except OSError as exc:
-        log.warning("not cached: %s: %s", what, exc)

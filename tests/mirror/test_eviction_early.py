@@ -4,6 +4,7 @@ remove anything while a test runs)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Iterator
@@ -93,6 +94,28 @@ def test_a_fill_that_finds_the_disk_full_starts_a_pass(
             assert wait_until(lambda: app.storage.blob_size(c) == len(new))
 
 
+def test_a_manifest_the_full_disk_refused_starts_a_pass(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """A manifest write's ENOSPC, like a fill's: the pass makes room, and the next pull of
+    the tag stores the manifest (held in memory meanwhile) and the tag."""
+    old = os.urandom(6 * MIB)
+    a = upstream.add_blob(old)
+    digest = upstream.add_manifest("v1", [a])
+    with small_tmpfs(tmp_path / "small") as root:
+        app = mirror_app(upstream, root, min_free="1m")
+        with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+            pull(client, a, old)
+            assert wait_until(lambda: app.storage.blob_size(a) == len(old))
+            fill_up(root / "filler")
+            assert client.get("/v2/x/manifests/v1").status_code == 200  # not cached
+            assert app.storage.blob_size(digest) is None
+            assert wait_until(lambda: app.storage.blob_size(a) is None)
+            assert client.get("/v2/x/manifests/v1").status_code == 200
+            assert app.storage.blob_size(digest) is not None
+            assert app.storage.read_tag("x", "v1") is not None
+
+
 @pytest.fixture
 def storage(tmp_path: Path) -> FilesystemStorage:
     return FilesystemStorage(tmp_path / "cache")
@@ -126,7 +149,7 @@ def test_without_a_limit_on_space_commits_ask_for_nothing(storage: FilesystemSto
     evictor.committed(10**12)
     assert not evictor._early.is_set()
     unlimited = Evictor(CacheConfig(), storage, storage.root / "edgeproxy")
-    unlimited.disk_full()
+    unlimited.write_failed(OSError(errno.ENOSPC, "No space left on device"))
     assert not unlimited._early.is_set()
 
 
