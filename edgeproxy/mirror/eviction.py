@@ -11,10 +11,10 @@ runs (after its scan began) is kept, with what it references.
 
 One process at a time applies them (a `flock`), in a thread, every `interval`, and early
 when a worker's fills may have crossed `max_size` or `min_free` since the last pass, or a
-write found the disk full. Removing a blob never cuts a transfer short: readers hold it open (Linux keeps
-an unlinked file's data until the last fd closes), and fills in progress are outside the blob
-store until committed. Once an hour (with limits or without) a pass also sweeps what killed
-processes left.
+write found the disk full. Removing a blob never cuts a transfer short: readers hold it open
+(Linux keeps an unlinked file's data until the last fd closes), and fills in progress are
+outside the blob store until committed. Once an hour (with limits or without) a pass also
+sweeps what killed processes left.
 """
 
 from __future__ import annotations
