@@ -353,6 +353,10 @@ class BlobService:
             return self._storage.open_blob(digest)
         except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as exc:  # out of descriptors, a failing disk: not the client's fault
+            log.error("cannot open %s: %s", digest, exc)
+            reason = f"the cache cannot be read: {exc.strerror or exc}"
+            raise RegistryError("UNAVAILABLE", reason, status=503) from exc
 
     async def read_stored(
         self, reader: BlobReader, scheme: str, start: int, end: int

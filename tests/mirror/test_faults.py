@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import pytest
@@ -886,6 +886,34 @@ def test_a_read_only_cache_is_a_clear_503_for_cold_blobs(
         error = refused.json()["errors"][0]
         assert error["code"] == "UNAVAILABLE"
         assert error["message"] == "the cache cannot be written: Read-only file system"
+
+
+def test_a_cached_blob_that_cannot_be_opened_is_a_clear_503(
+    mirror: tuple[MirrorApp, httpx.Client],
+    upstream: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Out of descriptors (or a failing disk) when a warm blob is opened: a 503 that says why,
+    and an error line (it was a 500 UNKNOWN and a traceback)."""
+    app, client = mirror
+    digest = upstream.add_blob(b"warm layer")
+    assert fetch(client, f"/v2/x/blobs/{digest}") == (200, b"warm layer", True)
+    assert wait_until(lambda: app.storage.blob_size(digest) is not None)
+
+    def out_of_descriptors(digest: str) -> NoReturn:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(app.storage, "open_blob", out_of_descriptors)
+    refused = client.get(f"/v2/x/blobs/{digest}")
+    assert refused.status_code == 503
+    error = refused.json()["errors"][0]
+    assert (error["code"], error["message"]) == (
+        "UNAVAILABLE",
+        "the cache cannot be read: Too many open files",
+    )
+    assert any(f"cannot open {digest}" in r.getMessage() for r in caplog.records)
+    assert not any(r.exc_info for r in caplog.records)
 
 
 def test_a_cdns_401_is_not_taken_for_the_upstreams_challenge(
