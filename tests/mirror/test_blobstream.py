@@ -109,15 +109,16 @@ def test_the_body_comes_in_blocks_of_the_asked_size(upstream: str, path: str) ->
 
 
 def test_many_streams_at_once_read_into_smaller_blocks(upstream: str) -> None:
-    """Each stream's block is its share of BLOCKS (32 MiB) past 32 streams, MIN_BLOCK at least:
-    300 cold blobs at once behind a slow link held 1 MiB blocks each, 620-1140 MiB RSS."""
+    """Past 64 streams, each stream's block is its share of BLOCKS (64 MiB) as a power of two,
+    MIN_BLOCK at least: 300 cold blobs at once behind a slow link held 1 MiB blocks each,
+    620-1140 MiB RSS."""
     with contextlib.ExitStack() as others:
-        for _ in range(63):  # this one is the 64th: 512 KiB each
+        for _ in range(99):  # this one is the 100th: 655 KiB, 512 KiB each
             others.enter_context(blobstream._reading.one())
         _, blocks = asyncio.run(read(upstream + "/whole"))
         assert [len(block) for block in blocks[:6]] == [512 * 1024] * 6
         assert b"".join(blocks) == BODY
-        for _ in range(1000 - 63):
+        for _ in range(1000 - 99):
             others.enter_context(blobstream._reading.one())
         _, blocks = asyncio.run(read(upstream + "/chunked"))
         assert {len(block) for block in blocks[:-1]} == {MIN_BLOCK}
