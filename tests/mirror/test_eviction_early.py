@@ -8,6 +8,7 @@ import errno
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -75,23 +76,34 @@ def test_fills_that_leave_less_than_min_free_start_a_pass(
             assert wait_until(lambda: app.storage.free_space() >= 12 * MIB)
 
 
-def test_a_fill_that_finds_the_disk_full_starts_a_pass(
+@contextmanager
+def full_after_one_blob(
     tmp_path: Path, upstream: FakeUpstream
-) -> None:
-    """Other files filled the disk: nothing was committed since, but the next fill's ENOSPC
-    makes room, and the blob after it is cached."""
-    old, new = os.urandom(6 * MIB), os.urandom(3 * MIB)
-    a, c = upstream.add_blob(old), upstream.add_blob(new)
+) -> Iterator[tuple[MirrorApp, httpx.Client, str]]:
+    """A mirror (min_free 1m) on a 20 MiB tmpfs that cached a 6 MiB blob, then other files
+    filled the disk: nothing was committed since. Yields the app, a client, the blob."""
+    old = os.urandom(6 * MIB)
+    digest = upstream.add_blob(old)
     with small_tmpfs(tmp_path / "small") as root:
         app = mirror_app(upstream, root, min_free="1m")
         with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
-            pull(client, a, old)
-            assert wait_until(lambda: app.storage.blob_size(a) == len(old))
+            pull(client, digest, old)
+            assert wait_until(lambda: app.storage.blob_size(digest) == len(old))
             fill_up(root / "filler")
-            pull(client, c, new)  # served, not cached
-            assert wait_until(lambda: app.storage.blob_size(a) is None)
-            pull(client, c, new)
-            assert wait_until(lambda: app.storage.blob_size(c) == len(new))
+            yield app, client, digest
+
+
+def test_a_fill_that_finds_the_disk_full_starts_a_pass(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """The next fill's ENOSPC makes room, and the blob after it is cached."""
+    new = os.urandom(3 * MIB)
+    c = upstream.add_blob(new)
+    with full_after_one_blob(tmp_path, upstream) as (app, client, old):
+        pull(client, c, new)  # served, not cached
+        assert wait_until(lambda: app.storage.blob_size(old) is None)
+        pull(client, c, new)
+        assert wait_until(lambda: app.storage.blob_size(c) == len(new))
 
 
 def test_a_manifest_the_full_disk_refused_starts_a_pass(
@@ -99,21 +111,15 @@ def test_a_manifest_the_full_disk_refused_starts_a_pass(
 ) -> None:
     """A manifest write's ENOSPC, like a fill's: the pass makes room, and the next pull of
     the tag stores the manifest (held in memory meanwhile) and the tag."""
-    old = os.urandom(6 * MIB)
-    a = upstream.add_blob(old)
-    digest = upstream.add_manifest("v1", [a])
-    with small_tmpfs(tmp_path / "small") as root:
-        app = mirror_app(upstream, root, min_free="1m")
-        with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
-            pull(client, a, old)
-            assert wait_until(lambda: app.storage.blob_size(a) == len(old))
-            fill_up(root / "filler")
-            assert client.get("/v2/x/manifests/v1").status_code == 200  # not cached
-            assert app.storage.blob_size(digest) is None
-            assert wait_until(lambda: app.storage.blob_size(a) is None)
-            assert client.get("/v2/x/manifests/v1").status_code == 200
-            assert app.storage.blob_size(digest) is not None
-            assert app.storage.read_tag("x", "v1") is not None
+    layer = upstream.add_blob(b"layer")
+    digest = upstream.add_manifest("v1", [layer])
+    with full_after_one_blob(tmp_path, upstream) as (app, client, old):
+        assert client.get("/v2/x/manifests/v1").status_code == 200  # not cached
+        assert app.storage.blob_size(digest) is None
+        assert wait_until(lambda: app.storage.blob_size(old) is None)
+        assert client.get("/v2/x/manifests/v1").status_code == 200
+        assert app.storage.blob_size(digest) is not None
+        assert app.storage.read_tag("x", "v1") is not None
 
 
 @pytest.fixture
