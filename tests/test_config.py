@@ -259,9 +259,8 @@ def test_check_loads_the_files_the_config_names(
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
     [
-        # httpx would not start with a socks proxy (no socksio), and the blob threads speak
-        # to http:// proxies only.
-        ("all_proxy", "socks5://127.0.0.1:1080", "ALL_PROXY: socks5:// proxies are not "
+        # The blob threads speak to http:// proxies only.
+        ("https_proxy", "socks5://127.0.0.1:1080", "HTTPS_PROXY: socks5:// proxies are not "
          "supported (use http://)"),
         ("HTTPS_PROXY", "https://127.0.0.1:3128", "HTTPS_PROXY: https:// proxies are not "
          "supported (use http://)"),

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import ipaddress
+import logging
 import os
 import urllib.parse
 from collections.abc import Mapping
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+
+log = logging.getLogger("edgeproxy.proxies")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -68,8 +72,14 @@ class Proxies:
     """
 
     def __init__(self, environ: Mapping[str, str]) -> None:
-        """Raise ProxyError, naming the variable, for a proxy the blob threads cannot use."""
-        fallback = _proxy_variable(environ, "ALL_PROXY")
+        """Raise ProxyError, naming the variable, for a proxy the blob threads cannot use.
+        An ALL_PROXY they cannot use (`socks5://`, set for other tools) is left out, with a
+        warning: Go, and so registry:2, never reads it."""
+        try:
+            fallback = _proxy_variable(environ, "ALL_PROXY")
+        except ProxyError as exc:
+            _ignored(str(exc))
+            fallback = None
         self._by_scheme = {
             scheme: _proxy_variable(environ, f"{scheme.upper()}_PROXY") or fallback
             for scheme in DEFAULT_PORTS
@@ -166,6 +176,11 @@ def _proxy_variable(environ: Mapping[str, str], name: str) -> Proxy | None:
         return parse_proxy(value) if value else None
     except ProxyError as exc:
         raise ProxyError(f"{name}: {exc}") from None
+
+
+@functools.cache  # once a process: every upstream client reads the environment
+def _ignored(reason: str) -> None:
+    log.warning("%s: left out, as registry:2 leaves ALL_PROXY out", reason)
 
 
 def _direct(entry: str) -> Direct:

@@ -136,8 +136,16 @@ def test_a_name_of_this_host_is_proxied() -> None:
 def test_a_bad_proxy_names_its_variable() -> None:
     with pytest.raises(ProxyError, match=r"^HTTPS_PROXY: socks5:// proxies are not supported"):
         Proxies({"https_proxy": "socks5://proxy:1080"})
-    with pytest.raises(ProxyError, match=r"^ALL_PROXY: the proxy URL has no host"):
-        Proxies({"ALL_PROXY": "http://:3128"})
+
+
+def test_an_all_proxy_the_threads_cannot_use_is_left_out(caplog: pytest.LogCaptureFixture) -> None:
+    """ALL_PROXY is curl's (a desktop's `socks5://` for every tool): Go, and so registry:2,
+    never reads it; edgeproxy reads a usable one, and starts without one it cannot use."""
+    assert proxy_of("https://r.example", ALL_PROXY="socks5://proxy:1080") is None
+    assert proxy_of("https://r.example", ALL_PROXY="http://:3128") is None
+    assert "ALL_PROXY: socks5:// proxies are not supported" in caplog.text
+    assert "ALL_PROXY: the proxy URL has no host" in caplog.text
+    assert proxy_of("https://r.example", ALL_PROXY="http://every:2") == "every:2"
 
 
 def test_the_httpx_transport_takes_the_same_way() -> None:
