@@ -510,14 +510,14 @@ class FilesystemStorage(Storage):
                     with contextlib.suppress(OSError):  # filled meanwhile after all
                         os.rmdir(here)
                         count += 1
-        for name in self.repositories():
-            for tag in _subdirs(self._repo(name) / "_manifests" / "tags"):
-                digest = _read_link(tag / "current" / "link")  # read now, right before
-                if digest and ":" in digest and not self._revision(name, digest).exists():
-                    shutil.rmtree(tag, ignore_errors=True)
-                    self._remove_if_empty(name)  # as the eviction that removed the manifest
-                    count += 1
-        for name, _ in list(self._repository_dirs()):
+        for name, dirs in list(self._repository_dirs()):  # one walk of the repositories
+            if "_manifests" in dirs:
+                for tag in _subdirs(self._repo(name) / "_manifests" / "tags"):
+                    digest = _read_link(tag / "current" / "link")  # read now, right before
+                    if digest and ":" in digest and not self._revision(name, digest).exists():
+                        shutil.rmtree(tag, ignore_errors=True)
+                        self._remove_if_empty(name)  # as the eviction that removed the manifest
+                        count += 1
             count += self._remove_unreadable(name, before)
         return count
 
