@@ -306,6 +306,7 @@ class EdgeConfig(_Model):
     keepalive_timeout: Duration = 120.0
     client_header_timeout: Duration = 60.0  # nginx's default: the head must arrive in this time
     client_body_timeout: Duration = 60.0  # nginx's default: between two reads of a body
+    send_timeout: Duration = 60.0  # nginx's default: between two writes of an answer
     client_max_body_size: Size = 1024 << 20
     access_log: Annotated[str, BeforeValidator(_no_nul)] = "-"  # a file, "-" (stdout) or "off"
     access_log_format: Literal["main", "json"] = "main"

@@ -216,7 +216,11 @@ def _edge_servers(
     edge: EdgeConfig, app: EdgeApp, access_log: AccessLog, listeners: Listeners
 ) -> list[tuple[_Server, socket.socket]]:
     settings = ConnectionSettings(
-        access_log, edge.server_name, edge.client_header_timeout, edge.client_body_timeout
+        access_log,
+        edge.server_name,
+        edge.client_header_timeout,
+        edge.client_body_timeout,
+        edge.send_timeout,
     )
     options: dict[str, Any] = {
         "access_log": False,  # the edge writes its own, in nginx's format

@@ -64,6 +64,7 @@ class ConnectionSettings:
     server_name: str = ""
     header_timeout: float = 60.0  # client_header_timeout
     body_timeout: float = 60.0  # client_body_timeout
+    send_timeout: float = 60.0  # send_timeout
 
 
 class EdgeHttpProtocol(HttpToolsProtocol):
@@ -103,6 +104,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._linger_end = 0.0
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_read = 0.0  # when a piece of the body last came (loop time)
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._unsent = 0  # the write buffer's size when the send timer was set
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -112,7 +115,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._head_timer = self.loop.call_at(deadline, self._head_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for timer in (self._head_timer, self._linger_timer, self._body_timer):
+        for timer in (self._head_timer, self._linger_timer, self._body_timer, self._send_timer):
             if timer is not None:
                 timer.cancel()
         gone: asyncio.Future[None] | None = None
@@ -263,6 +266,36 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         if self.cycle is not None and not self.cycle.response_started:
             self.cycle.scope[TIMED_OUT_KEY] = True  # type: ignore[literal-required]
         self.transport.close()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._set_send_timer()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _set_send_timer(self) -> None:
+        self._unsent = self.transport.get_write_buffer_size()
+        self._send_timer = self.loop.call_later(self.settings.send_timeout, self._send_timed_out)
+
+    def _send_timed_out(self) -> None:
+        """send_timeout: nginx closes a connection whose client took nothing of the answer for
+        that long (between two writes, not for the whole answer). A client that took some of
+        it meanwhile gets another period: it is cut between one and two periods after the
+        last byte it took. The request is logged as it was answered; the app sees the client
+        gone."""
+        self._send_timer = None
+        if self.transport.is_closing():
+            return
+        if self.transport.get_write_buffer_size() < self._unsent:
+            self._set_send_timer()
+            return
+        log.info("client %s timed out reading a response", self._client_addr())
+        self.transport.abort()  # close() would wait for the buffer to drain: it never will
 
     def _refuse(self, status: int, detail: str = "") -> None:
         """nginx's answer to a request refused before the app; then close, lingering."""
