@@ -161,7 +161,7 @@ async def serve(config: Config, listeners: Listeners, report: int | None = None)
     mirror: MirrorApp | None = None
     measured: Any = None  # the mirror, its requests counted by route
     if listeners.mirror is not None or (edge is not None and edge.embedded):
-        mirror = MirrorApp(config.mirror)
+        mirror = MirrorApp(config.mirror, workers=config.worker_count)
         measured = metrics.RequestMetrics(mirror)
         mirror.start()
     if listeners.mirror is not None:

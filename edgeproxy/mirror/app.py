@@ -55,10 +55,14 @@ NO_REFERRERS_API = (400, 404, 405)
 class MirrorApp:
     """A pull-through cache of the upstreams in `config`, as an ASGI application."""
 
-    def __init__(self, config: MirrorConfig, storage: Storage | None = None) -> None:
+    def __init__(
+        self, config: MirrorConfig, storage: Storage | None = None, workers: int = 1
+    ) -> None:
+        """`workers`: the processes serving this cache (each one's evictor asks for a pass at
+        its share of the room under `max_size`)."""
         self.config = config
         self.storage = storage or FilesystemStorage(config.root)
-        self.evictor = Evictor(config.cache, self.storage, config.root / "edgeproxy")
+        self.evictor = Evictor(config.cache, self.storage, config.root / "edgeproxy", workers)
         self.manifests = ManifestService(self.storage, self.evictor)
         self.blobs = BlobService(self.storage, self.evictor)
         self.pulls = PullRecorder(self.storage)

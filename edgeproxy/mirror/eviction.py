@@ -282,8 +282,11 @@ class Evictor:
     """Applies the limits: once (`prune`), or every `interval` in the background, and early
     when this process's fills may have crossed a limit (`committed`, `write_failed`)."""
 
-    def __init__(self, limits: CacheConfig, storage: Storage, state_dir: Path) -> None:
+    def __init__(
+        self, limits: CacheConfig, storage: Storage, state_dir: Path, workers: int = 1
+    ) -> None:
         self.limits = limits
+        self._workers = workers  # the processes filling the cache, each counting its own
         self._storage = storage
         self._lock_path = state_dir / "evict.lock"  # its content: the LastPass
         self._swept_path = state_dir / "swept"  # its mtime: when leftovers were last swept
@@ -310,7 +313,8 @@ class Evictor:
         """This process committed a blob of `size` bytes: a pass starts early when the cache
         may have crossed `max_size` since the last pass (these commits past the room it
         left), or the file system holds less than `min_free`. Each process counts its own
-        commits: with N workers the cache may pass `max_size` by N times that room at most."""
+        commits, and asks at its share of the room (room / workers): together the workers pass
+        `max_size` by a blob each at most before one asks, however unevenly they fill it."""
         if self.limits.max_size is None and self.limits.min_free is None:
             return
         self._commits.append((time.time(), size))
@@ -336,7 +340,7 @@ class Evictor:
             return False
         if last.size is None:  # no pass has measured the cache yet
             return True
-        return last.size + sum(size for _, size in self._commits) > max_size
+        return self._workers * sum(size for _, size in self._commits) > max_size - last.size
 
     def _ask(self, at: float | None = None) -> None:
         """Want a pass early, for what happened at `at` (now): a pass whose scan began

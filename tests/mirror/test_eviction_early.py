@@ -150,6 +150,22 @@ def test_commits_ask_for_a_pass_only_past_the_room_the_last_one_left(
     assert evictor._early.is_set()
 
 
+def test_workers_ask_at_their_share_of_the_room(storage: FilesystemStorage) -> None:
+    """Each worker counts only its own commits: with two, each asks once its commits pass
+    half the room, so that together they do not pass `max_size` by the room again before a
+    pass starts. One worker doing every fill asks at half the room too."""
+    blob(storage, 1000)
+    state = storage.root / "edgeproxy"
+    first, second = (Evictor(CacheConfig(max_size=5000), storage, state, 2) for _ in range(2))
+    assert first.prune(wait=False) is not None  # the cache: 1000 bytes, 4000 of room
+    first.committed(2000)
+    second.committed(2000)
+    assert not first._early.is_set() and not second._early.is_set()  # 5000 fit
+    first.committed(1)
+    second.committed(1)
+    assert first._early.is_set() and second._early.is_set()
+
+
 def test_without_a_limit_on_space_commits_ask_for_nothing(storage: FilesystemStorage) -> None:
     evictor = Evictor(CacheConfig(max_age=3600), storage, storage.root / "edgeproxy")
     evictor.committed(10**12)
