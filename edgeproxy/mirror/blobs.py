@@ -271,8 +271,8 @@ class BlobService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._heads: SharedCalls[tuple[str, str, str], UpstreamResponse] = SharedCalls()
         # Blobs the upstream gave in a repository whose link the disk refused (it was full):
-        # linked when next asked for there (never confirmed again), or once the disk took
-        # another blob (the other workers know nothing of them).
+        # linked when next asked for there (never confirmed again), once the disk took
+        # another blob (the other workers know nothing of them), or when this process stops.
         self._unlinked: set[tuple[str, str]] = set()
 
     async def aclose(self) -> None:
@@ -280,6 +280,10 @@ class BlobService:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._threads.shutdown(wait=False)
+        # The links the disk refused are known to this process only: a restart would lose
+        # them (those repositories would ask the upstream first), so write them now if the
+        # disk has room again.
+        self._relink()
 
     # Which repository may have a blob
     def needs_confirming(self, name: str, digest: str) -> bool:
@@ -329,7 +333,7 @@ class BlobService:
                 self._unlinked.discard((name, digest))
 
     def _relink(self) -> None:
-        """The disk took a blob: it has room again for the links it refused."""
+        """Write the links the disk refused: it took a blob since, or this process stops."""
         for name, digest in list(self._unlinked):
             if self._storage.blob_size(digest) is None:  # evicted since: nothing to link
                 self._unlinked.discard((name, digest))

@@ -270,6 +270,30 @@ def test_a_layer_link_the_disk_refused_is_written_at_the_next_commit(
         assert fetch(client, f"/v2/x/blobs/{first}") == (200, b"first layer", True)
 
 
+def test_a_layer_link_the_disk_refused_is_written_when_the_worker_stops(
+    tmp_path: Path, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk has room again, but no blob came since: a restart must not lose the link that
+    only this worker knew of (the next worker asked the upstream to confirm the blob: with
+    the upstream down, a 503)."""
+    digest = upstream.add_blob(b"layer")
+    app = mirror_of(upstream, tmp_path / "cache")
+
+    def full(name: str, digest: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        with monkeypatch.context() as patch:
+            patch.setattr(app.storage, "link_blob", full)
+            assert fetch(client, f"/v2/x/blobs/{digest}") == (200, b"layer", True)
+            assert wait_until(lambda: digest not in app.blobs._fills)  # committed, linked
+        assert not app.storage.blob_linked("x", digest)
+    upstream.faults[f"/blobs/{digest}"] = 503
+    restarted = mirror_of(upstream, tmp_path / "cache")
+    with serve_app(restarted) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert fetch(client, f"/v2/x/blobs/{digest}") == (200, b"layer", True)
+
+
 def test_a_head_naming_no_digest_is_an_upstream_fault(
     mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
 ) -> None:
