@@ -132,7 +132,9 @@ class HealthMonitor:
     async def _probe_upstream(self, upstream: UpstreamConfig) -> str | None:
         verify = self._verify[upstream.name]
         try:
-            transport = ProxyTransport(self._proxies, verify=verify)
+            # An https:// proxy's certificate, checked as the upstream's: with the same context
+            # (a probe speaks HTTP/1.1 only, so both connections offer the same ALPN on it).
+            transport = ProxyTransport(self._proxies, lambda: verify, verify=verify)
             client = httpx.AsyncClient(
                 transport=transport, trust_env=False, timeout=self.config.timeout
             )

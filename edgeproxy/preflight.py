@@ -84,7 +84,8 @@ def check_files(config: Config) -> None:
 
 def check_proxies() -> None:
     """Raise ConfigError unless every proxy variable of the environment can be used: the
-    blob threads take http:// proxies only (NO_PROXY, read as Go reads it, has no error)."""
+    blob threads take http:// and https:// proxies only (NO_PROXY, read as Go reads it, has no
+    error)."""
     try:
         Proxies.from_environment()
     except ProxyError as exc:  # names the variable

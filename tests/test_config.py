@@ -259,11 +259,11 @@ def test_check_loads_the_files_the_config_names(
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
     [
-        # The blob threads speak to http:// proxies only.
+        # The blob threads speak to http:// and https:// proxies only.
         ("https_proxy", "socks5://127.0.0.1:1080", "HTTPS_PROXY: socks5:// proxies are not "
-         "supported (use http://)"),
-        ("HTTPS_PROXY", "https://127.0.0.1:3128", "HTTPS_PROXY: https:// proxies are not "
-         "supported (use http://)"),
+         "supported (use http:// or https://)"),
+        ("HTTP_PROXY", "https://127.0.0.1:99999", "HTTP_PROXY: the proxy's port is not a number "
+         "from 0 to 65535"),
     ],
 )  # fmt: skip
 def test_check_refuses_a_proxy_variable_run_cannot_use(
@@ -279,6 +279,17 @@ def test_check_refuses_a_proxy_variable_run_cannot_use(
     monkeypatch.setenv(variable, value)
     assert main(["check", "--config", str(path)]) == 1
     assert capsys.readouterr().err == f"edgeproxy: {path}: the environment's {message}\n"
+
+
+def test_check_takes_an_https_proxy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTPS_PROXY=https://... (TLS with the proxy, as Go takes it) was refused: "https://
+    proxies are not supported (use http://)"."""
+    mirror = {"listen": "127.0.0.1:5000", "upstream": [{"name": "docker.io", "url": "https://r"}]}
+    path = write_toml(tmp_path / "proxy.toml", {"mirror": mirror})
+    monkeypatch.setenv("HTTPS_PROXY", "https://proxy.example:3129")
+    assert main(["check", "--config", str(path)]) == 0, capsys.readouterr().err
 
 
 def test_check_as_root_makes_no_access_log_the_service_cannot_open(tmp_path: Path) -> None:

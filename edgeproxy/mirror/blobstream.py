@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gzip
 import http.client
 import re
@@ -29,6 +30,7 @@ from email.message import Message
 from httpx import InvalidURL
 
 from edgeproxy.mirror.proxies import Proxies, Proxy
+from edgeproxy.mirror.tlsintls import TLSInTLS
 
 MAX_REDIRECTS = 5
 MAX_IDLE = 8  # idle connections kept per origin
@@ -90,7 +92,8 @@ class ConnectionPool:
         read_timeout: float,
         proxies: Proxies | None = None,
     ) -> None:
-        """`proxies`: the upstream's (its httpx client's); None connects direct."""
+        """`context`: the upstream's TLS, an https:// proxy's too (as Go's transport, with
+        its one RootCAs). `proxies`: the upstream's (its httpx client's); None connects direct."""
         self._context = context
         self._proxies = proxies
         self._connect_timeout = connect_timeout
@@ -117,7 +120,9 @@ class ConnectionPool:
         scheme, netloc = origin
         proxy = self._proxies.choose(scheme, netloc) if self._proxies else None
         connection: http.client.HTTPConnection
-        if scheme == "https":
+        if scheme == "https" and proxy and proxy.tls:
+            connection = _TunnelInTLS(proxy, netloc, self._context, self._connect_timeout)
+        elif scheme == "https":
             connection = http.client.HTTPSConnection(
                 proxy.netloc if proxy else netloc,
                 timeout=self._connect_timeout,
@@ -126,7 +131,7 @@ class ConnectionPool:
             if proxy:
                 connection.set_tunnel(netloc, headers=proxy.headers)  # CONNECT, then TLS
         elif proxy:
-            connection = _ForwardedConnection(proxy, netloc, self._connect_timeout)
+            connection = _ForwardedConnection(proxy, netloc, self._context, self._connect_timeout)
         else:
             connection = http.client.HTTPConnection(netloc, timeout=self._connect_timeout)
         try:
@@ -162,12 +167,14 @@ class ConnectionPool:
 
 class _ForwardedConnection(http.client.HTTPConnection):
     """Plain HTTP through a proxy: each request names its absolute URL (RFC 9112 3.2.2) and
-    carries the proxy's credentials."""
+    carries the proxy's credentials; in TLS with an https:// proxy, checked with `context`."""
 
-    def __init__(self, proxy: Proxy, netloc: str, timeout: float) -> None:
+    def __init__(self, proxy: Proxy, netloc: str, context: ssl.SSLContext, timeout: float) -> None:
         super().__init__(proxy.netloc, timeout=timeout)
         self._base = f"http://{netloc}"
         self._proxy_headers = proxy.headers
+        if proxy.tls:
+            self._create_connection = functools.partial(_connect_tls, context, proxy.host)
 
     def putrequest(
         self, method: str, url: str, skip_host: bool = False, skip_accept_encoding: bool = False
@@ -175,6 +182,39 @@ class _ForwardedConnection(http.client.HTTPConnection):
         super().putrequest(method, self._base + url, skip_host, skip_accept_encoding)
         for name, value in self._proxy_headers.items():
             self.putheader(name, value)
+
+
+class _TunnelInTLS(http.client.HTTPConnection):
+    """HTTPS through an https:// proxy: TLS with the proxy, CONNECT, then TLS with the upstream
+    inside the proxy's (`TLSInTLS`); both certificates checked with `context`."""
+
+    def __init__(self, proxy: Proxy, netloc: str, context: ssl.SSLContext, timeout: float) -> None:
+        super().__init__(proxy.netloc, timeout=timeout)
+        self.set_tunnel(netloc, headers=proxy.headers)
+        self._create_connection = functools.partial(_connect_tls, context, proxy.host)
+        self._context = context
+        self._server_hostname = urllib.parse.urlsplit(f"//{netloc}").hostname or ""
+
+    def connect(self) -> None:
+        super().connect()  # TLS with the proxy (_create_connection), then CONNECT
+        assert self.sock is not None
+        self.sock = TLSInTLS(self.sock, self._context, self._server_hostname)
+
+
+def _connect_tls(
+    context: ssl.SSLContext,
+    server_hostname: str,
+    address: tuple[str, int],
+    timeout: float | None,
+    source_address: tuple[str, int] | None = None,
+) -> ssl.SSLSocket:
+    """socket.create_connection, then TLS with `server_hostname` (an https:// proxy)."""
+    sock = socket.create_connection(address, timeout, source_address)
+    try:
+        return context.wrap_socket(sock, server_hostname=server_hostname)
+    except BaseException:
+        sock.close()
+        raise
 
 
 @dataclass(frozen=True)

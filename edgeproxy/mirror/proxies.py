@@ -4,7 +4,9 @@
 dockerd and containerd read them (Go's net/http, golang.org/x/net/http/httpproxy), plus
 `ALL_PROXY` for either scheme as curl reads it. One `Proxies` chooses for both ways out: the
 httpx client (`ProxyTransport`) and the blob threads (http.client, which reads none of them),
-so that a manifest and its layers take the same way out.
+so that a manifest and its layers take the same way out. An https:// proxy's certificate is
+checked with the upstream's trust (certifi's bundle and its `ca`), as Go's transport checks
+the proxy's and the upstream's with its one RootCAs.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import functools
 import ipaddress
 import logging
 import os
+import ssl
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +44,12 @@ class Proxy:
     netloc: str  # host:port of the proxy
     headers: dict[str, str]  # Proxy-Authorization, when the URL has a user
     shown: str  # the URL without credentials, for logs
+    tls: bool = False  # an https:// proxy: TLS with the proxy itself, requests inside it
+
+    @property
+    def host(self) -> str:
+        """The proxy's host, without brackets: the name its certificate must hold."""
+        return urllib.parse.urlsplit(f"//{self.netloc}").hostname or ""
 
 
 @dataclass(frozen=True)
@@ -113,9 +122,17 @@ class ProxyTransport(httpx.AsyncBaseTransport):
     for its URL (redirects and token realms on other hosts included): httpx's own choice, by
     URL patterns, cannot read a CIDR nor spare loopback hosts."""
 
-    def __init__(self, proxies: Proxies, **options: Any) -> None:
-        """`options`: httpx.AsyncHTTPTransport's, for every connection made."""
+    def __init__(
+        self,
+        proxies: Proxies,
+        proxy_tls: Callable[[], ssl.SSLContext] | None = None,
+        **options: Any,
+    ) -> None:
+        """`proxy_tls`: makes the context an https:// proxy's certificate is checked with
+        (once a proxy, when one is used; httpcore's default context without it). `options`:
+        httpx.AsyncHTTPTransport's, for every connection made."""
         self._proxies = proxies
+        self._proxy_tls = proxy_tls
         self._options = options
         self._direct = httpx.AsyncHTTPTransport(**options)
         self._through: dict[Proxy, httpx.AsyncHTTPTransport] = {}
@@ -129,7 +146,8 @@ class ProxyTransport(httpx.AsyncBaseTransport):
             return self._direct
         transport = self._through.get(proxy)
         if transport is None:
-            through = httpx.Proxy(proxy.shown, headers=proxy.headers)
+            tls = self._proxy_tls() if proxy.tls and self._proxy_tls else None
+            through = httpx.Proxy(proxy.shown, ssl_context=tls, headers=proxy.headers)
             transport = self._through[proxy] = httpx.AsyncHTTPTransport(
                 proxy=through, **self._options
             )
@@ -142,15 +160,15 @@ class ProxyTransport(httpx.AsyncBaseTransport):
 
 
 def parse_proxy(url: str) -> Proxy:
-    """A proxy URL (`http://user:password@host:port`; a bare `host:port` is taken as
-    http, as Go and httpx take it). Only http proxies: http.client cannot speak TLS inside TLS."""
+    """A proxy URL (`http://user:password@host:port`, or `https://` for TLS with the proxy; a
+    bare `host:port` is taken as http, as Go and httpx take it)."""
     if "://" not in url:
         url = f"http://{url}"
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "http":
-        raise ProxyError(f"{parts.scheme}:// proxies are not supported (use http://)")
+    if parts.scheme not in DEFAULT_PORTS:
+        raise ProxyError(f"{parts.scheme}:// proxies are not supported (use http:// or https://)")
     try:
-        port = parts.port or 80
+        port = parts.port or DEFAULT_PORTS[parts.scheme]
     except ValueError:
         raise ProxyError("the proxy's port is not a number from 0 to 65535") from None
     if not parts.hostname:
@@ -162,7 +180,8 @@ def parse_proxy(url: str) -> Proxy:
         password = urllib.parse.unquote(parts.password or "")
         token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
         headers["Proxy-Authorization"] = f"Basic {token}"
-    return Proxy(f"{host}:{port}", headers, f"http://{host}:{port}")
+    scheme = parts.scheme
+    return Proxy(f"{host}:{port}", headers, f"{scheme}://{host}:{port}", scheme == "https")
 
 
 def _variable(environ: Mapping[str, str], name: str) -> str:

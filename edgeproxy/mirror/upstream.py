@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import re
@@ -164,6 +165,8 @@ class UpstreamClient:
             trust_env=False,
             transport=ProxyTransport(
                 proxies,
+                # An https:// proxy's certificate, checked as the upstream's (Go's one RootCAs).
+                proxy_tls=functools.partial(ssl_context, ca),
                 http2=True,
                 verify=self._ssl,
                 limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),

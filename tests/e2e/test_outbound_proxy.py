@@ -1,6 +1,7 @@
 """The upstream through an outbound HTTP proxy from the environment (HTTP_PROXY, HTTPS_PROXY,
-NO_PROXY), as registry:2 and dockerd take it: a real registry behind a real proxy (tinyproxy),
-pulled with skopeo. Manifests (httpx) and blobs (http.client threads) must take the same way."""
+NO_PROXY), as registry:2 and dockerd take it: a real registry behind a real proxy (tinyproxy;
+https:// behind a TLS listener), pulled with skopeo. Manifests (httpx) and blobs (http.client
+threads) must take the same way."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tests.support.edge import make_certificate
 from tests.support.images import Image, build_image, push, random_layer
 from tests.support.registry import Registry, start_registry
 from tests.support.servers import run_edgeproxy
-from tests.support.tinyproxy import OUTGOING, run_tinyproxy
+from tests.support.tinyproxy import OUTGOING, run_tinyproxy, tls_front
 
 pytestmark = pytest.mark.e2e
 
@@ -41,12 +42,15 @@ def remotes(upstream: Registry, since: int) -> set[str]:
 
 
 @contextmanager
-def registry_outside(workdir: Path, *, tls: bool = False) -> Iterator[tuple[Registry, Path | None]]:
+def registry_outside(
+    workdir: Path, *, tls: bool = False, mode: str = "none"
+) -> Iterator[tuple[Registry, Path | None]]:
     """A registry at an address off 127.0.0.0/8, where the proxy is taken (Go never proxies a
-    loopback one), and its certificate with `tls`."""
+    loopback one), and its certificate with `tls`; its auth `mode` (a token realm at the same
+    address)."""
     with link_local_addresses(1) as (address,):
         certificate = make_certificate(workdir / "tls", address) if tls else None
-        upstream = start_registry(workdir, tls=certificate, address=address)
+        upstream = start_registry(workdir, mode, tls=certificate, address=address)
         try:
             yield upstream, certificate[0] if certificate else None
         finally:
@@ -90,6 +94,89 @@ def test_https_upstream_through_a_proxy_tunnel(tmp_path: Path) -> None:
         assert pulled_digest(tmp_path / "cold") == image.manifest_digest
         assert any(r.startswith(f"CONNECT {upstream.host} ") for r in requests), requests
         assert remotes(upstream, pushed) == {OUTGOING}
+
+
+def bundle(path: Path, *certificates: Path | None) -> Path:
+    """One CA file of `certificates` (an upstream's `ca`)."""
+    path.write_bytes(b"".join(c.read_bytes() for c in certificates if c is not None))
+    return path
+
+
+def test_https_upstream_through_an_https_proxy(tmp_path: Path) -> None:
+    """HTTPS_PROXY=https://...: TLS with the proxy (its certificate checked against the
+    upstream's `ca`, as Go checks both with its RootCAs), CONNECT, then TLS with the upstream
+    inside it, for manifests (httpx) and blobs (the threads' TLS in TLS) alike."""
+    with registry_outside(tmp_path / "upstream", tls=True) as (upstream, certificate):
+        image = image_of(tmp_path, seed=84)
+        push(image, upstream, "test/tls-in-tls", "v1")
+        pushed = len(upstream.access_log())
+        proxy_certificate, proxy_key = make_certificate(tmp_path / "proxy-tls", "127.0.0.1")
+        ca = bundle(tmp_path / "ca.pem", certificate, proxy_certificate)
+        entry = {**upstream_entry(upstream), "ca": str(ca)}
+        with run_tinyproxy(tmp_path / "proxy") as proxy:
+            with tls_front(proxy, proxy_certificate, proxy_key) as handshakes:
+                env = proxy_env("https", proxy.url())
+                with run_edgeproxy(tmp_path / "mirror", [entry], env) as mirror:
+                    pull(mirror, "test/tls-in-tls:v1", tmp_path / "cold")
+                    assert f"through the proxy {proxy.url()}" in mirror.log()
+            requests = proxy.requests()
+        assert pulled_digest(tmp_path / "cold") == image.manifest_digest
+        assert handshakes[0] >= len(requests) >= 2, requests  # httpx's, the threads'
+        assert all(r.startswith(f"CONNECT {upstream.host} ") for r in requests), requests
+        assert remotes(upstream, pushed) == {OUTGOING}
+        for digest in image.layer_digests:  # the threads' GETs, through the proxy
+            assert upstream.wait_count("GET", f"/blobs/{digest}", 1) == 1
+
+
+def test_plain_upstream_through_an_https_proxy_with_credentials(tmp_path: Path) -> None:
+    """HTTP_PROXY=https://user:password@...: every request in absolute form with
+    Proxy-Authorization, inside TLS with the proxy, for tokens, manifests and blobs."""
+    with registry_outside(tmp_path / "upstream", mode="token") as (upstream, _):
+        image = image_of(tmp_path, seed=86)
+        push(image, upstream, "test/forwarded", "v1")
+        pushed = len(upstream.access_log())
+        proxy_certificate, proxy_key = make_certificate(tmp_path / "proxy-tls", "127.0.0.1")
+        entry = {**upstream_entry(upstream), "ca": str(proxy_certificate)}
+        with run_tinyproxy(tmp_path / "proxy", CREDENTIALS) as proxy:
+            with tls_front(proxy, proxy_certificate, proxy_key):
+                env = proxy_env("http", proxy.url(CREDENTIALS))
+                with run_edgeproxy(tmp_path / "mirror", [entry], env) as mirror:
+                    pull(mirror, "test/forwarded:v1", tmp_path / "cold")
+            requests = proxy.requests()
+        assert pulled_digest(tmp_path / "cold") == image.manifest_digest
+        base = f"GET {upstream.url}/v2/test/forwarded"
+        for digest in image.layer_digests:
+            assert sum(r.startswith(f"{base}/blobs/{digest} ") for r in requests) == 1, requests
+        assert any(r.startswith(f"{base}/manifests/") for r in requests), requests
+        assert upstream.token_server is not None
+        realm = upstream.token_server.realm
+        assert any(r.startswith(f"GET {realm}?") for r in requests), requests
+        assert remotes(upstream, pushed) == {OUTGOING}
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_an_https_proxy_not_trusted_is_a_clear_503(tmp_path: Path, scheme: str) -> None:
+    """An https:// proxy whose certificate the upstream's trust does not hold: no request
+    goes through it, the client gets 503 UNAVAILABLE, the log says why."""
+    tls = scheme == "https"
+    with registry_outside(tmp_path / "upstream", tls=tls) as (upstream, certificate):
+        image = image_of(tmp_path, seed=88)
+        push(image, upstream, "test/untrusted", "v1")
+        entry = upstream_entry(upstream) | ({"ca": str(certificate)} if certificate else {})
+        proxy_certificate, proxy_key = make_certificate(tmp_path / "proxy-tls", "127.0.0.1")
+        with run_tinyproxy(tmp_path / "proxy") as proxy:
+            with tls_front(proxy, proxy_certificate, proxy_key) as handshakes:
+                env = proxy_env(scheme, proxy.url())
+                with run_edgeproxy(tmp_path / "mirror", [entry], env) as mirror:
+                    for path in ("manifests/v1", f"blobs/{image.layer_digests[0]}"):
+                        response = httpx.get(f"{mirror.url}/v2/test/untrusted/{path}", timeout=30)
+                        assert response.status_code == 503, (path, response.text)
+                        error = response.json()["errors"][0]
+                        assert error["code"] == "UNAVAILABLE", error
+                    assert "CERTIFICATE_VERIFY_FAILED" in mirror.log()
+            assert handshakes == [0]
+            assert proxy.requests() == []
+        assert upstream.count("GET", "/blobs/" + image.layer_digests[0]) == 0
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])

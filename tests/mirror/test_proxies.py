@@ -5,6 +5,7 @@ blob threads share the choice."""
 from __future__ import annotations
 
 import base64
+import ssl
 
 import httpx
 import pytest
@@ -31,13 +32,27 @@ def test_a_bare_proxy_address_is_http_as_httpx_takes_it() -> None:
     assert parse_proxy("proxy.example:3128").netloc == "proxy.example:3128"
     assert parse_proxy("http://[::1]").netloc == "[::1]:80"
     assert parse_proxy("http://proxy.example").headers == {}
+    assert not parse_proxy("proxy.example:3128").tls
+
+
+def test_an_https_proxy_is_spoken_to_in_tls() -> None:
+    """As Go (registry:2, dockerd) takes HTTPS_PROXY=https://...: TLS with the proxy, on 443
+    unless the URL says otherwise."""
+    proxy = parse_proxy("https://user:pw@proxy.example")
+    assert (proxy.netloc, proxy.shown, proxy.tls) == (
+        "proxy.example:443",
+        "https://proxy.example:443",
+        True,
+    )
+    assert proxy.host == "proxy.example"  # the name its certificate must hold
+    assert proxy.headers["Proxy-Authorization"].startswith("Basic ")
+    assert parse_proxy("https://[2001:db8::1]:3129").host == "2001:db8::1"
 
 
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("socks5://proxy:1080", "socks5:// proxies are not supported"),
-        ("https://proxy:3128", "https:// proxies are not supported"),
+        ("socks5://proxy:1080", r"socks5:// proxies are not supported \(use http:// or https://\)"),
         ("http://proxy:99999", "port is not a number"),
         ("http://:3128", "no host"),
     ],
@@ -159,8 +174,26 @@ def test_the_httpx_transport_takes_the_same_way() -> None:
 
     proxied = pool_of("https://registry.example")
     assert proxied._proxy_url.host == b"secure"  # type: ignore[attr-defined]
+    assert proxied._proxy_ssl_context is None  # type: ignore[attr-defined]
     authorization = base64.b64encode(b"us:pw")
     assert (b"Proxy-Authorization", b"Basic " + authorization) in proxied._proxy_headers  # type: ignore[attr-defined]
     assert pool_of("https://cdn.example:8443") is proxied
     for direct in ("https://10.1.2.3:5000", "https://127.0.0.1", "http://registry.example"):
         assert not hasattr(pool_of(direct), "_proxy_url"), direct
+
+
+def test_an_https_proxy_is_checked_with_the_context_given() -> None:
+    """The httpx client's https:// proxy: its certificate checked with `proxy_tls`'s context
+    (the upstream's trust), made once, when a request first goes through that proxy."""
+    made: list[ssl.SSLContext] = []
+
+    def proxy_tls() -> ssl.SSLContext:
+        made.append(ssl.create_default_context())
+        return made[-1]
+
+    transport = ProxyTransport(Proxies({"HTTPS_PROXY": "https://secure:3129"}), proxy_tls)
+    assert made == []
+    pool = transport._transport_for(httpx.URL("https://registry.example"))._pool
+    assert transport._transport_for(httpx.URL("https://cdn.example"))._pool is pool
+    assert pool._proxy_url.scheme == b"https"  # type: ignore[attr-defined]
+    assert pool._proxy_ssl_context is made[0] and len(made) == 1  # type: ignore[attr-defined]

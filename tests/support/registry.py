@@ -210,7 +210,8 @@ def start_registry(
     address: str = "127.0.0.1",
     storage: Path | None = None,
 ) -> Registry:
-    """Configure and start a registry in `workdir`: auth `mode`, a mirror of `remote` if given,
+    """Configure and start a registry in `workdir`: auth `mode` (a "token" one's server at
+    `address` too when IPv4, else at 127.0.0.1), a mirror of `remote` if given,
     https with `tls` = (certificate, key) if given, listening on `address` ("::1": IPv6),
     keeping its blobs in `storage` (another registry's `root`, say) or its own folder.
 
@@ -252,7 +253,10 @@ def start_registry(
     elif mode == "token":
         registry.username, registry.password = TEST_USER, secrets.token_urlsafe(12)
         token_server = TokenServer(
-            workdir, {registry.username: registry.password}, expires_in=token_expires_in
+            workdir,
+            {registry.username: registry.password},
+            expires_in=token_expires_in,
+            address=address if ":" not in address else "127.0.0.1",
         )
         registry.token_server = token_server
         config["auth"] = {

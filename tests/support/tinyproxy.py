@@ -1,9 +1,13 @@
-"""A real outbound HTTP proxy for tests: Debian's tinyproxy on loopback, logging each request."""
+"""A real outbound HTTP proxy for tests: Debian's tinyproxy on loopback, logging each request;
+as an https:// proxy behind a TLS listener of the test's (tinyproxy speaks no TLS)."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import ssl
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,9 +24,13 @@ OUTGOING = "127.0.0.2"  # the address the proxy connects from
 class Tinyproxy:
     port: int
     log_path: Path
+    tls_port: int | None = None  # its TLS listener's (`tls_front`): the https:// proxy
 
     def url(self, credentials: tuple[str, str] | None = None) -> str:
+        """The http:// proxy's URL; the https:// one's once `tls_front` runs."""
         user = f"{credentials[0]}:{credentials[1]}@" if credentials else ""
+        if self.tls_port is not None:
+            return f"https://{user}127.0.0.1:{self.tls_port}"
         return f"http://{user}127.0.0.1:{self.port}"
 
     def requests(self) -> list[str]:
@@ -72,3 +80,52 @@ def run_tinyproxy(workdir: Path, credentials: tuple[str, str] | None = None) -> 
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextmanager
+def tls_front(proxy: Tinyproxy, certificate: Path, key: Path) -> Iterator[list[int]]:
+    """Make `proxy` an https:// one until the block ends: a TLS listener on 127.0.0.1 (with
+    `certificate`) relaying each connection to tinyproxy. Yields the count of TLS handshakes
+    done (a one-item list, updated as they come)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certificate, key)
+    handshakes = [0]
+    loop = asyncio.new_event_loop()
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(64 * 1024):
+                writer.write(data)
+                await writer.drain()
+        except OSError:  # reset (ssl.SSLError included)
+            pass
+        finally:
+            writer.close()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handshakes[0] += 1  # called once the handshake succeeded
+        try:
+            tiny_reader, tiny_writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(pump(reader, tiny_writer), pump(tiny_reader, writer))
+
+    server = loop.run_until_complete(asyncio.start_server(relay, "127.0.0.1", 0, ssl=context))
+    thread = threading.Thread(target=loop.run_forever, name="tls-front", daemon=True)
+    thread.start()
+    previous, proxy.tls_port = proxy.tls_port, server.sockets[0].getsockname()[1]
+
+    async def stop() -> None:
+        server.close()
+        for task in asyncio.all_tasks() - {asyncio.current_task()}:
+            task.cancel()
+
+    try:
+        yield handshakes
+    finally:
+        proxy.tls_port = previous
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()

@@ -100,8 +100,11 @@ class TokenServer:
         service: str = "edgeproxy-test-registry",
         issuer: str = "edgeproxy-test-issuer",
         expires_in: int = 300,
+        address: str = "127.0.0.1",
     ) -> None:
+        """`address`: the IPv4 address it listens on, and its realm names."""
         self.users = dict(users)
+        self.address = address
         self.service = service
         self.issuer = issuer
         self.expires_in = expires_in  # seconds; tests may lower it (registry:2 allows 60 s leeway)
@@ -113,7 +116,7 @@ class TokenServer:
         self.rootcertbundle = workdir / "token-root.crt"
         cert = _self_signed_cert(self._key, issuer)
         self.rootcertbundle.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self._httpd = ThreadingHTTPServer((address, 0), _make_handler(self))
         self._httpd.daemon_threads = True
         self.port: int = self._httpd.server_address[1]
         self._thread = threading.Thread(
@@ -124,7 +127,7 @@ class TokenServer:
     @property
     def realm(self) -> str:
         """The URL registries put in their `Bearer realm=...` challenge."""
-        return f"http://127.0.0.1:{self.port}/token"
+        return f"http://{self.address}:{self.port}/token"
 
     @property
     def token_requests(self) -> int:
