@@ -138,7 +138,15 @@ class ProxyTransport(httpx.AsyncBaseTransport):
         self._through: dict[Proxy, httpx.AsyncHTTPTransport] = {}
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return await self._transport_for(request.url).handle_async_request(request)
+        transport = self._transport_for(request.url)
+        try:
+            return await transport.handle_async_request(request)
+        except httpx.ConnectError as exc:
+            if transport is self._direct:
+                raise
+            # Say which way failed, as the blob threads do: the proxy refused the connection,
+            # or its certificate (or the upstream's, inside its tunnel) is not trusted.
+            raise httpx.ProxyError(str(exc) or type(exc).__name__, request=request) from exc
 
     def _transport_for(self, url: httpx.URL) -> httpx.AsyncHTTPTransport:
         proxy = self._proxies.choose(url.scheme, url.netloc.decode("ascii"))

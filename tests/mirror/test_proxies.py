@@ -4,6 +4,7 @@ blob threads share the choice."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ssl
 
@@ -11,6 +12,7 @@ import httpx
 import pytest
 
 from edgeproxy.mirror.proxies import Proxies, ProxyError, ProxyTransport, parse_proxy
+from tests.support.ports import free_port
 
 
 def proxy_of(url: str, **environ: str) -> str | None:
@@ -197,3 +199,20 @@ def test_an_https_proxy_is_checked_with_the_context_given() -> None:
     assert transport._transport_for(httpx.URL("https://cdn.example"))._pool is pool
     assert pool._proxy_url.scheme == b"https"  # type: ignore[attr-defined]
     assert pool._proxy_ssl_context is made[0] and len(made) == 1  # type: ignore[attr-defined]
+
+
+def test_a_connection_through_the_proxy_that_fails_says_so() -> None:
+    """A proxy that refuses the connection (or whose certificate is not trusted) is an
+    httpx.ProxyError, which the upstream's 503 names ("through the proxy: ..."), as the blob
+    threads say it: it was a ConnectError, and the 503 said "ConnectError" only."""
+    proxies = Proxies({"HTTPS_PROXY": f"https://127.0.0.1:{free_port()}"})
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=ProxyTransport(proxies), trust_env=False) as c:
+            with pytest.raises(httpx.ProxyError, match=r"\S") as caught:
+                await c.get("https://registry.example/v2/")
+            assert isinstance(caught.value.__cause__, httpx.ConnectError)
+            with pytest.raises(httpx.ConnectError):  # direct: as it was
+                await c.get(f"https://127.0.0.1:{free_port()}/v2/")
+
+    asyncio.run(main())
