@@ -5,7 +5,7 @@ dockerd and containerd read them (Go's net/http, golang.org/x/net/http/httpproxy
 `ALL_PROXY` for either scheme as curl reads it. One `Proxies` chooses for both ways out: the
 httpx client (`ProxyTransport`) and the blob threads (http.client, which reads none of them),
 so that a manifest and its layers take the same way out. An https:// proxy's certificate is
-checked with the upstream's trust (certifi's bundle and its `ca`), as Go's transport checks
+checked with the upstream's trust (`upstream.ssl_context`), as Go's transport checks
 the proxy's and the upstream's with its one RootCAs.
 """
 

@@ -146,7 +146,12 @@ def same_origin(url: httpx.URL, other: httpx.URL) -> bool:
 
 
 def ssl_context(ca: str | None) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=certifi.where())
+    """The trust an upstream's certificate (and an https:// proxy's on its way) is checked
+    with: the system's store, as registry:2 (Go) checks it (SSL_CERT_FILE and SSL_CERT_DIR
+    included: where a company's CA is installed), certifi's bundle (a machine without
+    ca-certificates), and the upstream's `ca`."""
+    context = ssl.create_default_context()
+    context.load_verify_locations(cafile=certifi.where())
     if ca:
         context.load_verify_locations(cafile=ca)
     return context

@@ -227,7 +227,8 @@ def test_serves_a_cache_filled_by_registry2(
 def test_https_upstream_trusted_through_its_ca(tmp_path: Path) -> None:
     """A private upstream over https (a real registry with http.tls): trusted through the
     upstream's `ca`, skopeo pulls cold then warm, each layer fetched once; without `ca` (certifi
-    alone) manifests and blobs get a clear 503 UNAVAILABLE, never a 500."""
+    and the system's store) manifests and blobs get a clear 503 UNAVAILABLE, never a 500; a CA
+    in the system's store (SSL_CERT_FILE here) is trusted without `ca`."""
     certificate, key = make_certificate(tmp_path / "tls", "127.0.0.1")
     upstream = start_registry(tmp_path / "upstream", tls=(certificate, key))
     try:
@@ -248,6 +249,11 @@ def test_https_upstream_trusted_through_its_ca(tmp_path: Path) -> None:
                 pull(mirror, "test/tls:v1", tmp_path / attempt)
                 assert pulled_digest(tmp_path / attempt) == image.manifest_digest
         assert blob_gets(upstream, image.layer_digests) == len(image.layer_digests)
+        # The system's store, as registry:2 trusts it: a CA installed there needs no `ca`.
+        system = {"SSL_CERT_FILE": str(certificate)}
+        with run_edgeproxy(tmp_path / "system", [entry], env=system) as mirror:
+            pull(mirror, "test/tls:v1", tmp_path / "system-pull")
+            assert pulled_digest(tmp_path / "system-pull") == image.manifest_digest
     finally:
         upstream.close()
 
