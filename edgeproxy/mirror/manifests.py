@@ -101,6 +101,11 @@ class ManifestService:
         data = self._storage.read_manifest(target.local_name, digest)
         if data is None:
             return None
+        if sha256_digest(data) != digest:
+            # Small files are renamed into place without an fsync (as registry:2 writes them):
+            # a power cut may leave one empty or cut. Fetched again, and written over.
+            log.warning("%s@%s: the stored bytes are not the digest's", target.local_name, digest)
+            return None
         manifest = Manifest(data, digest, media_type_of(data))
         self._remember(key, manifest)
         return manifest

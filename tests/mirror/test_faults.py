@@ -143,6 +143,57 @@ def test_manifest_with_wrong_digest_is_refused(
     assert app.storage.read_manifest("x", digest) is None
 
 
+@pytest.mark.parametrize("torn", [b"", b"{"], ids=["empty", "cut"])
+def test_a_stored_manifest_torn_by_a_crash_is_fetched_again(
+    torn: bytes, tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """Small files are renamed into place without an fsync (as registry:2 writes them): after
+    a power cut one may hold nothing, or a part. Its bytes no longer match its digest: fetched
+    again, never served under that digest; with the upstream failing, a 503."""
+    digest = upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
+    path = f"/v2/x/manifests/{digest}"
+    first = mirror_of(upstream, tmp_path / "cache")
+    with serve_app(first) as url:
+        assert httpx.get(url + path).status_code == 200
+    data = first.config.root / "docker/registry/v2/blobs/sha256" / digest[7:9] / digest[7:] / "data"
+    data.write_bytes(torn)
+    upstream.faults[f"/manifests/{digest}"] = 500
+    restarted = mirror_of(upstream, tmp_path / "cache")
+    with serve_app(restarted) as url:
+        down = httpx.get(url + path)
+        assert down.status_code == 503, down.text
+        del upstream.faults[f"/manifests/{digest}"]
+        again = httpx.get(url + path)
+        assert (again.status_code, again.content) == (200, upstream.manifests[digest])
+        assert again.headers["cache-status"] == "edgeproxy; fwd=miss"
+    assert restarted.storage.read_manifest("x", digest) == upstream.manifests[digest]
+
+
+@pytest.mark.parametrize("torn", [b"", b"sha256:0123"], ids=["empty", "cut"])
+def test_a_tag_link_torn_by_a_crash_is_fetched_again(
+    torn: bytes, tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """A tag's link torn by a power cut names no manifest: the tag is asked upstream again;
+    with the upstream failing, a clear error, never a 500."""
+    digest = upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
+    first = mirror_of(upstream, tmp_path / "cache")
+    with serve_app(first) as url:
+        assert httpx.get(url + "/v2/x/manifests/v1").status_code == 200
+    link = first.config.root / "docker/registry/v2/repositories/x/_manifests/tags/v1/current/link"
+    link.write_bytes(torn)
+    upstream.faults["/manifests/v1"] = 500
+    restarted = mirror_of(upstream, tmp_path / "cache")
+    with serve_app(restarted) as url:
+        down = httpx.get(url + "/v2/x/manifests/v1")
+        assert down.status_code == 503, down.text
+        assert down.json()["errors"][0]["code"] == "UNAVAILABLE"
+        del upstream.faults["/manifests/v1"]
+        again = httpx.get(url + "/v2/x/manifests/v1")
+        assert (again.status_code, again.content) == (200, upstream.manifests[digest])
+    tag = restarted.storage.read_tag("x", "v1")
+    assert tag is not None and tag[0] == digest
+
+
 def test_a_compressing_proxy_in_front_of_the_upstream_changes_no_byte(
     mirror: tuple[MirrorApp, httpx.Client], upstream: FakeUpstream
 ) -> None:

@@ -34,6 +34,7 @@ from edgeproxy.mirror.storage.base import (
 
 # `_write_atomic`'s temporaries: `.<name>.<12 hex>.tmp` beside the file they become.
 _TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
+_LINKED = re.compile(r"[a-z0-9]+:[a-f0-9]+")  # what a link holds: a digest
 
 
 class FileReader(BlobReader):
@@ -127,6 +128,14 @@ def _mtime(path: Path) -> float | None:
 def _older(path: Path, before: float) -> bool:
     mtime = _mtime(path)
     return mtime is not None and mtime < before
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    """Whether the file at `path` holds `data`."""
+    try:
+        return path.read_bytes() == data
+    except (FileNotFoundError, NotADirectoryError):
+        return False
 
 
 def _read_link(path: Path) -> str | None:
@@ -340,8 +349,10 @@ class FilesystemStorage(Storage):
             return None
 
     def write_manifest(self, name: str, digest: str, data: bytes) -> None:
-        if self.blob_size(digest) is None:
-            _write_atomic(self.blob_path(digest), data)
+        path = self.blob_path(digest)
+        # None yet, or one a power cut tore (renamed into place without an fsync).
+        if self.blob_size(digest) != len(data) or not _holds(path, data):
+            _write_atomic(path, data)
         # registry:2 finds repositories by their _layers folder (its catalog, and the ones
         # its garbage-collect keeps the manifests of): a manifest read alone needs one too.
         (self._repo(name) / "_layers").mkdir(parents=True, exist_ok=True)
@@ -359,9 +370,11 @@ class FilesystemStorage(Storage):
         link = self._repo(name) / "_manifests" / "tags" / tag / "current" / "link"
         try:
             digest = link.read_text().strip()
-            return digest, link.stat().st_mtime
+            mtime = link.stat().st_mtime
         except (FileNotFoundError, NotADirectoryError):
             return None
+        # A link a power cut tore (renamed into place without an fsync) names no manifest.
+        return (digest, mtime) if _LINKED.fullmatch(digest) else None
 
     def write_tag(self, name: str, tag: str, digest: str) -> None:
         folder = self._repo(name) / "_manifests" / "tags" / tag
