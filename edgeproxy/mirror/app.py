@@ -176,7 +176,9 @@ class MirrorApp:
             "Content-Length": str(len(manifest.data)),
             "Cache-Status": status,
         }
-        if _not_modified(request, manifest.digest):
+        # `*` is not the manifest's digest: registry:2 sends the manifest, which a client that
+        # has none of its own can use (a 304 would leave it nothing).
+        if _not_modified(request, manifest.digest, star=False):
             return Response(status_code=304, headers=_without_content(headers))
         body = b"" if request.method == "HEAD" else manifest.data
         return Response(body, headers=headers, media_type=manifest.media_type)
@@ -449,11 +451,11 @@ def _accept(request: Request) -> str | None:
     return parse_accept(request.headers.getlist("accept"))
 
 
-def _not_modified(request: Request, digest: str) -> bool:
+def _not_modified(request: Request, digest: str, star: bool = True) -> bool:
     """If-None-Match names the content's ETag, or is the bare digest (registry:2 takes that
-    for manifests)."""
+    for manifests), or is `*` when `star` (Go's http.ServeContent, registry:2's for blobs)."""
     values = request.headers.getlist("if-none-match")
-    return names_etag(values, f'"{digest}"', weak=True) or digest in values
+    return names_etag(values, f'"{digest}"', weak=True, star=star) or digest in values
 
 
 def _without_content(headers: dict[str, str]) -> dict[str, str]:

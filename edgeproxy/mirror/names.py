@@ -179,15 +179,16 @@ def parse_ranges(header: str | None, size: int) -> list[tuple[int, int]]:
     return spans
 
 
-def names_etag(values: list[str], etag: str, weak: bool) -> bool:
+def names_etag(values: list[str], etag: str, weak: bool, star: bool = True) -> bool:
     """Whether If-Match or If-None-Match `values` name the entity tag `etag` (quoted) or are
-    `*`: weak comparison (W/"x" names "x") for If-None-Match, strong for If-Match (RFC 9110)."""
+    `*` (unless not `star`): weak comparison (W/"x" names "x") for If-None-Match, strong for
+    If-Match (RFC 9110)."""
     for value in values:
         for tag in value.split(","):  # our tags hold no comma
             tag = tag.strip()
             if weak and tag.startswith("W/"):
                 tag = tag[2:]
-            if tag in ("*", etag):
+            if tag == etag or (star and tag == "*"):
                 return True
     return False
 

@@ -107,6 +107,11 @@ def test_manifest_headers_head_and_conditional(setup: tuple[FakeUpstream, httpx.
     assert head.headers["cache-status"] == "edgeproxy; hit"
     unchanged = client.get(f"/v2/x/manifests/{digest}", headers={"If-None-Match": f'"{digest}"'})
     assert unchanged.status_code == 304
+    # `*` is no digest: registry:2 sends the manifest (its blobs' `*` is Go's ServeContent's 304).
+    for method in ("GET", "HEAD"):
+        star = client.request(method, "/v2/x/manifests/v1", headers={"If-None-Match": "*"})
+        assert (star.status_code, star.headers["etag"]) == (200, f'"{digest}"'), method
+    assert client.get("/v2/x/manifests/v1", headers={"If-None-Match": "*"}).content == body
     # "x" on Docker Hub is "library/x": the same cached repository, fetched once.
     assert upstream.requests["GET /v2/library/x/manifests/" + digest] == 1
 
