@@ -43,6 +43,7 @@ log = logging.getLogger("edgeproxy.mirror")
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 ALLOW = {"Allow": "GET, HEAD"}
+LIST_ALLOW = {"Allow": "GET"}  # tags/list and _catalog: registry:2 routes only GET there
 CATALOG_PAGES = (100, 1000)  # registry:2's page without `n`, and its catalog.maxentries
 BLOB_CACHE_CONTROL = "max-age=31536000"
 # RFC 8288: rel="next", or rel=next, or next among several relation types.
@@ -132,8 +133,11 @@ class MirrorApp:
         if self.auth is not None and request.scope["path"] == TOKEN_PATH:
             return await self.auth.token(request)
         route = parse_route(request.scope["path"])
-        if request.method not in ("GET", "HEAD", "OPTIONS"):
-            raise RegistryError("UNSUPPORTED", "this registry is a read-only mirror", headers=ALLOW)
+        allow = _allow(route)
+        if allow is not None and request.method not in (*allow["Allow"].split(", "), "OPTIONS"):
+            read_only = "this registry is a read-only mirror"
+            message = "a list is read with GET" if request.method == "HEAD" else read_only
+            raise RegistryError("UNSUPPORTED", message, headers=allow)
         if route is None:
             raise RegistryError("UNSUPPORTED", "not a registry API path", status=404)
         target = None
@@ -143,10 +147,10 @@ class MirrorApp:
             )
         if self.auth is not None:
             await self.auth.check(request, self.auth.access(route, target))
-        if request.method == "OPTIONS":  # a CORS preflight: 200, as registry:2's handlers say
-            return Response(headers=ALLOW)
         if route.kind == "base":
             return _json({})
+        if request.method == "OPTIONS":  # a CORS preflight: 200, as registry:2's handlers say
+            return Response(headers=allow)
         if route.kind == "catalog" or target is None:
             names = self.storage.repositories()
             return _paginated(request, "repositories", names, "/v2/_catalog", {}, CATALOG_PAGES)
@@ -302,6 +306,14 @@ class MirrorApp:
         manifests = document.get("manifests")
         found = [d for d in manifests if isinstance(d, dict)] if isinstance(manifests, list) else []
         return found, status
+
+
+def _allow(route: Route | None) -> dict[str, str] | None:
+    """The methods a path takes, as an Allow header; None for the base route, which registry:2
+    answers whatever the method (a HEAD of a list is a 405 there: its routes name only GET)."""
+    if route is not None and route.kind == "base":
+        return None
+    return LIST_ALLOW if route is not None and route.kind in ("tags", "catalog") else ALLOW
 
 
 def _is_referrers_index(answer: UpstreamResponse) -> bool:

@@ -47,11 +47,22 @@ def test_base_and_common_headers(setup: tuple[FakeUpstream, httpx.Client]) -> No
     assert response.headers["docker-distribution-api-version"] == "registry/2.0"
     assert response.headers["x-content-type-options"] == "nosniff"
     # OPTIONS (a browser's CORS preflight) is 200 with Allow, as registry:2's method handlers.
-    for path in ("/v2/", "/v2/x/manifests/v1", "/v2/_catalog"):
+    for path, allow in [
+        ("/v2/x/manifests/v1", "GET, HEAD"),
+        ("/v2/x/blobs/sha256:" + "a" * 64, "GET, HEAD"),
+        ("/v2/x/tags/list", "GET"),
+        ("/v2/_catalog", "GET"),
+    ]:
         options = client.options(path)
         assert (options.status_code, options.content) == (200, b""), path
-        assert options.headers["allow"] == "GET, HEAD"
+        assert options.headers["allow"] == allow, path
         assert options.headers["x-content-type-options"] == "nosniff"
+    # registry:2's base route answers any method as GET; /v2 too (registry:2: a 301 to /v2/).
+    for method in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
+        for path in ("/v2/", "/v2"):
+            base = client.request(method, path)
+            assert base.status_code == 200, (method, path)
+            assert base.content == (b"" if method == "HEAD" else b"{}"), (method, path)
     # registry:2 answers `/` for load balancers' liveness probes, whatever the method.
     for method in ("GET", "HEAD", "POST"):
         alive = client.request(method, "/")
@@ -67,6 +78,8 @@ def test_base_and_common_headers(setup: tuple[FakeUpstream, httpx.Client]) -> No
         ("DELETE", "/v2/x/manifests/v1"),
         ("PATCH", "/v2/x/blobs/uploads/abc"),
         ("DELETE", "/v2/x/blobs/sha256:" + "a" * 64),
+        ("PUT", "/v2/x/tags/list"),
+        ("DELETE", "/v2/_catalog"),
     ],
 )
 def test_writes_are_unsupported(
@@ -76,6 +89,18 @@ def test_writes_are_unsupported(
     response = client.request(method, path, content=b"{}")
     assert response.status_code == 405
     assert response.json()["errors"][0]["code"] == "UNSUPPORTED"
+    lists = path.endswith(("/tags/list", "/_catalog"))
+    assert response.headers["allow"] == ("GET" if lists else "GET, HEAD")
+
+
+def test_lists_take_no_head(setup: tuple[FakeUpstream, httpx.Client]) -> None:
+    """registry:2 routes tags/list and _catalog for GET only: a HEAD is a 405 (nothing is
+    asked upstream)."""
+    upstream, client = setup
+    for path in ("/v2/x/tags/list", "/v2/_catalog"):
+        response = client.head(path)
+        assert (response.status_code, response.headers["allow"]) == (405, "GET"), path
+    assert upstream.requests["GET /v2/library/x/tags/list"] == 0
 
 
 def test_bad_names_and_digests(setup: tuple[FakeUpstream, httpx.Client]) -> None:
