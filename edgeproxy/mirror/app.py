@@ -27,6 +27,7 @@ from edgeproxy.mirror.names import (
     Target,
     check_reference,
     if_range_holds,
+    is_uncached_digest,
     names_etag,
     parse_accept,
     parse_count,
@@ -154,6 +155,11 @@ class MirrorApp:
         if route.kind == "catalog" or target is None:
             names = self.storage.repositories()
             return _paginated(request, "repositories", names, "/v2/_catalog", {}, CATALOG_PAGES)
+        if route.kind in ("manifests", "blobs") and is_uncached_digest(route.reference):
+            # registry:2 answers 404 for what it lacks (in proxy mode, what the upstream
+            # lacks); the cache stores sha256 content only, so the mirror has none of it.
+            code = "MANIFEST_UNKNOWN" if route.kind == "manifests" else "BLOB_UNKNOWN"
+            raise RegistryError(code, "only sha256 content is cached", {"digest": route.reference})
         upstream = self.upstreams[target.upstream.name]
         if route.kind == "manifests":
             return await self._manifest(request, route, target, upstream)

@@ -19,6 +19,9 @@ _NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _TAG = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
 _DIGEST = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 _SHA256 = re.compile(r"sha256:[a-f0-9]{64}")
+# go-digest's other algorithms: registry:2 takes them in a path (content pushed as sha512 is
+# linked to its sha256 data), the cache never holds content under them.
+_UNCACHED_DIGEST = re.compile(r"sha384:[a-f0-9]{96}|sha512:[a-f0-9]{128}")
 MAX_NAME_LENGTH = 255
 
 # DOTALL: a name holding a CR/LF is still a name, refused as NAME_INVALID rather than 404.
@@ -62,9 +65,13 @@ def parse_route(path: str) -> Route | None:
         return Route("tags", check_name(match["name"]))
     if match := _ROUTE.fullmatch(path):
         name, kind, ref = check_name(match["name"]), match["kind"], match["ref"]
+        # A sha384 or sha512 digest passes, as registry:2 takes it: the app answers it unknown
+        # (the upstream, for a referrers query).
+        if not is_uncached_digest(ref):
+            ref = check_reference(ref) if kind == "manifests" else check_digest(ref)
         if kind == "manifests":
-            return Route("manifests", name, check_reference(ref))
-        return Route("blobs" if kind == "blobs" else "referrers", name, check_digest(ref))
+            return Route("manifests", name, ref)
+        return Route("blobs" if kind == "blobs" else "referrers", name, ref)
     return None
 
 
@@ -95,6 +102,11 @@ def check_digest(digest: str) -> str:
 
 def is_digest(reference: str) -> bool:
     return ":" in reference
+
+
+def is_uncached_digest(reference: str) -> bool:
+    """A well-formed sha384 or sha512 digest: one registry:2 takes, the cache never holds."""
+    return _UNCACHED_DIGEST.fullmatch(reference) is not None
 
 
 def upstream_named(namespace: str | None, upstreams: list[UpstreamConfig]) -> UpstreamConfig | None:

@@ -116,6 +116,25 @@ def test_bad_names_and_digests(setup: tuple[FakeUpstream, httpx.Client]) -> None
         assert response.json()["errors"][0]["code"] == code
 
 
+def test_sha384_and_sha512_content_is_unknown(setup: tuple[FakeUpstream, httpx.Client]) -> None:
+    """registry:2 answers 404 for a sha384 or sha512 digest it lacks (400 is for a malformed
+    one); the cache holds sha256 content only, so none is asked upstream. A referrers query
+    goes upstream: the subject digest is only a key there."""
+    upstream, client = setup
+    for digest in ("sha384:" + "a" * 96, "sha512:" + "b" * 128):
+        for kind, code in [("manifests", "MANIFEST_UNKNOWN"), ("blobs", "BLOB_UNKNOWN")]:
+            response = client.get(f"/v2/x/{kind}/{digest}")
+            assert response.status_code == 404, (kind, digest)
+            assert response.json()["errors"][0]["code"] == code
+            assert client.head(f"/v2/x/{kind}/{digest}").status_code == 404
+        upstream.referrers[digest] = [{"digest": "sha256:" + "c" * 64}]
+        referrers = client.get(f"/v2/x/referrers/{digest}")
+        assert referrers.json()["manifests"] == upstream.referrers[digest]
+    assert not [r for r in upstream.requests if "/manifests/" in r or "/blobs/" in r]
+    for malformed in ("sha512:" + "b" * 127, "sha512:" + "B" * 128, "md5:" + "d" * 32):
+        assert client.get(f"/v2/x/blobs/{malformed}").status_code == 400, malformed
+
+
 def test_manifest_headers_head_and_conditional(setup: tuple[FakeUpstream, httpx.Client]) -> None:
     upstream, client = setup
     digest = upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
