@@ -76,7 +76,9 @@ def parse_route(path: str) -> Route | None:
 
 
 def check_name(name: str) -> str:
-    if len(name) > MAX_NAME_LENGTH or not _NAME.fullmatch(name):
+    """A name of the reference grammar; its length is checked as the upstream names it
+    (`resolve_target`)."""
+    if not _NAME.fullmatch(name):
         raise RegistryError(
             "NAME_INVALID", "invalid repository name", {"name": name[:MAX_NAME_LENGTH]}
         )
@@ -140,6 +142,15 @@ def resolve_target(name: str, namespace: str | None, upstreams: list[UpstreamCon
             upstream, remote = upstreams[0], name
     if upstream.adds_library_prefix and "/" not in remote:
         remote = f"library/{remote}"
+    if len(remote) > MAX_NAME_LENGTH:
+        # The distribution spec's limit, on the name the upstream is asked for: `library/`
+        # counts (the upstream would refuse the name), an upstream's prefix does not (the
+        # upstream never sees it).
+        raise RegistryError(
+            "NAME_INVALID",
+            f"repository name over {MAX_NAME_LENGTH} characters upstream",
+            {"name": name[:MAX_NAME_LENGTH]},
+        )
     if upstream is not upstreams[0]:
         return Target(upstream, remote, f"{upstream.cache_prefix}/{remote}")
     if by_prefix.get(remote.partition("/")[0], upstream) is not upstream:

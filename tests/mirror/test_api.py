@@ -135,6 +135,21 @@ def test_sha384_and_sha512_content_is_unknown(setup: tuple[FakeUpstream, httpx.C
         assert client.get(f"/v2/x/blobs/{malformed}").status_code == 400, malformed
 
 
+def test_the_name_limit_is_the_upstreams(setup: tuple[FakeUpstream, httpx.Client]) -> None:
+    """A name the upstream would be asked for over 255 characters is NAME_INVALID here: with
+    Docker Hub's `library/` (registry:2 never adds it: its client sends it), not with the
+    prefix that picks an upstream (the upstream never sees it)."""
+    upstream, client = setup
+    too_long = client.get("/v2/" + "a" * 248 + "/manifests/v1")
+    assert too_long.status_code == 400
+    assert too_long.json()["errors"][0]["code"] == "NAME_INVALID"
+    assert not upstream.requests
+    upstream.add_manifest("v1", [upstream.add_blob(b"layer")])
+    prefixed = client.get("/v2/other.example/" + "a" * 255 + "/manifests/v1")
+    assert prefixed.status_code == 200
+    assert upstream.requests["HEAD /v2/" + "a" * 255 + "/manifests/v1"] == 1
+
+
 def test_manifest_headers_head_and_conditional(setup: tuple[FakeUpstream, httpx.Client]) -> None:
     upstream, client = setup
     digest = upstream.add_manifest("v1", [upstream.add_blob(b"layer")])

@@ -44,7 +44,6 @@ def test_routes() -> None:
         ("/v2/Upper/manifests/latest", "NAME_INVALID"),
         ("/v2/a//b/manifests/latest", "NAME_INVALID"),
         ("/v2/a\x00b/manifests/latest", "NAME_INVALID"),
-        ("/v2/" + "a" * 256 + "/manifests/latest", "NAME_INVALID"),
         ("/v2/a/manifests/.hidden", "TAG_INVALID"),
         ("/v2/a/blobs/sha256:zz", "DIGEST_INVALID"),
         ("/v2/a/blobs/md5:" + "a" * 32, "DIGEST_INVALID"),
@@ -79,6 +78,28 @@ def test_upstream_selection() -> None:
     with pytest.raises(RegistryError) as caught:
         resolve_target("x", "evil.example.com", upstreams)
     assert caught.value.status == 404
+
+
+def test_the_name_limit_is_the_upstreams() -> None:
+    """255 characters (the distribution spec's limit) as the upstream is asked: Docker Hub's
+    `library/` counts, an upstream's prefix does not."""
+    upstreams = [HUB, GHCR]
+    for name, namespace, fits in [
+        ("a" * 247, None, True),  # library/ + 247 = 255
+        ("a" * 248, None, False),
+        ("team/" + "a" * 250, None, True),
+        ("team/" + "a" * 251, None, False),
+        ("ghcr.io/" + "a" * 255, None, True),  # ghcr.io is asked for the 255 only
+        ("ghcr.io/" + "a" * 256, None, False),
+        ("a" * 255, "ghcr.io", True),
+        ("a" * 256, "ghcr.io", False),
+    ]:
+        if fits:
+            assert len(resolve_target(name, namespace, upstreams).remote_name) == 255
+            continue
+        with pytest.raises(RegistryError) as caught:
+            resolve_target(name, namespace, upstreams)
+        assert (caught.value.code, caught.value.status) == ("NAME_INVALID", 400), name
 
 
 def test_ns_names_a_host_in_any_case_and_an_empty_one_none() -> None:
