@@ -45,7 +45,11 @@ MAX_TOKENS = 256
 _DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
 _DOCKER_HUB_REALM = "auth.docker.io"
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
-_CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
+# An item of a WWW-Authenticate (RFC 9110 11.6.1): an auth-param, or a token without "=",
+# the scheme that starts the next challenge (one header may hold several).
+_CHALLENGE_ITEM = re.compile(
+    r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))|([!#$%&\'*+.^`|~\w-]+)'
+)
 _TOKEN = re.compile(r"[\x21-\x7e]+")  # visible ASCII
 _ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 
@@ -69,17 +73,21 @@ class UpstreamResponse:
     body: bytes
 
 
-def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
-    """('bearer', {'realm': ..., 'service': ..., 'scope': ...}) from a WWW-Authenticate."""
-    scheme, _, rest = header.strip().partition(" ")
-    params = {
-        # A quoted-string's quoted-pairs (RFC 9110 5.6.4): a backslash escapes any character.
-        m.group(1).lower(): _QUOTED_PAIR.sub(r"\1", m.group(2))
-        if m.group(2) is not None
-        else m.group(3)
-        for m in _CHALLENGE_PARAM.finditer(rest)
-    }
-    return scheme.lower(), params
+def parse_challenges(headers: Sequence[str]) -> list[tuple[str, dict[str, str]]]:
+    """Every challenge of the WWW-Authenticate `headers`, each as ('bearer', {'realm': ...,
+    'service': ..., 'scope': ...}): a header may hold several (`Bearer realm="..", Basic
+    realm=".."`), and an upstream may send several headers."""
+    challenges: list[tuple[str, dict[str, str]]] = []
+    for header in headers:
+        for m in _CHALLENGE_ITEM.finditer(header):
+            if m.group(4) is not None:
+                challenges.append((m.group(4).lower(), {}))
+            elif challenges:
+                # A quoted-string's quoted-pairs (RFC 9110 5.6.4): a backslash escapes any
+                # character.
+                value = m.group(3) if m.group(2) is None else _QUOTED_PAIR.sub(r"\1", m.group(2))
+                challenges[-1][1][m.group(1).lower()] = value
+    return challenges
 
 
 def parse_token(body: bytes) -> tuple[str, float] | None:
@@ -223,7 +231,7 @@ class UpstreamClient:
             finally:
                 self._probed = True  # only now: the requests waiting on the lock go out after it
             if response.status_code == 401:
-                self._learn(response.headers.get("www-authenticate"), None)
+                self._learn(response.headers.get_list("www-authenticate"), None)
 
     async def _authorization(self, name: str, wanted: Sequence[str] = ()) -> dict[str, str]:
         """The Authorization for a request of repository `name`; a token is asked for the
@@ -261,16 +269,21 @@ class UpstreamClient:
         self._tokens[scope] = token
         return token
 
-    def _learn(self, header: str | None, name: str | None) -> list[str] | None:
-        """Take a 401's challenge; the scopes it names (containerd asks for them too, as the
-        retry does), or None when retrying with new credentials cannot help."""
-        if not header:
+    def _learn(self, headers: Sequence[str], name: str | None) -> list[str] | None:
+        """Take a 401's challenge: Bearer when one is offered, else Basic, as Docker and
+        registry:2's proxy pick among several; the scopes it names (containerd asks for them
+        too, as the retry does), or None when retrying with new credentials cannot help."""
+        challenges = parse_challenges(headers)
+        usable = [
+            (scheme, params)
+            for scheme, params in challenges
+            if (scheme == "bearer" and "realm" in params)
+            or (scheme == "basic" and self.config.username)
+        ]
+        bearer = [challenge for challenge in usable if challenge[0] == "bearer"]
+        if not usable:
             return None
-        scheme, params = parse_challenge(header)
-        if scheme == "basic" and not self.config.username:
-            return None
-        if scheme not in ("basic", "bearer") or (scheme == "bearer" and "realm" not in params):
-            return None
+        scheme, params = (bearer or usable)[0]
         self._challenge = (scheme, {k: v for k, v in params.items() if k != "scope"})
         if name is not None:
             self._tokens.pop(f"repository:{name}:pull", None)
@@ -336,12 +349,12 @@ class UpstreamClient:
                 headers={**(headers or {}), **auth},
                 params=params,
             )
-            challenge = response.headers.get("www-authenticate")
+            challenges = response.headers.get_list("www-authenticate")
             # A 401 from where the upstream redirected to is that server's: its challenge
             # must not replace the upstream's (as in open_blob).
             own = same_origin(response.url, self._http.base_url)
             if response.status_code == 401 and own and attempt == 0:
-                learnt = self._learn(challenge, name)
+                learnt = self._learn(challenges, name)
                 if learnt is not None:
                     wanted = learnt
                     continue
@@ -428,11 +441,11 @@ class UpstreamClient:
             if stream.whole:
                 return stream
             stream.close()
-            challenge = stream.headers.get("WWW-Authenticate")
+            challenges = stream.headers.get_all("WWW-Authenticate") or []
             # A CDN's 401 is the CDN's: its challenge must not replace the upstream's.
             own = not stream.redirected
             if stream.status == 401 and own and attempt == 0:
-                learnt = self._learn(challenge, name)
+                learnt = self._learn(challenges, name)
                 if learnt is not None:
                     wanted = learnt
                     continue

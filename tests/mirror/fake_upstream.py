@@ -63,6 +63,8 @@ class FakeUpstream:
     issued: int = 0
     token_answer: bytes | None = None  # what /token answers instead, when set
     realm: str | None = None  # the challenges' realm, when not this server's /token
+    # A 401's WWW-Authenticate headers, one line each, instead of the one bearer challenge.
+    challenges: list[str] | None = None
     # Close each connection when a second request comes on it, unanswered (tinyproxy's way
     # with an answer that did not say "Connection: close": set that in answer_headers).
     closes_when_reused: bool = False
@@ -151,7 +153,7 @@ class FakeUpstream:
     async def _respond(self, writer: asyncio.StreamWriter, method: str, path: str) -> None:
         fault = next((f for suffix, f in self.faults.items() if path.endswith(suffix)), None)
         extra = next((h for suffix, h in self.answer_headers.items() if path.endswith(suffix)), {})
-        headers: dict[str, str] = {}
+        headers: dict[str, str | list[str]] = {}
         if isinstance(fault, int):
             if fault == 429:
                 headers = {"Retry-After": "7"}
@@ -208,7 +210,9 @@ class FakeUpstream:
             return None
         return self._send(writer, 200, body, {**headers, **extra}, method)
 
-    def _challenge(self) -> str:
+    def _challenge(self) -> str | list[str]:
+        if self.challenges is not None:
+            return self.challenges
         return f'Bearer realm="{self.realm or self.url + "/token"}",service="fake"'
 
     @staticmethod
@@ -216,11 +220,14 @@ class FakeUpstream:
         writer: asyncio.StreamWriter,
         status: int,
         body: bytes,
-        headers: dict[str, str],
+        headers: dict[str, str | list[str]],
         method: str,
     ) -> None:
+        """One answer; a header with a list of values is sent as one line for each."""
         headers = {"Content-Length": str(len(body)), "Connection": "close", **headers}
-        lines = [f"HTTP/1.1 {status} X"] + [f"{k}: {v}" for k, v in headers.items()]
+        lines = [f"HTTP/1.1 {status} X"] + [
+            f"{k}: {v}" for k, vs in headers.items() for v in ([vs] if isinstance(vs, str) else vs)
+        ]
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
         if method != "HEAD":
             writer.write(body)

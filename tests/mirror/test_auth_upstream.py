@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 from edgeproxy.config import config_from_dict
 from edgeproxy.mirror.app import MirrorApp
 from edgeproxy.mirror.upstream import may_send_credentials
-from tests.mirror.fake_upstream import MANIFEST_TYPE
+from tests.mirror.fake_upstream import MANIFEST_TYPE, fake_upstream, mirror_of
 from tests.support.ports import free_port
 from tests.support.servers import serve_app
 
@@ -259,3 +259,32 @@ def test_the_scope_a_challenge_names_is_asked_for(tmp_path: Path) -> None:
     # The first token asked for with the challenge's scope serves the later requests too.
     assert SCOPED_TOKENS[-1] == ["repository:x:pull", WANTED]
     assert len(SCOPED_TOKENS) <= 2
+
+
+@pytest.mark.parametrize(
+    "challenges",
+    [
+        ['Basic realm="x", Bearer realm="{token}",service="fake"'],
+        ['Bearer realm="{token}",service="fake", Basic realm="x"'],
+        ['Basic realm="x"', 'Bearer realm="{token}",service="fake"'],
+    ],
+)
+@pytest.mark.parametrize("username", ["", USER])
+def test_bearer_is_taken_among_several_challenges(
+    tmp_path: Path, challenges: list[str], username: str
+) -> None:
+    """Several challenges, in one WWW-Authenticate or in several: Bearer is taken when offered,
+    as Docker and registry:2's proxy (Go's challenge package, a token handler first) do, with
+    its own parameters; Basic only when there is no Bearer."""
+    with fake_upstream() as upstream:
+        upstream.tokens = set()
+        upstream.challenges = [c.format(token=f"{upstream.url}/token") for c in challenges]
+        first, second = upstream.add_blob(b"one"), upstream.add_blob(b"two")
+        upstream.add_manifest("v1", [first])
+        mirror = mirror_of(upstream, tmp_path, username=username, password=SECRET)
+        with serve_app(mirror) as url, httpx.Client(base_url=url) as client:
+            assert client.get("/v2/a/b/manifests/v1").status_code == 200
+            assert client.get(f"/v2/a/b/blobs/{first}").content == b"one"
+            upstream.tokens.clear()  # the blob's own 401 is read as well
+            assert client.get(f"/v2/a/b/blobs/{second}").content == b"two"
+        assert upstream.issued == 2

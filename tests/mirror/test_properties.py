@@ -31,7 +31,7 @@ from edgeproxy.mirror.names import (
     resolve_target,
 )
 from edgeproxy.mirror.storage import FilesystemStorage
-from edgeproxy.mirror.upstream import parse_challenge
+from edgeproxy.mirror.upstream import parse_challenges
 
 HUB = UpstreamConfig(name="docker.io", url="https://registry-1.docker.io")
 GHCR = UpstreamConfig(name="ghcr.io", url="https://ghcr.io")
@@ -297,11 +297,15 @@ def quote(value: str) -> str:
 @example("Bearer", {"realm": 'a\\"b', "service": "x,y"}, ",")
 def test_challenges_round_trip(scheme: str, params: dict[str, str], separator: str) -> None:
     header = f"{scheme} " + separator.join(f"{k}={quote(v)}" for k, v in params.items())
-    assert parse_challenge(header) == (scheme.lower(), params)
+    assert parse_challenges([header]) == [(scheme.lower(), params)]
+    # Several in one header, as RFC 9110 allows, or in several headers: each its own.
+    other = ("basic", {"realm": "x"})
+    assert parse_challenges([f'{header}, Basic realm="x"']) == [(scheme.lower(), params), other]
+    assert parse_challenges(['Basic realm="x"', header]) == [other, (scheme.lower(), params)]
 
 
-@given(st.text(max_size=200))
-def test_challenges_never_raise(header: str) -> None:
-    scheme, params = parse_challenge(header)
-    assert scheme == scheme.lower()
-    assert all(isinstance(v, str) for v in params.values())
+@given(st.lists(st.text(max_size=200), max_size=3))
+def test_challenges_never_raise(headers: list[str]) -> None:
+    for scheme, params in parse_challenges(headers):
+        assert scheme == scheme.lower()
+        assert all(isinstance(v, str) for v in params.values())
