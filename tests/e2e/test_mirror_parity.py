@@ -162,6 +162,44 @@ def test_manifest_not_modified_as_registry2(
             assert star.status_code == 200, base
 
 
+def test_methods_and_other_digests_as_registry2(
+    registry_none: Registry,
+    push_all: Callable[[Registry], dict[str, Pushed]],
+    tmp_path: Path,
+) -> None:
+    """The status and Allow registry:2 answers for methods its routes do not take (the
+    mirror's 405 body is the registry's JSON, not Go's text), and for a sha512 digest."""
+    item = push_all(registry_none)["small"]
+    sha512 = "sha512:" + "a" * 128
+    requests = [
+        ("HEAD", f"/v2/{item.repo}/tags/list"),
+        ("OPTIONS", f"/v2/{item.repo}/tags/list"),
+        ("DELETE", f"/v2/{item.repo}/tags/list"),
+        ("HEAD", "/v2/_catalog"),
+        ("OPTIONS", "/v2/_catalog"),
+        ("POST", "/v2/_catalog"),
+        ("HEAD", "/v2/"),
+        ("POST", "/v2/"),
+        ("DELETE", "/v2/"),
+        ("GET", f"/v2/{item.repo}/blobs/{sha512}"),
+        ("HEAD", f"/v2/{item.repo}/blobs/{sha512}"),
+        ("GET", f"/v2/{item.repo}/manifests/{sha512}"),
+    ]
+    with (
+        run_edgeproxy(tmp_path, [upstream_entry(registry_none)]) as mirror,
+        httpx.Client(timeout=60) as client,
+    ):
+        for method, path in requests:
+            answers = [
+                client.request(method, base + path) for base in (registry_none.url, mirror.url)
+            ]
+            expected, got = ((a.status_code, a.headers.get("allow")) for a in answers)
+            assert got == expected, (method, path)
+            if method == "GET":
+                codes = [a.json()["errors"][0]["code"] for a in answers]
+                assert codes[0] == codes[1], (method, path)
+
+
 ACCEPTS = [
     None,
     "*/*",
