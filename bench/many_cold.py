@@ -31,6 +31,7 @@ from bench.harness import (
     NamespacedUpstream,
     blob_data_path,
     create_shaped_link,
+    pid_with_args,
     process_tree,
     remove_shaped_link,
     stop_group,
@@ -47,10 +48,11 @@ REPO = "bench/many"
 
 def make_blobs(root: Path, count: int, size: int) -> list[str]:
     """`count` distinct blobs of `size` bytes linked in REPO of the registry storage at
-    `root`; kept (and reused) across runs."""
+    `root`; kept (and reused by runs of that size) across runs."""
     listing = root / "many-digests.txt"
     digests = listing.read_text().split() if listing.exists() else []
-    if len(digests) >= count and all(blob_data_path(root, d).exists() for d in digests[:count]):
+    paths = [blob_data_path(root, d) for d in digests[:count]]
+    if len(paths) == count and all(p.exists() and p.stat().st_size == size for p in paths):
         return digests[:count]
     base = bytearray(os.urandom(size))
     digests = []
@@ -182,12 +184,9 @@ def run_one(args: argparse.Namespace, upstream: str, digests: list[str], count: 
             finally:
                 resource.setrlimit(resource.RLIMIT_NOFILE, own)
             port = baseline.port
-            pid = next(
-                p
-                for p in process_tree(os.getpid())
-                if p != os.getpid()
-                and str(baseline.config_path).encode() in Path(f"/proc/{p}/cmdline").read_bytes()
-            )
+            found = pid_with_args("serve", str(baseline.config_path))
+            assert found is not None, "registry:2 is not running"
+            pid = found
         else:
             process, port = start_edgeproxy(work, upstream, args.nofile)
             pid = process.pid
