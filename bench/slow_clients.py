@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import shutil
 import socket
 import statistics
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.harness import process_tree, stop_group
+from bench.harness import pid_with_args, process_tree, stop_group
 from bench.many_cold import MiB, make_blobs, start_edgeproxy
 from tests.support.registry import Registry, start_registry
 
@@ -116,12 +115,9 @@ def main() -> None:
         if args.baseline:
             baseline = start_registry(work / "baseline", remote=upstream.url)
             port = baseline.port
-            pid = next(
-                p
-                for p in process_tree(os.getpid())
-                if p != os.getpid()
-                and str(baseline.config_path).encode() in Path(f"/proc/{p}/cmdline").read_bytes()
-            )
+            found = pid_with_args("serve", str(baseline.config_path))
+            assert found is not None, "registry:2 is not running"
+            pid = found
         else:
             process, port = start_edgeproxy(work, upstream.url, None)
             pid = process.pid

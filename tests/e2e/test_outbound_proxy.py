@@ -18,7 +18,7 @@ from tests.support.addresses import link_local_addresses
 from tests.support.edge import make_certificate
 from tests.support.images import Image, build_image, push, random_layer
 from tests.support.registry import Registry, start_registry
-from tests.support.servers import run_edgeproxy
+from tests.support.servers import EdgeproxyProcess, run_edgeproxy
 from tests.support.tinyproxy import OUTGOING, run_tinyproxy, tls_front
 
 pytestmark = pytest.mark.e2e
@@ -55,6 +55,17 @@ def registry_outside(
             yield upstream, certificate[0] if certificate else None
         finally:
             upstream.close()
+
+
+def unavailable(mirror: EdgeproxyProcess, repository: str, image: Image, *said: str) -> None:
+    """The image's manifest and first layer are 503 UNAVAILABLE, the message saying `said`."""
+    for path in ("manifests/v1", f"blobs/{image.layer_digests[0]}"):
+        response = httpx.get(f"{mirror.url}/v2/{repository}/{path}", timeout=30)
+        assert response.status_code == 503, (path, response.text)
+        error = response.json()["errors"][0]
+        assert error["code"] == "UNAVAILABLE", error
+        for words in said:
+            assert words in error["message"], error
 
 
 def test_plain_upstream_through_a_proxy_with_credentials(tmp_path: Path) -> None:
@@ -169,13 +180,9 @@ def test_an_https_proxy_not_trusted_is_a_clear_503(tmp_path: Path, scheme: str) 
             with tls_front(proxy, proxy_certificate, proxy_key) as handshakes:
                 env = proxy_env(scheme, proxy.url())
                 with run_edgeproxy(tmp_path / "mirror", [entry], env) as mirror:
-                    for path in ("manifests/v1", f"blobs/{image.layer_digests[0]}"):
-                        response = httpx.get(f"{mirror.url}/v2/test/untrusted/{path}", timeout=30)
-                        assert response.status_code == 503, (path, response.text)
-                        error = response.json()["errors"][0]
-                        assert error["code"] == "UNAVAILABLE", error
-                        assert "through the proxy: " in error["message"], error
-                        assert "CERTIFICATE_VERIFY_FAILED" in error["message"], error
+                    unavailable(
+                        mirror, "test/untrusted", image, "through the proxy: ", "VERIFY_FAILED"
+                    )
                     assert "CERTIFICATE_VERIFY_FAILED" in mirror.log()
             assert handshakes == [0]
             assert proxy.requests() == []
@@ -194,12 +201,7 @@ def test_a_proxy_asking_for_credentials_is_a_clear_503(tmp_path: Path, scheme: s
         with run_tinyproxy(tmp_path / "proxy", CREDENTIALS) as proxy:
             env = proxy_env(scheme, proxy.url())
             with run_edgeproxy(tmp_path / "mirror", [entry], env) as mirror:
-                for path in ("manifests/v1", f"blobs/{image.layer_digests[0]}"):
-                    response = httpx.get(f"{mirror.url}/v2/test/refused/{path}", timeout=30)
-                    assert response.status_code == 503, (path, response.text)
-                    error = response.json()["errors"][0]
-                    assert error["code"] == "UNAVAILABLE", error
-                    assert "407" in error["message"], error
+                unavailable(mirror, "test/refused", image, "407")
         assert upstream.count("GET", "/blobs/" + image.layer_digests[0]) == 0
 
 

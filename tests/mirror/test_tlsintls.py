@@ -5,55 +5,30 @@ requests inside it; both certificates checked with the upstream's context."""
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from edgeproxy.mirror.blobstream import BlobRequest, BlobStream, BlobStreamError, ConnectionPool
 from edgeproxy.mirror.proxies import Proxies, Proxy, parse_proxy
+from tests.mirror.test_blobstream import BLOCK, BODY, chunked, stall, stalled, whole
 from tests.support.edge import make_certificate
 from tests.support.servers import serve_app
 from tests.support.tinyproxy import Tinyproxy, run_tinyproxy, tls_front
 from tests.support.wait import wait_until
 
-BODY = os.urandom(3 * 1024 * 1024 + 5)
-BLOCK = 1024 * 1024
-stalled = threading.Event()
-
-
-async def whole(request: Request) -> Response:
-    return Response(BODY)
-
-
-async def chunked(request: Request) -> StreamingResponse:
-    async def pieces() -> AsyncIterator[bytes]:
-        for start in range(0, len(BODY), 100_000):
-            yield BODY[start : start + 100_000]
-
-    return StreamingResponse(pieces())
-
 
 async def closing(request: Request) -> Response:
     """http.client closes the connection as the head comes: the body is read after that."""
     return Response(BODY, headers={"Connection": "close"})
-
-
-async def stall(request: Request) -> StreamingResponse:
-    async def pieces() -> AsyncIterator[bytes]:
-        yield b"x" * 1000
-        stalled.set()
-        await asyncio.sleep(3600)
-
-    return StreamingResponse(pieces(), headers={"Content-Length": "2000"})
 
 
 APP = Starlette(
