@@ -62,6 +62,11 @@ def mirror(tmp_path: Path, upstream: FakeUpstream) -> Iterator[tuple[MirrorApp, 
         yield app, client
 
 
+def disk_full(*args: object) -> NoReturn:
+    """A storage write that finds the disk full."""
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
 def cache_files(app: MirrorApp) -> list[str]:
     root = app.config.root
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
@@ -251,12 +256,8 @@ def test_a_tag_never_names_a_manifest_the_disk_refused(
     with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         assert client.get("/v2/x/manifests/v1").headers["docker-content-digest"] == old
         new = upstream.add_manifest("v1", [upstream.add_blob(b"new layer")])
-
-        def full(name: str, digest: str, data: bytes) -> None:
-            raise OSError(errno.ENOSPC, "No space left on device")
-
         with monkeypatch.context() as patch:
-            patch.setattr(app.storage, "write_manifest", full)
+            patch.setattr(app.storage, "write_manifest", disk_full)
             moved = client.get("/v2/x/manifests/v1")  # served, not cached
         assert (moved.status_code, moved.headers["docker-content-digest"]) == (200, new)
     tag = app.storage.read_tag("x", "v1")
@@ -278,12 +279,9 @@ def test_a_layer_link_the_disk_refused_is_written_at_the_next_pull(
     digest = upstream.add_blob(b"layer")
     app = mirror_of(upstream, tmp_path / "cache")
 
-    def full(name: str, digest: str) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
     with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         with monkeypatch.context() as patch:  # full while the fill runs, its commit included
-            patch.setattr(app.storage, "link_blob", full)
+            patch.setattr(app.storage, "link_blob", disk_full)
             assert fetch(client, f"/v2/x/blobs/{digest}") == (200, b"layer", True)
             assert wait_until(lambda: digest not in app.blobs._fills)  # committed, linked
             assert app.storage.blob_size(digest) == len(b"layer")
@@ -304,12 +302,9 @@ def test_a_layer_link_the_disk_refused_is_written_at_the_next_commit(
     first, second = upstream.add_blob(b"first layer"), upstream.add_blob(b"second layer")
     app = mirror_of(upstream, tmp_path / "cache")
 
-    def full(name: str, digest: str) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
     with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         with monkeypatch.context() as patch:
-            patch.setattr(app.storage, "link_blob", full)
+            patch.setattr(app.storage, "link_blob", disk_full)
             assert fetch(client, f"/v2/x/blobs/{first}") == (200, b"first layer", True)
             assert wait_until(lambda: first not in app.blobs._fills)  # committed, linked
             assert not app.storage.blob_linked("x", first)
@@ -330,12 +325,9 @@ def test_a_layer_link_the_disk_refused_is_written_when_the_worker_stops(
     digest = upstream.add_blob(b"layer")
     app = mirror_of(upstream, tmp_path / "cache")
 
-    def full(name: str, digest: str) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
     with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         with monkeypatch.context() as patch:
-            patch.setattr(app.storage, "link_blob", full)
+            patch.setattr(app.storage, "link_blob", disk_full)
             assert fetch(client, f"/v2/x/blobs/{digest}") == (200, b"layer", True)
             assert wait_until(lambda: digest not in app.blobs._fills)  # committed, linked
         assert not app.storage.blob_linked("x", digest)
