@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -228,7 +229,8 @@ def test_https_upstream_trusted_through_its_ca(tmp_path: Path) -> None:
     """A private upstream over https (a real registry with http.tls): trusted through the
     upstream's `ca`, skopeo pulls cold then warm, each layer fetched once; without `ca` (certifi
     and the system's store) manifests and blobs get a clear 503 UNAVAILABLE, never a 500; a CA
-    in the system's store (SSL_CERT_FILE here) is trusted without `ca`."""
+    in the system's store (its file or its folder: SSL_CERT_FILE, SSL_CERT_DIR here) is
+    trusted without `ca`."""
     certificate, key = make_certificate(tmp_path / "tls", "127.0.0.1")
     upstream = start_registry(tmp_path / "upstream", tls=(certificate, key))
     try:
@@ -250,10 +252,15 @@ def test_https_upstream_trusted_through_its_ca(tmp_path: Path) -> None:
                 assert pulled_digest(tmp_path / attempt) == image.manifest_digest
         assert blob_gets(upstream, image.layer_digests) == len(image.layer_digests)
         # The system's store, as registry:2 trusts it: a CA installed there needs no `ca`.
-        system = {"SSL_CERT_FILE": str(certificate)}
-        with run_edgeproxy(tmp_path / "system", [entry], env=system) as mirror:
-            pull(mirror, "test/tls:v1", tmp_path / "system-pull")
-            assert pulled_digest(tmp_path / "system-pull") == image.manifest_digest
+        folder = tmp_path / "certs"
+        folder.mkdir()
+        shutil.copy(certificate, folder / "company.pem")
+        subprocess.run(["openssl", "rehash", str(folder)], check=True)  # update-ca-certificates'
+        for variable, system in (("SSL_CERT_FILE", certificate), ("SSL_CERT_DIR", folder)):
+            env = {variable: str(system)}
+            with run_edgeproxy(tmp_path / variable, [entry], env=env) as mirror:
+                pull(mirror, "test/tls:v1", tmp_path / f"{variable}-pull")
+                assert pulled_digest(tmp_path / f"{variable}-pull") == image.manifest_digest
     finally:
         upstream.close()
 
