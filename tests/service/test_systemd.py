@@ -65,10 +65,16 @@ exec >"$out/check.log" 2>&1
 set -x
 fact() {{ echo "$1=$2" >>"$out/facts"; }}
 show() {{ systemctl show --value -p "$1" edgeproxy; }}
+logged() {{ journalctl -u edgeproxy -q -g "$1" | wc -l; }}
+# Until "$@" succeeds, a minute at most (a second or two unloaded); 1 if it never did.
+wait_for() {{
+    end=$(($(date +%s) + 60))
+    until "$@"; do [ "$(date +%s)" -lt "$end" ] || return 1; sleep 0.1; done
+}}
 pull() {{ skopeo --insecure-policy copy --src-cert-dir {work}/ca \\
     docker://localhost/test/systemd:v1 "oci:/var/tmp/$1:v1" && cp "/var/tmp/$1/index.json" \\
     "$out/$1.json"; }}
-for _ in $(seq 100); do curl -s -o /dev/null http://{registry}/v2/ && break; sleep 0.1; done
+wait_for curl -s -o /dev/null http://{registry}/v2/; fact registry $?
 skopeo --insecure-policy copy --dest-tls-verify=false oci:{work}/image:v1 \\
     docker://{registry}/test/systemd:v1
 fact pushed $?
@@ -81,8 +87,14 @@ pull cold; fact pull_cold $?
 fact redirect "$(curl -s -o /dev/null -w '%{{http_code}} %{{redirect_url}}' http://localhost/v2/)"
 systemctl reload edgeproxy; fact reload $?
 # systemd 252 has no Type=notify-reload: reload returns once SIGHUP is sent (as nginx's unit
-# does); the master's RELOADING=1 ... READY=1 then show as reloading, then active.
-for _ in $(seq 600); do [ "$(show ActiveState)" = active ] && break; sleep 0.1; done
+# does), often before the master even read it: `active` then is the state before the reload,
+# and RELOADING=1 may come any time after. The reload is done once the master logged its
+# second READY=1 and the old workers exited (until then they too get USR1, and count below).
+reloaded() {{
+    [ "$(logged 'edgeproxy: ready: ')" -ge 2 ] && [ "$(logged 'old workers drained')" -ge 1 ] &&
+        [ "$(show ActiveState)" = active ]
+}}
+wait_for reloaded; fact reloaded $?
 fact state_after_reload "$(show ActiveState)/$(show SubState)"
 fact same_main_pid "$([ "$(show MainPID)" = "$pid" ] && echo yes || echo no)"
 pull warm; fact pull_warm $?
@@ -90,10 +102,8 @@ pull warm; fact pull_warm $?
 mv /var/log/edgeproxy/access.log /var/log/edgeproxy/access.log.1
 systemctl kill --signal=USR1 --kill-whom=main edgeproxy; fact usr1 $?
 workers=$(ps -o pid= --ppid "$pid" | wc -l)
-for _ in $(seq 300); do  # until every worker said it reopened
-    [ "$(journalctl -u edgeproxy -g 'accesslog: reopened' -q | wc -l)" -ge "$workers" ] && break
-    sleep 0.1
-done
+reopened() {{ [ "$(logged 'accesslog: reopened')" -ge "$workers" ]; }}
+wait_for reopened; fact reopened $?
 curl -sk -o /dev/null https://localhost/v2/?rotated
 fact state_after_usr1 "$(show ActiveState)/$(show SubState)"
 cp {work}/proxy.toml {work}/proxy.good
@@ -221,6 +231,7 @@ def test_the_installed_unit_serves_reloads_and_stops_under_systemd(work: Path) -
     assert (out / "facts").exists(), diagnosis
     facts = dict(line.split("=", 1) for line in (out / "facts").read_text().splitlines())
     assert facts == {
+        "registry": "0",  # it answered
         "pushed": "0",
         "state": "active/running",  # systemd had READY=1 (Type=notify)
         "status": "serving",
@@ -229,10 +240,12 @@ def test_the_installed_unit_serves_reloads_and_stops_under_systemd(work: Path) -
         "pull_cold": "0",
         "redirect": "301 https://localhost/v2/",
         "reload": "0",
+        "reloaded": "0",  # the new workers serve, the old ones are gone
         "state_after_reload": "active/running",
         "same_main_pid": "yes",
         "pull_warm": "0",
         "usr1": "0",
+        "reopened": "0",  # every worker said it reopened the file
         "state_after_usr1": "active/running",
         "bad_reload": "1",  # ExecReload's check failed: the signal was never sent
         "state_after_bad_reload": "active/running",
