@@ -198,6 +198,7 @@ async def serve(config: Config, listeners: Listeners, report: int | None = None)
     loop = asyncio.get_running_loop()
     if access_log is not None:
         loop.add_signal_handler(signal.SIGUSR1, access_log.reopen)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1])  # held since the fork
     try:
         await _run(servers, report)
     finally:

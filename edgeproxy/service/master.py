@@ -165,9 +165,11 @@ class Master:
                 signal.signal(sig, signal.SIG_DFL)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the master's business
-            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the worker reopens its log
             signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # sent to the group: the master's
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a SIGTERM held ends us here
+            # A SIGTERM held ends us here. SIGUSR1 stays held (with the master's no-op handler:
+            # SIG_IGN would drop it) until the worker can reopen its log (server.serve):
+            # logrotate's move after the worker opened the file was otherwise missed.
+            signal.pthread_sigmask(signal.SIG_SETMASK, {*held, signal.SIGUSR1})
             os.close(self._reports)
             mine = {id(sock) for sock in generation.listeners.bound()}
             for sock in self.bound.values():  # another generation's address: not ours to hold

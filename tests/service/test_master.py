@@ -23,7 +23,9 @@ from typing import Any
 import httpx
 import pytest
 
+from edgeproxy import server
 from edgeproxy.config import config_from_dict
+from edgeproxy.edge.accesslog import AccessLog
 from edgeproxy.edge.certs import self_signed
 from edgeproxy.mirror.storage import FilesystemStorage
 from edgeproxy.service.master import Master
@@ -540,3 +542,45 @@ def test_the_soft_open_files_limit_is_raised_to_the_hard_one(
         for client in clients:
             client.close()
         process.stop()
+
+
+def test_a_usr1_while_a_worker_starts_reopens_its_log_once_it_can(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """logrotate during a reload: the log moved, and USR1 came after a new worker opened it
+    but before the worker had its handler. The worker ignored the signal and wrote on to the
+    moved file (lost once logrotate compressed it). Held until then, it reopens the log."""
+    settings = mirror_config(tmp_path, free_port())
+    settings["edge"]["workers"] = 1
+    log = tmp_path / "access.log"
+    rotated = tmp_path / "access.log.1"
+    settings["edge"]["access_log"] = str(log)
+    edge = f"http://{settings['edge']['http']}"
+
+    class RotatedAtOnce(AccessLog):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            log.rename(rotated)  # logrotate, before this worker can act on its signal
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    def work(config: Any, listeners: Any, report: int) -> None:
+        monkeypatch.setattr(server, "AccessLog", RotatedAtOnce)  # in the worker only: forked
+        server.run_worker(config, listeners, report)
+
+    master = Master(tmp_path / "proxy.toml", config_from_dict(settings), work)
+    answers: list[int] = []
+
+    def operator() -> None:
+        try:
+            assert wait_until(lambda: master.announced)
+            answers.append(httpx.get(f"{edge}/v2/?after", timeout=30).status_code)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=operator)
+    thread.start()
+    assert master.run() == 0
+    thread.join()
+    assert answers == [200]
+    assert "/v2/?after" in log.read_text()  # written once the worker is gone: flushed
+    assert "?after" not in rotated.read_text()
