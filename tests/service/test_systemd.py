@@ -116,6 +116,8 @@ fact result "$(show Result)"
 fact exit_status "$(show ExecMainStatus)"
 cp /var/log/edgeproxy/access.log.1 "$out/access.log.1"
 cp /var/log/edgeproxy/access.log "$out/access.log"
+# journald reads the units' output in its own time; --sync has it take in what is queued.
+journalctl --sync
 journalctl -u edgeproxy -u registry --no-pager >"$out/journal.txt"
 """
 
