@@ -12,10 +12,10 @@ A blob is served only through a repository the upstream gave it in: the one whos
 fetched it, or one the upstream confirmed with a HEAD. registry:2 serves its cache only
 through repositories that link a blob; a name that merely knows a digest gets nothing.
 
-When the spool cannot be written (the disk is full: ENOSPC, or any other write error), the
-fill goes on without it: the blob is streamed to the clients already reading it, still
-verified, and not cached; the slowest of them then sets the pace of the upstream read, so
-that the memory window stays bounded. The spool and its lock go at once: nobody else waits on
+When the spool cannot be written (the disk is full: ENOSPC, or any other write error), or
+not even begun (a read-only cache: EROFS), the fill goes on without it: the blob is streamed
+to the clients already reading it, still verified, and not cached; the slowest of them then
+sets the pace of the upstream read, so that the memory window stays bounded. The spool and its lock go at once: nobody else waits on
 a fill that caches nothing.
 """
 
@@ -508,12 +508,15 @@ class BlobService:
     async def _download(self, fill: Fill, upstream: UpstreamClient, target: Target) -> bool:
         """Fetch the blob into storage; False when another process is already filling it."""
         try:
-            partial = self._storage.try_begin_blob(fill.digest)
+            partial: PartialBlob | None = self._storage.try_begin_blob(fill.digest)
         except OSError as exc:  # a read-only or full cache, out of descriptors
-            log.error("cannot fill %s: %s", fill.digest, exc)
+            # Streamed to this process's clients all the same, verified, not cached (as
+            # registry:2 serves what it cannot store); new requests start fills of their own.
+            _spool_failed(fill, exc)
+            fill.spool_dropped = True
+            self._forget(fill)
             self._write_failed(exc)
-            reason = f"the cache cannot be written: {exc.strerror or exc}"
-            raise RegistryError("UNAVAILABLE", reason, status=503) from exc
+            partial = _NoSpool()
         if partial is None:
             return False
         metrics.fetch_started()
@@ -647,6 +650,22 @@ class BlobService:
         # committed since: its bytes are not those the readers had).
         if fill.written and not self._storage.committed_from(fill.digest, followed):
             raise _other_fill_stopped()
+
+
+class _NoSpool(PartialBlob):
+    """The spool of a fill whose spool could not even begin: nothing is written, nor kept."""
+
+    def announce(self, size: int | None) -> None:
+        pass
+
+    def write(self, data: bytes | bytearray) -> None:
+        raise OSError("no spool")  # pragma: no cover  (never called: the fill is not spooling)
+
+    def commit(self, size: int) -> None:
+        raise OSError("no spool")  # pragma: no cover
+
+    def abort(self) -> None:
+        pass
 
 
 def _other_fill_stopped() -> RegistryError:
