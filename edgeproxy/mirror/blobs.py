@@ -15,8 +15,8 @@ through repositories that link a blob; a name that merely knows a digest gets no
 When the spool cannot be written (the disk is full: ENOSPC, or any other write error), or
 not even begun (a read-only cache: EROFS), the fill goes on without it: the blob is streamed
 to the clients already reading it, still verified, and not cached; the slowest of them then
-sets the pace of the upstream read, so that the memory window stays bounded. The spool and its lock go at once: nobody else waits on
-a fill that caches nothing.
+sets the pace of the upstream read, so that the memory window stays bounded. The spool and
+its lock go at once: nobody else waits on a fill that caches nothing.
 """
 
 from __future__ import annotations
