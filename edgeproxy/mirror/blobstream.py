@@ -29,6 +29,7 @@ from email.message import Message
 
 from httpx import InvalidURL
 
+from edgeproxy.mirror.errors import describe
 from edgeproxy.mirror.proxies import Proxies, Proxy
 from edgeproxy.mirror.tlsintls import TLSInTLS
 
@@ -324,7 +325,7 @@ class BlobStream:
                         return
         except (OSError, http.client.HTTPException, zlib.error, EOFError) as exc:
             if not self._stop.is_set():
-                self._post(BlobStreamError(_reason(exc)))
+                self._post(BlobStreamError(describe(exc)))
         except BaseException as exc:  # pragma: no cover - a bug: let the loop see it
             self._post(exc)
         finally:
@@ -431,9 +432,3 @@ class BlobStream:
 def _origin(url: str) -> Origin:
     parts = urllib.parse.urlsplit(url)
     return parts.scheme, parts.netloc.lower()
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, http.client.IncompleteRead):
-        return "IncompleteRead"  # its repr holds the bytes read so far
-    return type(exc).__name__

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
+import ssl
 from typing import Any
 
 from starlette.responses import Response
@@ -58,3 +61,22 @@ class RegistryError(Exception):
             headers=headers,
             media_type="application/json",
         )
+
+
+def describe(exc: BaseException) -> str:
+    """What failed, in words a client may read: the exception's type, and why, as registry:2
+    passes Go's error on ("dial tcp: lookup registry-1.docker.io: no such host"). The words
+    are the deepest OSError's under it (anyio's "All connection attempts failed" wraps the
+    refusal), its errno's for a plain one (asyncio's words hold the address)."""
+    if isinstance(exc, http.client.IncompleteRead):
+        return "IncompleteRead"  # its repr holds the bytes read so far
+    words = str(exc)
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLError):
+            words = str(cause)
+        elif isinstance(cause, OSError) and cause.errno is not None:
+            words = os.strerror(cause.errno) if cause.errno > 0 else str(cause.strerror)
+        cause = cause.__cause__ or cause.__context__
+    words = " ".join(words.split())[:160]
+    return f"{type(exc).__name__}: {words}" if words else type(exc).__name__

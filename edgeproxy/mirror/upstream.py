@@ -26,7 +26,7 @@ import httpx
 from edgeproxy.config import UpstreamConfig
 from edgeproxy.mirror.blobstream import BlobRequest, BlobStream, BlobStreamError, ConnectionPool
 from edgeproxy.mirror.cache_status import forwarded
-from edgeproxy.mirror.errors import RegistryError
+from edgeproxy.mirror.errors import RegistryError, describe
 from edgeproxy.mirror.proxies import Proxies, ProxyTransport
 from edgeproxy.mirror.shared import SharedCalls
 
@@ -420,7 +420,7 @@ class UpstreamClient:
                 )
                 if not resend:
                     log.warning("upstream %s: %s failed: %r", self.name, what, exc)
-                    reason = type(exc).__name__
+                    reason = describe(exc)
                     if isinstance(exc, httpx.ProxyError):  # its status line says why
                         reason = f"through the proxy: {str(exc)[:120]}"
                     raise UpstreamUnavailable(self.name, f"{what}: {reason}") from exc

@@ -425,7 +425,11 @@ def test_upstream_down_at_start(tmp_path: Path) -> None:
         assert client.get("/v2/").status_code == 200
         response = client.get("/v2/x/manifests/v1")
         assert response.status_code == 503
-        assert "unavailable" in response.json()["errors"][0]["message"]
+        # Why, as registry:2 says it: the connect error's own words, not its type alone.
+        message = response.json()["errors"][0]["message"]
+        assert "unavailable" in message and "ConnectError: " in message, message
+        blob = client.get(f"/v2/x/blobs/sha256:{'0' * 64}").json()["errors"][0]["message"]
+        assert "ConnectError: " in blob or "refused" in blob.lower(), blob
         assert response.headers["cache-status"] == "edgeproxy; fwd=miss"  # no answer came
 
 
