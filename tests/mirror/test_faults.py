@@ -623,7 +623,9 @@ def test_a_read_only_cache_still_serves_everything(
         with serve_app(app) as url, httpx.Client(base_url=url, timeout=60) as client:
             assert client.get("/v2/x/manifests/v1").status_code == 200
             assert fetch(client, f"/v2/x/blobs/{old}") == (200, b"old layer", True)
-            subprocess.run(["mount", "-o", "remount,ro", str(root)], check=True)
+            assert wait_until(lambda: old not in app.blobs._fills)  # committed: nothing open
+            remount = ["mount", "-o", "remount,ro", str(root)]
+            assert wait_until(lambda: subprocess.run(remount).returncode == 0)  # "busy" a while
             new = upstream.add_blob(BLOB)
             v2 = upstream.add_manifest("v2", [new])
             assert fetch(client, f"/v2/x/blobs/{new}") == (200, BLOB, True)
