@@ -67,6 +67,18 @@ def disk_full(*args: object) -> NoReturn:
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+def pull_unlinked(
+    app: MirrorApp, client: httpx.Client, monkeypatch: pytest.MonkeyPatch, digest: str, data: bytes
+) -> None:
+    """Pull a cold blob in repository x while the full disk refuses its layer link (the fill
+    and its commit included): served, not linked."""
+    with monkeypatch.context() as patch:
+        patch.setattr(app.storage, "link_blob", disk_full)
+        assert fetch(client, f"/v2/x/blobs/{digest}") == (200, data, True)
+        assert wait_until(lambda: digest not in app.blobs._fills)  # committed, linked
+    assert not app.storage.blob_linked("x", digest)
+
+
 def cache_files(app: MirrorApp) -> list[str]:
     root = app.config.root
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
@@ -278,14 +290,9 @@ def test_a_layer_link_the_disk_refused_is_written_at_the_next_pull(
     served from the cache (it asked the upstream to confirm it first, and answered 503)."""
     digest = upstream.add_blob(b"layer")
     app = mirror_of(upstream, tmp_path / "cache")
-
     with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
-        with monkeypatch.context() as patch:  # full while the fill runs, its commit included
-            patch.setattr(app.storage, "link_blob", disk_full)
-            assert fetch(client, f"/v2/x/blobs/{digest}") == (200, b"layer", True)
-            assert wait_until(lambda: digest not in app.blobs._fills)  # committed, linked
-            assert app.storage.blob_size(digest) == len(b"layer")
-        assert not app.storage.blob_linked("x", digest)
+        pull_unlinked(app, client, monkeypatch, digest, b"layer")
+        assert app.storage.blob_size(digest) == len(b"layer")
         upstream.faults[f"/blobs/{digest}"] = 503
         again = client.get(f"/v2/x/blobs/{digest}")
         assert (again.status_code, again.content) == (200, b"layer")
@@ -301,13 +308,8 @@ def test_a_layer_link_the_disk_refused_is_written_at_the_next_commit(
     so that the other workers, which never knew of it, serve the blob in that repository."""
     first, second = upstream.add_blob(b"first layer"), upstream.add_blob(b"second layer")
     app = mirror_of(upstream, tmp_path / "cache")
-
     with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
-        with monkeypatch.context() as patch:
-            patch.setattr(app.storage, "link_blob", disk_full)
-            assert fetch(client, f"/v2/x/blobs/{first}") == (200, b"first layer", True)
-            assert wait_until(lambda: first not in app.blobs._fills)  # committed, linked
-            assert not app.storage.blob_linked("x", first)
+        pull_unlinked(app, client, monkeypatch, first, b"first layer")
         assert fetch(client, f"/v2/y/blobs/{second}") == (200, b"second layer", True)
         assert wait_until(lambda: app.storage.blob_linked("x", first))
     upstream.faults[f"/blobs/{first}"] = 503
@@ -324,13 +326,8 @@ def test_a_layer_link_the_disk_refused_is_written_when_the_worker_stops(
     the upstream down, a 503)."""
     digest = upstream.add_blob(b"layer")
     app = mirror_of(upstream, tmp_path / "cache")
-
     with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
-        with monkeypatch.context() as patch:
-            patch.setattr(app.storage, "link_blob", disk_full)
-            assert fetch(client, f"/v2/x/blobs/{digest}") == (200, b"layer", True)
-            assert wait_until(lambda: digest not in app.blobs._fills)  # committed, linked
-        assert not app.storage.blob_linked("x", digest)
+        pull_unlinked(app, client, monkeypatch, digest, b"layer")
     upstream.faults[f"/blobs/{digest}"] = 503
     restarted = mirror_of(upstream, tmp_path / "cache")
     with serve_app(restarted) as url, httpx.Client(base_url=url, timeout=30) as client:
