@@ -72,7 +72,9 @@ def describe(exc: BaseException) -> str:
         return "IncompleteRead"  # its repr holds the bytes read so far
     words = str(exc)
     cause: BaseException | None = exc
-    while cause is not None:
+    seen: set[int] = set()  # a chain may loop (`raise a from b` where b came from a)
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
         if isinstance(cause, ssl.SSLError):
             words = str(cause)
         elif isinstance(cause, OSError) and cause.errno is not None:
