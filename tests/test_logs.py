@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -119,3 +120,29 @@ def test_what_a_client_sent_never_shapes_the_log() -> None:
     assert line.endswith(
         "GET /v2/a\\r2026/01/01 00:00:00 [crit] 1#0: forged\\x1b[2K\\x85\\u2028\\x00/manifests/x"
     )
+
+
+def test_a_line_names_its_process_and_its_second_after_a_fork() -> None:
+    """The pid is kept once per process (workers are forked) and the time formatted once a
+    second: neither may be a parent's, nor a second's before."""
+    formatter = ErrorLogFormatter()
+
+    def line(created: float) -> str:
+        record = logging.LogRecord("edgeproxy", logging.INFO, __file__, 1, "x", (), None)
+        record.created = created
+        return formatter.format(record)
+
+    first = line(1_800_000_000.0)
+    assert line(1_800_000_000.9).split(" [")[0] == first.split(" [")[0]
+    assert line(1_800_000_001.0).split(" [")[0] != first.split(" [")[0]
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover  # the child reports its line and its pid, then leaves
+        os.write(write, f"{os.getpid()} {line(1_800_000_000.0)}".encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        pid, child_line = pipe.read().split(" ", 1)
+    os.waitpid(child, 0)
+    assert f" {os.getpid()}#0: " in first
+    assert int(pid) == child and f" {child}#0: " in child_line
