@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from edgeproxy import metrics
 from edgeproxy.config import Config, ConfigError, EdgeConfig
@@ -33,6 +32,7 @@ from edgeproxy.edge.sniff import TlsSniffer
 from edgeproxy.edge.tls import TlsError, server_context
 from edgeproxy.health import PATH as HEALTH_PATH
 from edgeproxy.health import HealthMonitor
+from edgeproxy.heldhead import HeldHeadProtocol
 from edgeproxy.logs import set_secrets
 from edgeproxy.mirror.app import MirrorApp
 from edgeproxy.mirror.auth import exposed_credentials
@@ -63,7 +63,7 @@ def bind(host: str, port: int, key: str) -> socket.socket:
     return sock
 
 
-class _UnloggedProtocol(HttpToolsProtocol):
+class _UnloggedProtocol(HeldHeadProtocol):
     """No access log line per scrape. (uvicorn's `access_log=False` would silence the one
     access logger of every listener in the process, the mirror's too.)"""
 
@@ -80,12 +80,13 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _uvicorn(app: Any, **options: Any) -> _Server:
+def _uvicorn(app: Any, http: Any, **options: Any) -> _Server:
+    """A server of `app` speaking `http` (a protocol class, or a factory of one)."""
     return _Server(
         uvicorn.Config(
             app,
             loop="none",
-            http=options.pop("http", "httptools"),
+            http=http,
             lifespan="off",  # the apps are closed by `serve`, once, after every server stopped
             ws="none",  # an Upgrade is a plain request here, as nginx proxies it by default
             log_config=None,
@@ -166,7 +167,7 @@ async def serve(config: Config, listeners: Listeners, report: int | None = None)
         mirror.start()
     if listeners.mirror is not None:
         routed = _with_health(measured, health)
-        server = _uvicorn(routed, access_log=True, timeout_keep_alive=120)
+        server = _uvicorn(routed, http=HeldHeadProtocol, access_log=True, timeout_keep_alive=120)
         servers.append((server, listeners.mirror))
         host, port = listeners.mirror.getsockname()[:2]
         log.info("mirror listening on %s:%d (cache %s)", host, port, config.mirror.root)

@@ -34,6 +34,7 @@ from edgeproxy.edge.accesslog import AccessLog, request_entry
 from edgeproxy.edge.limits import HeadMeter, HeadTooLarge
 from edgeproxy.edge.pages import HEADER_TOO_LARGE, PLAIN_HTTP, page, reason
 from edgeproxy.edge.validate import head_status, origin_form, request_line_status
+from edgeproxy.heldhead import HeldHeadTransport
 
 log = logging.getLogger("edgeproxy.edge")
 
@@ -446,23 +447,18 @@ def _http10_send(cycle: RequestResponseCycle) -> Callable[[Message], Awaitable[N
 _FRAMED = (b"content-length", b"transfer-encoding")
 
 
-class _CycleTransport(asyncio.Transport):
-    """What uvicorn's request cycle writes to: the connection, but closing it after an answer
-    goes through `close_after_response` (a lingering close when the request still arrives)."""
+class _CycleTransport(HeldHeadTransport):
+    """What uvicorn's request cycle writes to: the connection (the answer's head held for its
+    body), but closing it after an answer goes through `close_after_response` (a lingering
+    close when the request still arrives)."""
 
     def __init__(self, protocol: EdgeHttpProtocol) -> None:
-        super().__init__()
+        super().__init__(protocol.transport, protocol.loop)
         self._protocol = protocol
-        self._transport = protocol.transport
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._transport.write(data)
 
     def is_closing(self) -> bool:
-        return self._transport.is_closing() or self._protocol._linger_timer is not None
+        return super().is_closing() or self._protocol._linger_timer is not None
 
     def close(self) -> None:
+        self.flush()
         self._protocol.close_after_response()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._transport.get_extra_info(name, default)
