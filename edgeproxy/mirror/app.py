@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import html
 import json
 import logging
 import re
@@ -11,7 +12,7 @@ from typing import Any
 from urllib.parse import unquote, unquote_plus, urlencode, urlsplit
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from edgeproxy.config import MirrorConfig
@@ -34,6 +35,7 @@ from edgeproxy.mirror.names import (
     parse_ranges,
     parse_route,
     resolve_target,
+    slash_moved,
     upstream_named,
 )
 from edgeproxy.mirror.pulls import PullRecorder
@@ -131,6 +133,9 @@ class MirrorApp:
     async def handle(self, request: Request) -> Response:
         if request.scope["path"] == "/":  # registry:2's liveness answer, for load balancers
             return Response(headers={"Cache-Control": "no-cache"})
+        moved = slash_moved(request.scope["path"])
+        if moved is not None:
+            return _moved(request, moved)
         if self.auth is not None and request.scope["path"] == TOKEN_PATH:
             return await self.auth.token(request)
         route = parse_route(request.scope["path"])
@@ -479,6 +484,17 @@ def _not_modified(request: Request, digest: str, star: bool = True) -> bool:
 def _without_content(headers: dict[str, str]) -> dict[str, str]:
     """A body-less answer's headers: no Content-Type or Content-Length (as Go sends a 304)."""
     return {k: v for k, v in headers.items() if k not in ("Content-Type", "Content-Length")}
+
+
+def _moved(request: Request, path: str) -> Response:
+    """registry:2's answer to a path off by a slash (Go's http.Redirect): a 301 to `path`, the
+    query kept, with a link for a GET or HEAD."""
+    query = request.scope["query_string"].decode("latin-1")
+    location = f"{path}?{query}" if query else path
+    if request.method not in ("GET", "HEAD"):
+        return Response(status_code=301, headers={"Location": location})
+    link = f'<a href="{html.escape(location)}">Moved Permanently</a>.\n\n'
+    return HTMLResponse(link, status_code=301, headers={"Location": location})
 
 
 def _json(document: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> Response:

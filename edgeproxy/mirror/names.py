@@ -57,7 +57,7 @@ class Target:
 
 def parse_route(path: str) -> Route | None:
     """The route for a decoded request path, None when it is not a registry API path."""
-    if path in ("/v2", "/v2/"):
+    if path == "/v2/":
         return Route("base")
     if path == "/v2/_catalog":
         return Route("catalog")
@@ -73,6 +73,21 @@ def parse_route(path: str) -> Route | None:
             return Route("manifests", name, ref)
         return Route("blobs" if kind == "blobs" else "referrers", name, ref)
     return None
+
+
+def slash_moved(path: str) -> str | None:
+    """Where registry:2's router (gorilla/mux, strict slash) moves a path that names a route
+    but for its last slash: `/v2` to `/v2/`, `/v2/<name>/tags/list/` to the path without it.
+    None for every other path."""
+    if path == "/v2":
+        return "/v2/"
+    if not path.endswith("/") or path == "/v2/":
+        return None
+    try:
+        route = parse_route(path[:-1])
+    except RegistryError:  # its routes match only valid names and references: a 404 there
+        return None
+    return path[:-1] if route is not None and route.kind != "base" else None
 
 
 def check_name(name: str) -> str:

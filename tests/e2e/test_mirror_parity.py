@@ -200,6 +200,44 @@ def test_methods_and_other_digests_as_registry2(
                 assert codes[0] == codes[1], (method, path)
 
 
+def test_paths_off_by_a_slash_as_registry2(
+    registry_none: Registry,
+    push_all: Callable[[Registry], dict[str, Pushed]],
+    tmp_path: Path,
+) -> None:
+    """registry:2's router moves a path that names a route but for its last slash (301, the
+    query kept), for any method; a path that is no route with or without it is not moved.
+    (An upload's path is moved there too; the mirror knows no upload routes: a 404.)"""
+    item = push_all(registry_none)["small"]
+    digest, _ = largest_layer(item)
+    paths = [
+        "/v2",
+        "/v2?last=a&n=%31",
+        f"/v2/{item.repo}/manifests/{item.tag}/",
+        f"/v2/{item.repo}/manifests/{item.image.manifest_digest}/?ns=docker.io",
+        f"/v2/{item.repo}/blobs/{digest}/",
+        f"/v2/{item.repo}/tags/list/?n=1",
+        "/v2/_catalog/",
+        f"/v2/{item.repo}/",
+    ]
+    with (
+        run_edgeproxy(tmp_path, [upstream_entry(registry_none)]) as mirror,
+        httpx.Client(timeout=60) as client,
+    ):
+        for path in paths:
+            for method in ("GET", "HEAD", "DELETE"):
+                answers = [
+                    client.request(method, base + path) for base in (registry_none.url, mirror.url)
+                ]
+                expected, got = ((a.status_code, a.headers.get("location")) for a in answers)
+                if expected[0] == 301:
+                    assert got == expected, (method, path)
+                    if method == "GET":
+                        assert answers[1].text == answers[0].text, path
+                else:
+                    assert got[0] != 301, (method, path)
+
+
 ACCEPTS = [
     None,
     "*/*",
