@@ -36,6 +36,7 @@ from edgeproxy.heldhead import HeldHeadProtocol
 from edgeproxy.logs import set_secrets
 from edgeproxy.mirror.app import MirrorApp
 from edgeproxy.mirror.auth import exposed_credentials
+from edgeproxy.mirror.protocol import MirrorHttpProtocol
 from edgeproxy.preflight import check
 from edgeproxy.service.memory import QUIET_CHECK, QuietRelease
 
@@ -167,7 +168,7 @@ async def serve(config: Config, listeners: Listeners, report: int | None = None)
         mirror.start()
     if listeners.mirror is not None:
         routed = _with_health(measured, health)
-        server = _uvicorn(routed, http=HeldHeadProtocol, access_log=True, timeout_keep_alive=120)
+        server = _uvicorn(routed, http=MirrorHttpProtocol, access_log=True, timeout_keep_alive=120)
         servers.append((server, listeners.mirror))
         host, port = listeners.mirror.getsockname()[:2]
         log.info("mirror listening on %s:%d (cache %s)", host, port, config.mirror.root)

@@ -4,35 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any
 
 from starlette.applications import Starlette
 from starlette.responses import Response
 from starlette.routing import Route
 
-from edgeproxy.heldhead import Data, HeldHeadProtocol, HeldHeadTransport
+from edgeproxy.heldhead import HeldHeadProtocol, HeldHeadTransport
 from tests.support.servers import serve_app
-
-
-class Recorder(asyncio.Transport):
-    """A connection that records each send: a write or a writelines is one writev."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sends: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: Data) -> None:
-        self.sends.append(bytes(data))
-
-    def writelines(self, list_of_data: Any) -> None:
-        self.sends.append(b"".join(list_of_data))
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
+from tests.support.transports import Recorder
 
 
 def test_the_head_goes_with_the_first_piece_of_body() -> None:

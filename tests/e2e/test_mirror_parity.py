@@ -8,6 +8,7 @@ it and to a warm edgeproxy, and the answers must agree.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from edgeproxy.mirror.manifests import (
     OCI_MANIFEST,
     UPSTREAM_ACCEPT,
 )
+from edgeproxy.mirror.protocol import MAX_HEAD
 from tests.e2e.test_mirror_pull import largest_layer, upstream_entry
 from tests.support.images import Image, Pushed
 from tests.support.registry import Registry
@@ -236,6 +238,28 @@ def test_paths_off_by_a_slash_as_registry2(
                         assert answers[1].text == answers[0].text, path
                 else:
                     assert got[0] != 301, (method, path)
+
+
+def head_status(url: str, size: int) -> bytes:
+    """The status a request head of `size` bytes gets, b"reset" for a connection reset."""
+    host, port = httpx.URL(url).host, httpx.URL(url).port
+    start = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-A: "
+    with socket.create_connection((host, port), timeout=30) as client:
+        try:
+            client.sendall(start + b"a" * (size - len(start) - 4) + b"\r\n\r\n")
+            return client.recv(12)[9:12]
+        except ConnectionResetError:  # Go closes with bytes of the head unread
+            return b"reset"
+
+
+def test_a_request_head_up_to_the_bytes_go_takes(registry_none: Registry, tmp_path: Path) -> None:
+    """registry:2 (Go's net/http) reads a request head of up to 1 MiB + 4096 bytes, and answers
+    one longer 431; the mirror listener takes the same bytes."""
+    with run_edgeproxy(tmp_path, [upstream_entry(registry_none)]) as mirror:
+        for url in (registry_none.url, mirror.url):
+            assert head_status(url, MAX_HEAD) == b"200", url
+        assert head_status(registry_none.url, MAX_HEAD + 1) in (b"431", b"reset")
+        assert head_status(mirror.url, MAX_HEAD + 1) == b"431"
 
 
 ACCEPTS = [
