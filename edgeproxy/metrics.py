@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edgeproxy.edge.accesslog import cache_state
 from edgeproxy.edge.forward import header
+from edgeproxy.mirror.cache_status import cache_state
 from edgeproxy.mirror.errors import RegistryError
 from edgeproxy.mirror.names import parse_route
 

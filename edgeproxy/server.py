@@ -32,11 +32,10 @@ from edgeproxy.edge.sniff import TlsSniffer
 from edgeproxy.edge.tls import TlsError, server_context
 from edgeproxy.health import PATH as HEALTH_PATH
 from edgeproxy.health import HealthMonitor
-from edgeproxy.heldhead import HeldHeadProtocol
-from edgeproxy.logs import set_secrets
+from edgeproxy.logs import RequestLog, set_secrets
 from edgeproxy.mirror.app import MirrorApp
 from edgeproxy.mirror.auth import exposed_credentials
-from edgeproxy.mirror.protocol import MirrorHttpProtocol
+from edgeproxy.mirror.protocol import RegistryHttpProtocol
 from edgeproxy.preflight import check
 from edgeproxy.service.memory import QUIET_CHECK, QuietRelease
 
@@ -64,15 +63,6 @@ def bind(host: str, port: int, key: str) -> socket.socket:
     return sock
 
 
-class _UnloggedProtocol(HeldHeadProtocol):
-    """No access log line per scrape. (uvicorn's `access_log=False` would silence the one
-    access logger of every listener in the process, the mirror's too.)"""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.access_log = False
-
-
 class _Server(uvicorn.Server):
     """A uvicorn server that leaves signals to `serve`: several of them share one loop."""
 
@@ -90,6 +80,7 @@ def _uvicorn(app: Any, http: Any, **options: Any) -> _Server:
             http=http,
             lifespan="off",  # the apps are closed by `serve`, once, after every server stopped
             ws="none",  # an Upgrade is a plain request here, as nginx proxies it by default
+            access_log=False,  # the edge logs in nginx's format, the mirror a RequestLog line
             log_config=None,
             server_header=False,
             **options,
@@ -167,8 +158,8 @@ async def serve(config: Config, listeners: Listeners, report: int | None = None)
         measured = metrics.RequestMetrics(mirror)
         mirror.start()
     if listeners.mirror is not None:
-        routed = _with_health(measured, health)
-        server = _uvicorn(routed, http=MirrorHttpProtocol, access_log=True, timeout_keep_alive=120)
+        routed = RequestLog(_with_health(measured, health))
+        server = _uvicorn(routed, http=RegistryHttpProtocol, timeout_keep_alive=120)
         servers.append((server, listeners.mirror))
         host, port = listeners.mirror.getsockname()[:2]
         log.info("mirror listening on %s:%d (cache %s)", host, port, config.mirror.root)
@@ -191,7 +182,7 @@ async def serve(config: Config, listeners: Listeners, report: int | None = None)
     if listeners.metrics is not None:
         cache = mirror.storage if mirror is not None else None  # points-to: no cache
         debug = _with_health(metrics.metrics_app(cache), health)
-        servers.append((_uvicorn(debug, http=_UnloggedProtocol), listeners.metrics))
+        servers.append((_uvicorn(debug, http=RegistryHttpProtocol), listeners.metrics))
         host, port = listeners.metrics.getsockname()[:2]
         log.info("metrics and health on http://%s:%d/metrics, %s", host, port, HEALTH_PATH)
     for server, _ in servers:
@@ -226,7 +217,6 @@ def _edge_servers(
         edge.send_timeout,
     )
     options: dict[str, Any] = {
-        "access_log": False,  # the edge writes its own, in nginx's format
         # $remote_addr and $scheme are the connection's: never taken from a client's headers.
         "proxy_headers": False,
         "timeout_keep_alive": max(1, round(edge.keepalive_timeout)),

@@ -10,14 +10,17 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
-from edgeproxy.logs import ErrorLogFormatter, redact
+from edgeproxy.logs import ErrorLogFormatter, RequestLog, redact
+from edgeproxy.mirror.cache_status import HIT
 from tests.support.images import Pushed
 from tests.support.ports import free_port
 from tests.support.registry import Registry
-from tests.support.servers import EdgeproxyProcess, write_toml
+from tests.support.servers import EdgeproxyProcess, serve_app, write_toml
 from tests.support.skopeo import skopeo
 
 LINE = re.compile(
@@ -146,3 +149,30 @@ def test_a_line_names_its_process_and_its_second_after_a_fork() -> None:
     os.waitpid(child, 0)
     assert f" {os.getpid()}#0: " in first
     assert int(pid) == child and f" {child}#0: " in child_line
+
+
+def test_a_request_line_per_request_once_answered(caplog: pytest.LogCaptureFixture) -> None:
+    """The client, the request line as sent, status, body bytes, seconds, the cache's state
+    and the User-Agent; an app that fails is logged 500, as uvicorn answers it."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/fails":
+            raise RuntimeError("failed")
+        headers = [(b"content-length", b"5"), (b"cache-status", HIT.encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ab", "more_body": True})
+        await send({"type": "http.response.body", "body": b"cde"})
+
+    caplog.set_level(logging.INFO, "edgeproxy.requests")
+    with (
+        serve_app(RequestLog(app), lifespan="off") as url,
+        httpx.Client(base_url=url, headers={"User-Agent": 'ua "1"'}) as client,
+    ):
+        assert client.get("/v2/x/blobs/sha256:ab%41?ns=docker.io").content == b"abcde"
+        assert client.get("/fails").status_code == 500
+    lines = [r.getMessage() for r in caplog.records if r.name == "edgeproxy.requests"]
+    pattern = r'127\.0\.0\.1:\d+ "GET {} HTTP/1\.1" {} {} \d+\.\d{{3}} {} "ua \\x221\\x22"'
+    assert re.fullmatch(
+        pattern.format(re.escape("/v2/x/blobs/sha256:ab%41?ns=docker.io"), 200, 5, "HIT"), lines[0]
+    ), lines[0]
+    assert re.fullmatch(pattern.format("/fails", 500, 0, "-"), lines[1]), lines[1]

@@ -193,20 +193,6 @@ def basic_user(authorization: bytes | None) -> str:
 _BASE64 = re.compile(rb"[A-Za-z0-9+/]+")
 
 
-def cache_state(cache_status: bytes | None) -> str:
-    """HIT / MISS / STALE / REVALIDATED from an RFC 9211 Cache-Status of the mirror."""
-    tokens = {token.strip() for token in (cache_status or b"").decode("latin-1").split(";")}
-    if "detail=stale" in tokens:
-        return "STALE"
-    if "fwd=stale" in tokens:
-        return "REVALIDATED"
-    if "fwd=miss" in tokens:
-        return "MISS"
-    if "hit" in tokens:
-        return "HIT"
-    return ""
-
-
 class AccessLog:
     """Writes one line per request to a file (appended, as nginx does), stdout, or nowhere."""
 

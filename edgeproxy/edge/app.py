@@ -26,13 +26,14 @@ from edgeproxy.edge.accesslog import (
     REQUEST_BODY_LOGGED,
     AccessLog,
     Entry,
-    cache_state,
     request_entry,
 )
 from edgeproxy.edge.forward import forwarded_headers, header
 from edgeproxy.edge.gzip import GzipMiddleware
 from edgeproxy.edge.pages import send_page
 from edgeproxy.edge.protocol import ANSWERED_KEY, GONE_KEY, REQUEST_LINE_KEY, TIMED_OUT_KEY
+from edgeproxy.logs import request_line
+from edgeproxy.mirror.cache_status import cache_state
 
 log = logging.getLogger("edgeproxy.edge")
 
@@ -105,15 +106,8 @@ class EdgeApp:
 
     def _entry(self, scope: Scope, exchange: _Exchange, seconds: float) -> Entry:
         request: bytes | None = scope.get(REQUEST_LINE_KEY)  # as received: nginx's $request
-        if request is None:
-            uri = scope["raw_path"]
-            if scope["query_string"]:
-                uri += b"?" + scope["query_string"]
-            request = b"%s %s HTTP/%s" % (
-                scope["method"].encode(),
-                uri,
-                scope["http_version"].encode(),
-            )
+        if request is None:  # a pipelined request the meter missed: from its parts
+            request = request_line(scope)
         # A request whose body broke is answered by the connection (protocol.py).
         status, body_bytes_sent = scope.get(ANSWERED_KEY) or (
             exchange.status,

@@ -1,5 +1,6 @@
-"""The mirror listener's HTTP protocol (registry:2's `http.addr`): uvicorn's, the head of each
-answer held for its body, with Go's limit on a request head.
+"""The HTTP protocol of the mirror's and the metrics listeners (registry:2's `http.addr` and
+`debug.addr`): uvicorn's, the head of each answer held for its body, with Go's limit on a
+request head.
 
 httptools takes a head of any size: uvicorn kept every header line of one that never ended
 (160 MB sent, the worker grew by as much). Go's net/http, which registry:2 serves with, reads
@@ -25,7 +26,7 @@ TOO_LARGE = (
 )
 
 
-class MirrorHttpProtocol(HeldHeadProtocol):
+class RegistryHttpProtocol(HeldHeadProtocol):
     """Counts a request head's bytes as they arrive, up to its blank line; past `MAX_HEAD`,
     answers 431 (as Go's server does) and closes the connection before httptools reads on."""
 

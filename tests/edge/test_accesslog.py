@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeproxy.edge.accesslog import AccessLog, Entry, basic_user, cache_state, escape, format_main
+from edgeproxy.edge.accesslog import AccessLog, Entry, basic_user, escape, format_main
+from edgeproxy.mirror.cache_status import cache_state
 
 MOMENT = datetime(2026, 11, 7, 20, 4, 5, tzinfo=timezone(timedelta(hours=1)))
 

@@ -10,7 +10,7 @@ import pytest
 import uvicorn
 from uvicorn.server import ServerState
 
-from edgeproxy.mirror.protocol import MAX_HEAD, TOO_LARGE, MirrorHttpProtocol
+from edgeproxy.mirror.protocol import MAX_HEAD, TOO_LARGE, RegistryHttpProtocol
 from tests.support.transports import Recorder
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
@@ -34,11 +34,11 @@ def answers(*requests: list[bytes]) -> tuple[Recorder, bytes]:
     what went out."""
 
     async def run() -> tuple[Recorder, bytes]:
-        config = uvicorn.Config(app, http=MirrorHttpProtocol, log_config=None, server_header=False)
+        config = uvicorn.Config(app, http=RegistryHttpProtocol, log_config=None)
         config.load()
         state = ServerState()
         loop = asyncio.get_running_loop()
-        protocol = MirrorHttpProtocol(config=config, server_state=state, app_state={}, _loop=loop)
+        protocol = RegistryHttpProtocol(config=config, server_state=state, app_state={}, _loop=loop)
         transport = Recorder()
         protocol.connection_made(transport)
         for pieces in requests:

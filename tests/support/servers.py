@@ -24,9 +24,8 @@ def serve_app(app: Any, port: int | None = None, **options: Any) -> Iterator[str
     """Run `app` on 127.0.0.1 in a thread with its own event loop; yield its base URL.
     `options` go to uvicorn.Config."""
     port = port or free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **options
-    )
+    options = {"log_level": "warning", "lifespan": "on", **options}
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=asyncio.run, args=(server.serve(),), daemon=True)
     thread.start()
