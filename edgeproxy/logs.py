@@ -159,24 +159,14 @@ class RequestLog:
             await self.app(scope, receive, send)
             return
         began = time.monotonic()
-        status, sent, cache = 0, 0, None
-
-        async def counted(message: Message) -> None:
-            nonlocal status, sent, cache
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                cache = header(message.get("headers", ()), b"cache-status")
-            else:
-                sent += len(message.get("body", b""))
-            await send(message)
-
+        answer = Answer(send)
         try:
-            await self.app(scope, receive, counted)
+            await self.app(scope, receive, answer.send)
         except asyncio.CancelledError:
-            status = status or 499  # nginx's code for a request its client did not wait for
+            answer.status = answer.status or 499  # nginx's: its client did not wait for it
             raise
         except Exception:
-            status = status or 500  # what uvicorn answers for an app that failed
+            answer.status = answer.status or 500  # what uvicorn answers for an app that failed
             raise
         finally:
             client = scope.get("client") or ("-", 0)
@@ -185,12 +175,31 @@ class RequestLog:
                 '%s:%s "%s" %d %d %.3f %s "%s"',
                 *client,
                 escape(request_line(scope)),
-                status,
-                sent,
+                answer.status,
+                answer.sent,
                 time.monotonic() - began,
-                cache_state(cache) or "-",
+                cache_state(answer.cache_status) or "-",
                 escape(agent or b""),
             )
+
+
+class Answer:
+    """What an app sent of its answer through `send`: the status (0 until it started), the
+    mirror's `Cache-Status`, the body bytes."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.status = 0
+        self.cache_status: bytes | None = None
+        self.sent = 0
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            self.cache_status = header(message.get("headers", ()), b"cache-status")
+        elif message["type"] == "http.response.body":
+            self.sent += len(message.get("body", b""))
+        await self._send(message)
 
 
 request_log = logging.getLogger("edgeproxy.requests")

@@ -16,9 +16,9 @@ import asyncio
 import os
 from typing import TYPE_CHECKING
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from edgeproxy.edge.forward import header
+from edgeproxy.logs import Answer
 from edgeproxy.mirror.cache_status import cache_state
 from edgeproxy.mirror.errors import RegistryError
 from edgeproxy.mirror.names import parse_route
@@ -120,29 +120,18 @@ class RequestMetrics:
             return
         metrics = _metrics
         route = _route(scope["path"])
-        status = 0
-        cache_status: bytes | None = None
-        sent = 0
-
-        async def counting_send(message: Message) -> None:
-            nonlocal status, cache_status, sent
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                cache_status = header(message.get("headers", ()), b"cache-status")
-            elif message["type"] == "http.response.body":
-                sent += len(message.get("body", b""))
-            await send(message)
-
+        answer = Answer(send)
         try:
-            await self.app(scope, receive, counting_send)
+            await self.app(scope, receive, answer.send)
         finally:
+            status, sent = answer.status, answer.sent
             metrics.requests.labels(route, scope["method"], str(status or "cut")).inc()
             metrics.served_bytes.labels(route).inc(sent)
             kind = _TYPES.get(route)
             if kind is not None and 200 <= status < 300:
                 metrics.proxy_requests.labels(kind).inc()
                 metrics.pushed.labels(kind).inc(sent)
-                state = cache_state(cache_status)
+                state = cache_state(answer.cache_status)
                 if state in ("HIT", "STALE", "REVALIDATED"):  # registry:2 counts them as hits
                     metrics.hits.labels(kind).inc()
                 elif state == "MISS":
